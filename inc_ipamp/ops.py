@@ -1,0 +1,152 @@
+"""Quantizable ops: every Linear (and transformers' Conv1D) plus the attention batch-GEMMs.
+
+HF models compute q·kᵀ and p·v inside a function, out of reach of module hooks and of INC. We register
+an attention implementation ("ipamp") that routes both products through per-layer ``Matmul`` modules
+named ``matmul_qk`` / ``matmul_av``, the names and class name optimum-habana's Gaudi modeling and
+INC's fp8_quant use, so our op names are exactly the names an exported blocklist must carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+ATTN_IMPL = "ipamp"
+
+
+class Matmul(nn.Module):
+    """``a @ b`` as a module (class name ``Matmul`` as in optimum-habana / INC fp8_quant)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def ipamp_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs):
+    """Eager attention with both products through the module's ``matmul_qk`` / ``matmul_av``."""
+    n_rep = query.shape[1] // key.shape[1]
+    key = _repeat_kv(key, n_rep)
+    value = _repeat_kv(value, n_rep)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    scores = module.matmul_qk(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = module.matmul_av(probs, value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, ipamp_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, eager_mask)
+
+
+def _is_attention(mod: nn.Module) -> bool:
+    name = type(mod).__name__
+    return name.endswith("Attention") and any(
+        hasattr(mod, a) for a in ("q_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv"))
+
+
+def install_attention(model: nn.Module) -> list[str]:
+    """Add ``matmul_qk``/``matmul_av`` to every attention module and switch the model to them.
+
+    Idempotent. Returns the attention module names. Raises for models whose attention we cannot route.
+    """
+    _register()
+    names = []
+    for name, mod in model.named_modules():
+        if _is_attention(mod):
+            if not hasattr(mod, "matmul_qk"):
+                mod.matmul_qk = Matmul()
+                mod.matmul_av = Matmul()
+            names.append(name)
+    if not names:
+        raise UnsupportedModelError(
+            f"no attention module found in {type(model).__name__}; supported: HF decoder models whose attention "
+            "modules have q_proj/c_attn/qkv_proj projections")
+    try:
+        model.set_attn_implementation(ATTN_IMPL)
+    except (ValueError, AttributeError) as e:
+        raise UnsupportedModelError(f"{type(model).__name__} rejects a custom attention function: {e}") from None
+    return names
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """A quantizable op: its module name, kind and the names of its two operands."""
+
+    name: str
+    kind: str  # "linear" or "bgemm"
+
+    @property
+    def operands(self) -> tuple[str, str]:
+        return ("x", "w") if self.kind == "linear" else ("a", "b")
+
+
+def is_linear(mod: nn.Module) -> bool:
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor:
+    """Weight as (d_out, d_in) whatever the layout (transformers' Conv1D stores (d_in, d_out))."""
+    return mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+def find_ops(model: nn.Module, include_lm_head: bool = True) -> list[OpInfo]:
+    """Quantizable ops in execution order (found by a 4-token forward). Call ``install_attention`` first."""
+    ops = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, Matmul):
+            ops.append(OpInfo(name, "bgemm"))
+        elif is_linear(mod):
+            if not include_lm_head and mod is model.get_output_embeddings():
+                continue
+            ops.append(OpInfo(name, "linear"))
+    if not any(o.kind == "bgemm" for o in ops):
+        raise UnsupportedModelError("no attention batch-GEMM modules; call install_attention(model) first")
+    order = execution_order(model, [o.name for o in ops])
+    return sorted(ops, key=lambda o: order.get(o.name, len(order)))
+
+
+def execution_order(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Position of each named module's first call in a tiny forward pass."""
+    mods = dict(model.named_modules())
+    order: dict[str, int] = {}
+    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: order.setdefault(n, len(order)))
+               for n in names]
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, 4), dtype=torch.long), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def decoder_layer_index(op_name: str) -> int | None:
+    """The decoder-layer number in an op name (``model.layers.3.mlp.up_proj`` -> 3), else None."""
+    parts = op_name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None

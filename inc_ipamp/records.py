@@ -1,0 +1,263 @@
+"""Typed, JSON-serialisable records passed between pipeline stages (one file per stage).
+
+Every stage reads the previous stage's record and writes its own, so any stage can be rerun alone.
+A configuration of a group is a tuple of format names aligned with ``Group.ops``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+from .formats import get_format, uniform_float_variance_factor
+from .io import load_json, save_json
+
+NOISE_MODELS = ("uniform", "empirical")
+
+
+@dataclass
+class OperandStats:
+    """Sums over calibration samples for one operand of one op (divide by n_samples for means).
+
+    xg2: Σ(x⊙g)²; g2: Σg²; amax: max|x|; emp[f]: Σg²(Q_f(x)−x)²; int_uniform[f]: Σ g² s²/12 with the
+    format's real (per-tensor/per-channel) scales; err2[f], x2: Σ(Q_f(x)−x)² and Σx² for SQNR.
+    """
+
+    xg2: float = 0.0
+    g2: float = 0.0
+    amax: float = 0.0
+    x2: float = 0.0
+    numel: int = 0
+    emp: dict[str, float] = field(default_factory=dict)
+    int_uniform: dict[str, float] = field(default_factory=dict)
+    err2: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class OpSensitivity:
+    name: str
+    kind: str  # "linear" | "bgemm"
+    calls: int = 0
+    macs: int = 0  # per calibration sequence
+    weight_numel: int = 0
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    operands: dict[str, OperandStats] = field(default_factory=dict)
+
+
+@dataclass
+class Sensitivity:
+    """Output of ``calibrate``: per-op, per-operand sums and the reference loss."""
+
+    model: str
+    n_samples: int
+    seq_len: int
+    mean_loss: float
+    formats: list[str]
+    ops: dict[str, OpSensitivity]  # execution order
+    unreached: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+    data_source: str = ""
+
+    # -- prediction -------------------------------------------------------------------------------
+    def operand_term(self, op: str, operand: str, fmt: str, noise: str = "empirical") -> float:
+        """Predicted loss-MSE contribution of quantising one operand of one op to ``fmt``."""
+        f = get_format(fmt)
+        if f.kind == "ref":
+            return 0.0
+        st = self.ops[op].operands[operand]
+        n = max(self.n_samples, 1)
+        if noise == "empirical":
+            if fmt not in st.emp:
+                raise ArtifactError(f"format {fmt} was not calibrated (calibrated: {', '.join(self.formats)})")
+            return st.emp[fmt] / n
+        if noise != "uniform":
+            raise ValueError(f"noise model must be one of {NOISE_MODELS}, got {noise!r}")
+        if f.kind == "float":
+            return uniform_float_variance_factor(f) * st.xg2 / n
+        if fmt not in st.int_uniform:
+            raise ArtifactError(f"format {fmt} was not calibrated (calibrated: {', '.join(self.formats)})")
+        return st.int_uniform[fmt] / n
+
+    def term(self, op: str, fmt: str, noise: str = "empirical") -> float:
+        """Predicted loss-MSE contribution of running op ``op`` (both operands) in ``fmt``."""
+        return sum(self.operand_term(op, o, fmt, noise) for o in self.ops[op].operands)
+
+    def predict(self, assignment: dict[str, str], noise: str = "empirical") -> float:
+        """Additive prediction of the loss MSE for a per-op format assignment (missing ops = reference)."""
+        return sum(self.term(op, f, noise) for op, f in assignment.items())
+
+    def sqnr_db(self, op: str, fmt: str) -> float:
+        """Input SQNR of an op in ``fmt`` (worst operand), for the PGQ baseline."""
+        import math
+
+        vals = []
+        for st in self.ops[op].operands.values():
+            e = st.err2.get(fmt, 0.0)
+            vals.append(float("inf") if e <= 0 else 10 * math.log10(st.x2 / e))
+        return min(vals)
+
+    @property
+    def op_names(self) -> list[str]:
+        return list(self.ops)
+
+    @property
+    def reference_loss(self) -> float:
+        return self.mean_loss
+
+    # -- io ---------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Sensitivity:
+        try:
+            ops = {}
+            for name, o in d["ops"].items():
+                operands = {k: OperandStats(**v) for k, v in o["operands"].items()}
+                ops[name] = OpSensitivity(**{**o, "operands": operands})
+            return cls(**{**d, "ops": ops})
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"not a sensitivity record ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        return save_json({"record": "sensitivity", **self.to_json()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Sensitivity:
+        d = load_json(path, "sensitivity")
+        if d.pop("record", None) != "sensitivity":
+            raise ArtifactError(f"{path} is not a sensitivity record")
+        return cls.from_json(d)
+
+
+@dataclass
+class Group:
+    """A sequential single-entry/single-exit sub-graph's quantizable ops, in execution order."""
+
+    name: str
+    ops: list[str]
+    layer: int | None = None
+    signature: str = ""  # equal signatures => equal shapes and structure => reusable timings
+
+    def configs(self, formats: list[str]) -> list[tuple[str, ...]]:
+        """All per-op format combinations; ``formats[0]`` is the reference, so config 0 is all-reference."""
+        return list(itertools.product(formats, repeat=len(self.ops)))
+
+
+@dataclass
+class Partition:
+    model: str
+    method: str  # "torch.export" | "dataflow"
+    groups: list[Group]
+    notes: list[str] = field(default_factory=list)
+
+    def group_of(self) -> dict[str, str]:
+        return {op: g.name for g in self.groups for op in g.ops}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Partition:
+        try:
+            return cls(**{**d, "groups": [Group(**g) for g in d["groups"]]})
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"not a partition record ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        return save_json({"record": "partition", **self.to_json()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Partition:
+        d = load_json(path, "partition")
+        if d.pop("record", None) != "partition":
+            raise ArtifactError(f"{path} is not a partition record")
+        return cls.from_json(d)
+
+
+@dataclass
+class GroupGains:
+    """Gains of every config of one group. ``gains[metric][i]`` belongs to ``configs[i]``;
+    ET in seconds saved per prefill, TT in theoretical seconds, M in bytes. ``ci`` = half-width of
+    the ET confidence interval (same units)."""
+
+    group: str
+    configs: list[list[str]]
+    gains: dict[str, list[float]]
+    ci: dict[str, list[float]] = field(default_factory=dict)
+    source: dict[str, str] = field(default_factory=dict)  # metric -> "measured:cpu", "replayed:<file>", …
+
+
+@dataclass
+class Gains:
+    model: str
+    device: str
+    formats: list[str]  # formats[0] = reference
+    batch: int
+    seq_len: int
+    reference_time_s: float | None
+    groups: dict[str, GroupGains]
+    timed_runs: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Gains:
+        try:
+            return cls(**{**d, "groups": {k: GroupGains(**v) for k, v in d["groups"].items()}})
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"not a gains record ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        return save_json({"record": "gains", **self.to_json()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Gains:
+        d = load_json(path, "gains")
+        if d.pop("record", None) != "gains":
+            raise ArtifactError(f"{path} is not a gains record")
+        return cls.from_json(d)
+
+
+@dataclass
+class Plan:
+    """A chosen configuration: one format per op (ops absent = reference) and what predicted it."""
+
+    model: str
+    assignment: dict[str, str]
+    reference_format: str
+    metric: str
+    beta: float | None
+    predicted_loss_mse: float
+    predicted_gain: float
+    budget_loss_mse: float | None = None
+    solver: dict[str, Any] = field(default_factory=dict)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+    def low_precision_ops(self) -> list[str]:
+        return [op for op, f in self.assignment.items() if f != self.reference_format]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ArtifactError(f"not a plan record ({e})") from None
+
+    def save(self, path: str | Path) -> Path:
+        return save_json({"record": "plan", **self.to_json()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        d = load_json(path, "plan")
+        if d.pop("record", None) != "plan":
+            raise ArtifactError(f"{path} is not a plan record")
+        return cls.from_json(d)
