@@ -1,0 +1,508 @@
+"""Group-choice integer program (METHOD.md "Integer program"): Pyomo model, HiGHS solver.
+
+One binary per (group, config); exactly one config per group. The primal form maximises a gain metric
+(ET / TT / M) under a loss-MSE budget ε_max = (β·L̄)²; the dual minimises the loss MSE under a gain target.
+The model is built once per (records, metric, noise) and re-solved with mutable budget parameters through
+Pyomo's persistent HiGHS interface, so a β sweep (the Pareto frontier) costs one build plus cheap re-solves.
+
+Coefficients are rescaled (loss by the all-most-lossy total, gains by the sum of per-group best gains) so
+HiGHS's absolute feasibility tolerances mean the same thing for a 1e-9 loss MSE as for a 1e+3 one. Every
+number put in a Plan is recomputed in plain Python from the records, not read back from the solver.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyomo.environ as pyo
+from pyomo.contrib.solver.common.results import SolutionStatus
+from pyomo.contrib.solver.solvers.highs import Highs
+
+from .errors import ArtifactError, InfeasibleBudgetError, IpampError
+from .formats import get_format
+from .io import load_json, save_json
+from .records import NOISE_MODELS, Gains, Partition, Plan, Sensitivity
+
+METRICS = ("ET", "TT", "M")
+#: Relative MIP gap asked of HiGHS (its default, 1e-4, is loose enough to lose a whole small group).
+MIP_REL_GAP = 1e-7
+#: Relative slack when a phase-2 solve pins the phase-1 optimum (tolerates HiGHS's feasibility tolerance).
+_PIN_SLACK = 1e-9
+
+
+class BudgetSpecError(IpampError):
+    """The budget was specified wrongly (none or several of beta / target_gain / target_speedup, β < 0, …)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Instance: the per-(group, config) coefficients, computed once from the records
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class GroupChoices:
+    """Allowed configs of one group with their loss-MSE and gain coefficients (unscaled)."""
+
+    name: str
+    ops: list[str]
+    configs: list[tuple[str, ...]]
+    loss: list[float]
+    gain: dict[str, list[float]]  # metric -> per allowed config
+    ref_index: int  # position of the all-reference config in ``configs``
+
+
+@dataclass
+class Instance:
+    model: str
+    metric: str
+    noise: str
+    reference_format: str
+    mean_loss: float
+    groups: list[GroupChoices]
+    reference_time_s: float | None
+    reference_weight_bytes: float | None
+
+    @property
+    def ops(self) -> list[str]:
+        return [op for g in self.groups for op in g.ops]
+
+    def max_gain(self, metric: str | None = None) -> float:
+        m = metric or self.metric
+        return sum(max(g.gain[m]) for g in self.groups)
+
+    def max_loss(self) -> float:
+        return sum(max(g.loss) for g in self.groups)
+
+
+def _op_term(sens: Sensitivity, op: str, fmt: str, ref: str, noise: str) -> float:
+    # The reference may be a "float" format (bf16 on Gaudi) whose noise model is not zero: by definition it adds none.
+    if fmt == ref:
+        return 0.0
+    return sens.term(op, fmt, noise)
+
+
+def _weight_bytes(sens: Sensitivity, op: str, fmt: str) -> float:
+    o = sens.ops.get(op)
+    if o is None or o.kind != "linear":
+        return 0.0
+    return o.weight_numel * get_format(fmt).bytes
+
+
+def build_instance(
+    sensitivity: Sensitivity, partition: Partition, gains: Gains, metric: str = "ET", noise: str = "empirical"
+) -> Instance:
+    """Tabulate ε_{g,c} and t_{g,c} for every allowed config; configs that quantize an unreached op are dropped."""
+    if metric not in METRICS:
+        raise BudgetSpecError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if noise not in NOISE_MODELS:
+        raise BudgetSpecError(f"noise model must be one of {', '.join(NOISE_MODELS)}, got {noise!r}")
+    if not gains.formats:
+        raise ArtifactError("the gains record lists no formats")
+    ref = gains.formats[0]
+    unreached = set(sensitivity.unreached)
+    groups: list[GroupChoices] = []
+    for grp in partition.groups:
+        gg = gains.groups.get(grp.name)
+        if gg is None:
+            raise ArtifactError(f"group {grp.name} of the partition has no gains (gains and partition differ)")
+        if metric not in gg.gains:
+            raise ArtifactError(f"group {grp.name} has no {metric} gains (available: {', '.join(gg.gains)})")
+        for op in grp.ops:
+            if op not in sensitivity.ops and op not in unreached:
+                raise ArtifactError(f"op {op} of the partition is missing from the sensitivity record")
+        configs, loss, gain, ref_index = [], [], {m: [] for m in gg.gains}, -1
+        for i, cfg in enumerate(gg.configs):
+            cfg = tuple(cfg)
+            if len(cfg) != len(grp.ops):
+                raise ArtifactError(f"group {grp.name}: config {cfg} does not match its {len(grp.ops)} ops")
+            if any(f != ref and op in unreached for op, f in zip(grp.ops, cfg, strict=True)):
+                continue
+            if all(f == ref for f in cfg):
+                ref_index = len(configs)
+            configs.append(cfg)
+            loss.append(sum(_op_term(sensitivity, op, f, ref, noise) for op, f in zip(grp.ops, cfg, strict=True)))
+            for m, vals in gg.gains.items():
+                gain[m].append(float(vals[i]))
+        if ref_index < 0:
+            raise ArtifactError(f"group {grp.name} has no all-{ref} config in the gains record")
+        groups.append(GroupChoices(grp.name, list(grp.ops), configs, loss, gain, ref_index))
+    ref_bytes = None
+    if sensitivity.ops:
+        ref_bytes = sum(_weight_bytes(sensitivity, op, ref) for g in groups for op in g.ops)
+    return Instance(
+        model=gains.model or sensitivity.model,
+        metric=metric,
+        noise=noise,
+        reference_format=ref,
+        mean_loss=float(sensitivity.mean_loss),
+        groups=groups,
+        reference_time_s=gains.reference_time_s,
+        reference_weight_bytes=ref_bytes,
+    )
+
+
+def _memory_gain(inst: Instance, sens: Sensitivity | None, g: GroupChoices) -> list[float]:
+    """Bytes saved per config: the gains record's M if present, else |W|·(bytes_ref − bytes_f) from the sensitivity."""
+    if "M" in g.gain:
+        return g.gain["M"]
+    if sens is None:
+        raise ArtifactError(f"group {g.name} has no memory gains")
+    ref = inst.reference_format
+    return [
+        sum(_weight_bytes(sens, op, ref) - _weight_bytes(sens, op, f) for op, f in zip(g.ops, cfg, strict=True))
+        for cfg in g.configs
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# The Pyomo model
+# --------------------------------------------------------------------------------------------------
+class GroupChoiceIP:
+    """The multiple-choice knapsack, built once; budgets are mutable Params, solved by persistent HiGHS."""
+
+    def __init__(self, inst: Instance, sensitivity: Sensitivity | None = None, time_limit_s: float = 60.0):
+        self.inst = inst
+        self.loss_scale = inst.max_loss() or 1.0
+        self.gain_scale = sum(max(abs(x) for x in g.gain[inst.metric]) for g in inst.groups) or 1.0
+        self.mem = [_memory_gain(inst, sensitivity, g) for g in inst.groups] if self._need_mem(sensitivity) else None
+        self.mem_scale = (sum(max(abs(x) for x in row) for row in self.mem) or 1.0) if self.mem else 1.0
+
+        m = pyo.ConcreteModel(name="ipamp_group_choice")
+        idx = [(gi, ci) for gi, g in enumerate(inst.groups) for ci in range(len(g.configs))]
+        m.I = pyo.Set(initialize=idx, dimen=2, ordered=True)
+        m.G = pyo.RangeSet(0, len(inst.groups) - 1)
+        m.y = pyo.Var(m.I, domain=pyo.Binary)
+        eps = {(gi, ci): inst.groups[gi].loss[ci] / self.loss_scale for gi, ci in idx}
+        gain = {(gi, ci): inst.groups[gi].gain[inst.metric][ci] / self.gain_scale for gi, ci in idx}
+        by_group: dict[int, list[int]] = {}
+        for gi, ci in idx:
+            by_group.setdefault(gi, []).append(ci)
+        m.one = pyo.Constraint(m.G, rule=lambda m, gi: sum(m.y[gi, ci] for ci in by_group[gi]) == 1)
+        m.loss = pyo.Expression(expr=sum(eps[k] * m.y[k] for k in idx))
+        m.gain = pyo.Expression(expr=sum(gain[k] * m.y[k] for k in idx))
+        self.loose_eps = 2.0
+        self.loose_gain = sum(min(g.gain[inst.metric]) for g in inst.groups) / self.gain_scale - 1.0
+        m.eps_max = pyo.Param(mutable=True, initialize=self.loose_eps)
+        m.gain_min = pyo.Param(mutable=True, initialize=self.loose_gain)
+        m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)
+        m.gain_con = pyo.Constraint(expr=m.gain >= m.gain_min)
+        if self.mem:
+            memc = {(gi, ci): self.mem[gi][ci] / self.mem_scale for gi, ci in idx}
+            m.memory = pyo.Expression(expr=sum(memc[k] * m.y[k] for k in idx))
+            self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
+            m.mem_min = pyo.Param(mutable=True, initialize=self.loose_mem)
+            m.mem_con = pyo.Constraint(expr=m.memory >= m.mem_min)
+        m.max_gain = pyo.Objective(expr=m.gain, sense=pyo.maximize)
+        m.min_loss = pyo.Objective(expr=m.loss, sense=pyo.minimize)
+        m.min_loss.deactivate()
+        self.m = m
+        self.opt = Highs()
+        self.opt.config.load_solutions = False
+        self.opt.config.raise_exception_on_nonoptimal_result = False
+        self.opt.config.rel_gap = MIP_REL_GAP
+        self.opt.config.time_limit = float(time_limit_s)
+        self.opt.config.solver_options = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
+        self._ub = {k: 1 for k in idx}
+
+    def _restrict(self, eps_max: float | None) -> None:
+        """Forbid single configs whose own loss exceeds the whole budget (losses are ≥ 0, so this cuts nothing
+        feasible); it makes β=0 exact instead of 'zero within the solver's feasibility tolerance'."""
+        for gi, g in enumerate(self.inst.groups):
+            for ci, e in enumerate(g.loss):
+                ub = 0 if (eps_max is not None and e > eps_max) else 1
+                if self._ub[gi, ci] != ub:
+                    self.m.y[gi, ci].setub(ub)
+                    self._ub[gi, ci] = ub
+
+    def _need_mem(self, sensitivity: Sensitivity | None) -> bool:
+        return all("M" in g.gain for g in self.inst.groups) or sensitivity is not None
+
+    # -- one solve ----------------------------------------------------------------------------------
+    def _solve(self, sense: str) -> tuple[list[int] | None, dict[str, Any]]:
+        m = self.m
+        if sense == "max_gain":
+            m.min_loss.deactivate()
+            m.max_gain.activate()
+        else:
+            m.max_gain.deactivate()
+            m.min_loss.activate()
+        t0 = time.perf_counter()
+        res = self.opt.solve(m)
+        wall = time.perf_counter() - t0
+        inc, bnd = res.incumbent_objective, res.objective_bound
+        gap = None
+        if inc is not None and bnd is not None and math.isfinite(bnd):
+            diff = abs(bnd - inc)
+            gap = 0.0 if diff < 1e-12 else diff / max(abs(inc), 1e-12)
+        info = {
+            "status": res.solution_status.name,
+            "termination": res.termination_condition.name,
+            "gap": gap,
+            "wall_s": wall,
+        }
+        if res.solution_status not in (SolutionStatus.optimal, SolutionStatus.feasible):
+            return None, info
+        res.solution_loader.load_vars()
+        choice = []
+        for gi, g in enumerate(self.inst.groups):
+            vals = [pyo.value(m.y[gi, ci]) for ci in range(len(g.configs))]
+            choice.append(max(range(len(vals)), key=vals.__getitem__))
+        return choice, info
+
+    def set_budgets(self, eps_max: float | None = None, gain_min: float | None = None, mem_min: float | None = None):
+        """Set the (unscaled) budgets; None means unconstrained."""
+        m = self.m
+        self._restrict(eps_max)
+        m.eps_max.set_value(self.loose_eps if eps_max is None else eps_max / self.loss_scale)
+        m.gain_min.set_value(self.loose_gain if gain_min is None else gain_min / self.gain_scale)
+        if self.mem:
+            m.mem_min.set_value(self.loose_mem if mem_min is None else mem_min / self.mem_scale)
+        elif mem_min is not None:
+            raise ArtifactError("a memory budget needs M gains or the sensitivity record's weight sizes")
+
+    def maximise_gain(self, eps_max: float, mem_min: float | None = None) -> tuple[list[int] | None, dict[str, Any]]:
+        """Phase 1: max gain s.t. loss ≤ ε_max; phase 2: least loss among (near-)equal-gain choices."""
+        self.set_budgets(eps_max=eps_max, mem_min=mem_min)
+        choice, info = self._solve("max_gain")
+        if choice is None:
+            return None, info
+        best = self.gain_of(choice)
+        self.set_budgets(eps_max=eps_max, gain_min=best - _PIN_SLACK * max(abs(best), self.gain_scale), mem_min=mem_min)
+        choice2, info2 = self._solve("min_loss")
+        info["wall_s"] += info2["wall_s"]
+        info["phase2_termination"] = info2["termination"]
+        if choice2 is not None and self.loss_of(choice2) <= self.loss_of(choice) and self.gain_of(choice2) >= best - (
+            1e-9 * max(abs(best), 1e-30)
+        ):
+            choice = choice2
+        return choice, info
+
+    def minimise_loss(self, gain_min: float, mem_min: float | None = None) -> tuple[list[int] | None, dict[str, Any]]:
+        """Dual, phase 1: least loss s.t. gain ≥ target; phase 2: most gain at that loss (stay on the frontier)."""
+        self.set_budgets(gain_min=gain_min, mem_min=mem_min)
+        choice, info = self._solve("min_loss")
+        if choice is None:
+            return None, info
+        eps = self.loss_of(choice)
+        self.set_budgets(eps_max=eps + _PIN_SLACK * max(eps, self.loss_scale), gain_min=gain_min, mem_min=mem_min)
+        choice2, info2 = self._solve("max_gain")
+        info["wall_s"] += info2["wall_s"]
+        info["phase2_termination"] = info2["termination"]
+        if choice2 is not None and self.gain_of(choice2) >= self.gain_of(choice) and self.loss_of(choice2) <= eps * (
+            1 + 1e-9
+        ) + 1e-300:
+            choice = choice2
+        return choice, info
+
+    # -- exact evaluation ---------------------------------------------------------------------------
+    def loss_of(self, choice: list[int]) -> float:
+        return sum(g.loss[c] for g, c in zip(self.inst.groups, choice, strict=True))
+
+    def gain_of(self, choice: list[int], metric: str | None = None) -> float:
+        mt = metric or self.inst.metric
+        return sum(g.gain[mt][c] for g, c in zip(self.inst.groups, choice, strict=True))
+
+    def memory_of(self, choice: list[int]) -> float | None:
+        if not self.mem:
+            return None
+        return sum(row[c] for row, c in zip(self.mem, choice, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans
+# --------------------------------------------------------------------------------------------------
+def plan_from_choice(
+    inst: Instance, choice: list[int], beta: float | None, budget: float | None, solver: dict[str, Any]
+) -> Plan:
+    """Turn one config index per group into a Plan whose numbers are recomputed from the records."""
+    assignment: dict[str, str] = {}
+    loss = 0.0
+    gains: dict[str, float] = {}
+    for g, c in zip(inst.groups, choice, strict=True):
+        assignment.update(zip(g.ops, g.configs[c], strict=True))
+        loss += g.loss[c]
+        for m, vals in g.gain.items():
+            gains[m] = gains.get(m, 0.0) + vals[c]
+    info = dict(solver)
+    info["predicted_gains"] = gains
+    info["noise"] = inst.noise
+    info["beta_equivalent"] = math.sqrt(loss) / inst.mean_loss if inst.mean_loss > 0 else None
+    return Plan(
+        model=inst.model,
+        assignment=assignment,
+        reference_format=inst.reference_format,
+        metric=inst.metric,
+        beta=beta,
+        predicted_loss_mse=loss,
+        predicted_gain=gains[inst.metric],
+        budget_loss_mse=budget,
+        solver=info,
+    )
+
+
+def _infeasible(ip: GroupChoiceIP, what: str, info: dict[str, Any]) -> InfeasibleBudgetError:
+    return InfeasibleBudgetError(f"{what} (solver: {info['termination']}, status {info['status']})")
+
+
+def solve(
+    sensitivity: Sensitivity,
+    partition: Partition,
+    gains: Gains,
+    metric: str = "ET",
+    beta: float | None = None,
+    target_gain: float | None = None,
+    target_speedup: float | None = None,
+    memory_budget_bytes: float | None = None,
+    noise: str = "empirical",
+    time_limit_s: float = 60,
+) -> Plan:
+    """Choose one config per group.
+
+    Exactly one of: ``beta`` (maximise ``metric`` gain s.t. loss MSE ≤ (β·L̄)²), ``target_gain`` (minimise
+    loss MSE s.t. gain ≥ target, in the metric's units) or ``target_speedup`` (ET only: the predicted time
+    saved ≥ this fraction of ``gains.reference_time_s``; 0.3 = "30 % less prefill time").
+    ``memory_budget_bytes`` optionally caps the total weight memory of the quantizable ops.
+    """
+    given = [x is not None for x in (beta, target_gain, target_speedup)]
+    if sum(given) != 1:
+        raise BudgetSpecError("give exactly one of beta, target_gain or target_speedup")
+    inst = build_instance(sensitivity, partition, gains, metric, noise)
+    ip = GroupChoiceIP(inst, sensitivity, time_limit_s)
+    mem_min = _memory_requirement(ip, memory_budget_bytes)
+
+    if beta is not None:
+        if not (beta >= 0 and math.isfinite(beta)):
+            raise BudgetSpecError(f"beta must be a finite number ≥ 0, got {beta}")
+        eps_max = (beta * inst.mean_loss) ** 2
+        if beta == 0:
+            eps_max = 0.0
+        choice, info = ip.maximise_gain(eps_max, mem_min)
+        if choice is None:
+            raise _infeasible(
+                ip, f"no configuration meets the memory budget of {memory_budget_bytes:.4g} bytes within a loss-MSE "
+                f"budget of {eps_max:.4g} (beta={beta})", info)
+        if eps_max >= inst.max_loss():
+            info["note"] = "the loss budget is not binding: every op may take its most aggressive format"
+        elif beta == 0:
+            info["note"] = "beta=0 allows no loss: the reference (plus any lossless configs) is the answer"
+        return plan_from_choice(inst, choice, beta, eps_max, info)
+
+    if target_speedup is not None:
+        if metric != "ET":
+            raise BudgetSpecError("target_speedup is a fraction of the measured reference time: use metric='ET'")
+        if not inst.reference_time_s:
+            raise BudgetSpecError("target_speedup needs the gains record's reference_time_s (it is missing)")
+        if not (0 <= target_speedup < 1):
+            raise BudgetSpecError(f"target_speedup is the fraction of time saved, in [0, 1), not {target_speedup}")
+        target_gain = target_speedup * inst.reference_time_s
+    assert target_gain is not None
+    best = inst.max_gain()
+    if target_gain > best:
+        unit = {"ET": "s", "TT": "s", "M": "bytes"}[metric]
+        raise InfeasibleBudgetError(
+            f"the target {metric} gain of {target_gain:.4g} {unit} exceeds the largest achievable gain "
+            f"{best:.4g} {unit} (every group in its best config)"
+        )
+    choice, info = ip.minimise_loss(target_gain, mem_min)
+    if choice is None:
+        raise _infeasible(ip, f"no configuration reaches a {metric} gain of {target_gain:.4g} within the memory budget "
+                          f"of {memory_budget_bytes} bytes", info)
+    if target_gain <= 0:
+        info["note"] = "a target gain ≤ 0 is met by the reference: the least-loss answer is returned"
+    info["target_gain"] = target_gain
+    return plan_from_choice(inst, choice, None, None, info)
+
+
+def _memory_requirement(ip: GroupChoiceIP, memory_budget_bytes: float | None) -> float | None:
+    """Translate 'total weight bytes ≤ budget' into 'bytes saved ≥ reference − budget' (checked for feasibility)."""
+    if memory_budget_bytes is None:
+        return None
+    inst = ip.inst
+    if memory_budget_bytes < 0:
+        raise BudgetSpecError(f"memory_budget_bytes must be ≥ 0, got {memory_budget_bytes}")
+    if inst.reference_weight_bytes is None or not ip.mem:
+        raise ArtifactError("a memory budget needs the weight sizes in the sensitivity record")
+    need = inst.reference_weight_bytes - memory_budget_bytes
+    most = sum(max(row) for row in ip.mem)
+    if need > most:
+        raise InfeasibleBudgetError(
+            f"the memory budget of {memory_budget_bytes:.4g} bytes is below the smallest reachable weight memory "
+            f"{inst.reference_weight_bytes - most:.4g} bytes (reference: {inst.reference_weight_bytes:.4g} bytes)"
+        )
+    return need
+
+
+# --------------------------------------------------------------------------------------------------
+# Pareto frontier
+# --------------------------------------------------------------------------------------------------
+def default_betas(inst: Instance, n: int = 20) -> list[float]:
+    """β = 0 plus ``n`` log-spaced values up to the β at which every op may be at its most lossy format,
+    so the sweep spans the whole frontier whatever the model's loss scale."""
+    if inst.mean_loss <= 0 or inst.max_loss() <= 0:
+        return [0.0]
+    hi = math.sqrt(inst.max_loss()) / inst.mean_loss
+    lo = hi * 1e-3
+    return [0.0] + [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+
+def pareto_filter(plans: list[Plan]) -> list[Plan]:
+    """Drop duplicates and dominated points; sort by gain (then loss) so both are non-decreasing."""
+    seen, uniq = set(), []
+    for p in sorted(plans, key=lambda p: (p.predicted_gain, p.predicted_loss_mse, p.beta if p.beta else 0.0)):
+        key = tuple(sorted(p.assignment.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        uniq.append(p)
+    kept: list[Plan] = []
+    best_loss = math.inf
+    for p in reversed(uniq):  # highest gain first; keep a point only if it is strictly less lossy
+        if p.predicted_loss_mse < best_loss:
+            kept.append(p)
+            best_loss = p.predicted_loss_mse
+    kept.reverse()
+    out: list[Plan] = []
+    for p in kept:  # equal gains: keep the less lossy one (already first after the sort)
+        if out and p.predicted_gain <= out[-1].predicted_gain:
+            continue
+        out.append(p)
+    return out
+
+
+def frontier(
+    sensitivity: Sensitivity,
+    partition: Partition,
+    gains: Gains,
+    metric: str = "ET",
+    betas: list[float] | None = None,
+    noise: str = "empirical",
+    time_limit_s: float = 60,
+) -> list[Plan]:
+    """Sweep β over one persistent model; return the de-duplicated Pareto points sorted by gain."""
+    inst = build_instance(sensitivity, partition, gains, metric, noise)
+    ip = GroupChoiceIP(inst, None, time_limit_s)
+    betas = default_betas(inst) if betas is None else list(betas)
+    plans = []
+    for b in sorted(betas):
+        if not (b >= 0 and math.isfinite(b)):
+            raise BudgetSpecError(f"every beta must be a finite number ≥ 0, got {b}")
+        eps_max = (b * inst.mean_loss) ** 2
+        choice, info = ip.maximise_gain(eps_max)
+        if choice is None:  # cannot happen with the reference config allowed; say so loudly if it does
+            raise _infeasible(ip, f"the solver found no configuration for beta={b}", info)
+        plans.append(plan_from_choice(inst, choice, b, eps_max, info))
+    return pareto_filter(plans)
+
+
+def save_frontier(plans: list[Plan], path: str | Path, **meta: Any) -> Path:
+    """Write the frontier as one JSON record (the plans plus whatever run metadata the caller passes)."""
+    return save_json({"record": "frontier", **meta, "points": [p.to_json() for p in plans]}, path)
+
+
+def load_frontier(path: str | Path) -> list[Plan]:
+    d = load_json(path, "frontier")
+    if d.get("record") != "frontier" or "points" not in d:
+        raise ArtifactError(f"{path} is not a frontier record")
+    return [Plan.from_json(p) for p in d["points"]]

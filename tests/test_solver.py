@@ -1,0 +1,253 @@
+"""Solver, frontier, baselines and report on small synthetic records (real Pyomo + HiGHS, real matplotlib).
+
+The records are built from the dataclasses in records.py with seeded random numbers: they are input data,
+small enough that brute-force enumeration gives the exact optimum to compare the IP against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from inc_ipamp.baselines import BASELINES, baseline
+from inc_ipamp.errors import InfeasibleBudgetError, IpampError
+from inc_ipamp.records import (
+    Gains,
+    Group,
+    GroupGains,
+    OperandStats,
+    OpSensitivity,
+    Partition,
+    Plan,
+    Sensitivity,
+)
+from inc_ipamp.report import group_explanations, plot_frontier, write_report
+from inc_ipamp.solver import build_instance, frontier, load_frontier, save_frontier, solve
+
+FORMATS = ["fp32", "fp8_e4m3", "int8"]
+
+
+def make_records(
+    group_sizes=(1, 2, 3, 1), formats=FORMATS, seed=0, unreached=(), neg_gain=True
+) -> tuple[Sensitivity, Partition, Gains]:
+    """Synthetic but self-consistent records: per-op empirical sums, per-config gains (not additive per op,
+    like measured group timings), M gains from the weight sizes."""
+    rng = random.Random(seed)
+    ops: dict[str, OpSensitivity] = {}
+    groups, ggains = [], {}
+    n = 4
+    for gi, size in enumerate(group_sizes):
+        names = [f"layers.{gi}.op{k}" for k in range(size)]
+        for name in names:
+            kind = "bgemm" if rng.random() < 0.25 else "linear"
+            operands = {}
+            for opd in (("a", "b") if kind == "bgemm" else ("x", "w")):
+                emp = {f: n * rng.uniform(0.1, 1.0) * (3.0 if f == "fp8_e4m3" else 1.0) for f in formats[1:]}
+                err2 = {f: rng.uniform(1e-4, 1e-2) for f in formats[1:]}
+                ints = {f: n * rng.uniform(0.1, 1.0) for f in formats[1:] if f.startswith("int")}
+                operands[opd] = OperandStats(xg2=n * rng.uniform(0.5, 2), x2=1.0, emp=emp, err2=err2, numel=100,
+                                             int_uniform=ints)
+            ops[name] = OpSensitivity(name, kind, weight_numel=0 if kind == "bgemm" else rng.randint(100, 1000),
+                                      operands=operands)
+        grp = Group(f"g{gi}", names, layer=gi)
+        groups.append(grp)
+        configs = grp.configs(formats)
+        et, tt, mem = [], [], []
+        for cfg in configs:
+            nlow = sum(f != formats[0] for f in cfg)
+            base = 0.0 if nlow == 0 else nlow * rng.uniform(0.5, 1.5) + rng.uniform(-0.3, 0.3)
+            if neg_gain and nlow == 1 and rng.random() < 0.2:
+                base = -rng.uniform(0.1, 0.5)  # a measured slowdown: allowed, the IP must avoid it
+            et.append(base * 1e-3)
+            tt.append(nlow * 1e-3)
+            mem.append(sum(ops[o].weight_numel * (4 - (1 if f != "fp32" else 4))
+                           for o, f in zip(names, cfg, strict=True)))
+        ggains[grp.name] = GroupGains(grp.name, [list(c) for c in configs], {"ET": et, "TT": tt, "M": mem})
+    sens = Sensitivity("synthetic", n, 16, mean_loss=2.5, formats=list(formats), ops=ops, unreached=list(unreached))
+    part = Partition("synthetic", "dataflow", groups)
+    gains = Gains("synthetic", "synthetic", list(formats), 1, 16, reference_time_s=0.05, groups=ggains)
+    return sens, part, gains
+
+
+def brute_force(sens, part, gains, metric, eps_max, noise="empirical"):
+    """Exact optimum by enumeration: (best gain, least loss among best-gain choices)."""
+    inst = build_instance(sens, part, gains, metric, noise)
+    best = (-math.inf, math.inf)
+    for choice in itertools.product(*[range(len(g.configs)) for g in inst.groups]):
+        loss = sum(g.loss[c] for g, c in zip(inst.groups, choice, strict=True))
+        if loss > eps_max:
+            continue
+        gain = sum(g.gain[metric][c] for g, c in zip(inst.groups, choice, strict=True))
+        if gain > best[0] + 1e-15 or (abs(gain - best[0]) <= 1e-15 and loss < best[1]):
+            best = (gain, loss)
+    return best
+
+
+@pytest.fixture(scope="module")
+def records():
+    return make_records()
+
+
+@pytest.mark.parametrize("metric", ["ET", "TT", "M"])
+def test_ip_matches_brute_force(records, metric):
+    sens, part, gains = records
+    inst = build_instance(sens, part, gains, metric)
+    assert [len(g.configs) for g in inst.groups] == [3, 9, 27, 3]
+    for beta in (0.05, 0.3, 0.6, 1.0, 2.0, 5.0):
+        eps_max = (beta * sens.mean_loss) ** 2
+        plan = solve(sens, part, gains, metric=metric, beta=beta)
+        gain, loss = brute_force(sens, part, gains, metric, eps_max)
+        assert plan.predicted_gain == pytest.approx(gain, rel=1e-9, abs=1e-12), (metric, beta)
+        assert plan.predicted_loss_mse <= eps_max * (1 + 1e-9)
+        assert plan.predicted_loss_mse == pytest.approx(loss, rel=1e-6, abs=1e-12)
+        assert plan.predicted_loss_mse == pytest.approx(sens.predict(
+            {op: f for op, f in plan.assignment.items() if f != "fp32"}), rel=1e-12)
+        assert plan.solver["status"] == "optimal" and plan.solver["gap"] is not None
+        assert set(plan.assignment) == {op for g in part.groups for op in g.ops}
+
+
+def test_beta_zero_is_reference(records):
+    sens, part, gains = records
+    plan = solve(sens, part, gains, beta=0)
+    assert plan.low_precision_ops() == []
+    assert plan.predicted_gain == 0 and plan.predicted_loss_mse == 0
+    assert plan.reference_format == "fp32"
+    assert "beta=0" in plan.solver["note"]
+
+
+def test_dual_min_loss_for_target(records):
+    sens, part, gains = records
+    inst = build_instance(sens, part, gains, "ET")
+    target = 0.5 * inst.max_gain()
+    plan = solve(sens, part, gains, target_gain=target)
+    assert plan.predicted_gain >= target * (1 - 1e-9)
+    # Brute force: least loss with gain ≥ target.
+    best = min(
+        sum(g.loss[c] for g, c in zip(inst.groups, ch, strict=True))
+        for ch in itertools.product(*[range(len(g.configs)) for g in inst.groups])
+        if sum(g.gain["ET"][c] for g, c in zip(inst.groups, ch, strict=True)) >= target
+    )
+    assert plan.predicted_loss_mse == pytest.approx(best, rel=1e-6)
+    # target_speedup is a fraction of the reference time (ET): same answer as the equivalent target_gain.
+    frac = target / gains.reference_time_s
+    assert solve(sens, part, gains, target_speedup=frac).assignment == plan.assignment
+
+
+def test_infeasible_and_bad_budgets(records):
+    sens, part, gains = records
+    with pytest.raises(InfeasibleBudgetError, match="exceeds the largest achievable gain"):
+        solve(sens, part, gains, target_gain=1.0)  # 1 s saved of a 0.05 s prefill
+    with pytest.raises(IpampError, match="exactly one"):
+        solve(sens, part, gains, beta=0.1, target_gain=1e-3)
+    with pytest.raises(IpampError, match="exactly one"):
+        solve(sens, part, gains)
+    with pytest.raises(IpampError, match="beta"):
+        solve(sens, part, gains, beta=-1)
+    with pytest.raises(IpampError, match="metric='ET'"):
+        solve(sens, part, gains, metric="TT", target_speedup=0.2)
+    with pytest.raises(InfeasibleBudgetError, match="memory budget"):
+        solve(sens, part, gains, beta=1.0, memory_budget_bytes=0)
+
+
+def test_memory_budget(records):
+    sens, part, gains = records
+    inst = build_instance(sens, part, gains, "ET")
+    ref_bytes = inst.reference_weight_bytes
+    unconstrained = solve(sens, part, gains, beta=0.3)
+    saved_free = unconstrained.solver["predicted_gains"]["M"]
+    budget = ref_bytes - saved_free - 500  # force more memory saving than the loss-optimal choice gives
+    plan = solve(sens, part, gains, beta=5.0, memory_budget_bytes=budget)
+    assert ref_bytes - plan.solver["predicted_gains"]["M"] <= budget
+
+
+def test_unreached_ops_stay_reference():
+    sens, part, gains = make_records(unreached=("layers.2.op1",))
+    plan = solve(sens, part, gains, beta=100.0)  # budget not binding: all others go low precision
+    assert plan.assignment["layers.2.op1"] == "fp32"
+    assert "not binding" in plan.solver["note"]
+    for b in BASELINES:
+        assert baseline(b, sens, part, gains, beta=100.0).assignment["layers.2.op1"] == "fp32"
+
+
+def test_uniform_noise_model(records):
+    sens, part, gains = records
+    plan = solve(sens, part, gains, beta=0.6, noise="uniform")
+    gain, _ = brute_force(sens, part, gains, "ET", (0.6 * sens.mean_loss) ** 2, noise="uniform")
+    assert plan.predicted_gain == pytest.approx(gain, rel=1e-9)
+
+
+def test_frontier_monotone_and_deduplicated(records, tmp_path):
+    sens, part, gains = records
+    plans = frontier(sens, part, gains, metric="ET")
+    assert len(plans) >= 3
+    assert plans[0].predicted_gain == 0 and plans[0].predicted_loss_mse == 0
+    for a, b in zip(plans, plans[1:], strict=False):
+        assert b.predicted_gain > a.predicted_gain
+        assert b.predicted_loss_mse > a.predicted_loss_mse
+    assert len({tuple(sorted(p.assignment.items())) for p in plans}) == len(plans)
+    # Every point is the IP optimum for its own β.
+    for p in plans:
+        assert p.predicted_gain == pytest.approx(brute_force(sens, part, gains, "ET", p.budget_loss_mse)[0], rel=1e-9)
+    path = save_frontier(plans, tmp_path / "frontier.json", metric="ET")
+    back = load_frontier(path)
+    assert [p.assignment for p in back] == [p.assignment for p in plans]
+    assert isinstance(back[0], Plan)
+
+
+def test_baselines_respect_budget_and_reverse_differs(records):
+    sens, part, gains = records
+    beta = 0.8
+    eps_max = (beta * sens.mean_loss) ** 2
+    ip = solve(sens, part, gains, beta=beta)
+    plans = {b: baseline(b, sens, part, gains, beta=beta, low_format="fp8_e4m3") for b in BASELINES}
+    for name, p in plans.items():
+        assert p.predicted_loss_mse <= eps_max * (1 + 1e-12), name
+        assert p.predicted_gain <= ip.predicted_gain + 1e-12, name  # the IP is optimal on the same tables
+        assert set(p.low_precision_ops()) <= set(p.assignment)
+        assert all(f in ("fp32", "fp8_e4m3") for f in p.assignment.values())
+    assert plans["prefix"].assignment != plans["prefix_reversed"].assignment
+    assert plans["sqnr"].assignment != plans["sqnr_reversed"].assignment
+    assert plans["prefix"].solver["order"][0] == "layers.0.op0"
+    # Seeded random is reproducible and the seed matters.
+    r0 = baseline("random", sens, part, gains, beta=beta, seed=0)
+    assert r0.assignment == baseline("random", sens, part, gains, beta=beta, seed=0).assignment
+    assert r0.solver["order"] != baseline("random", sens, part, gains, beta=beta, seed=1).solver["order"]
+    with pytest.raises(IpampError, match="unknown baseline"):
+        baseline("random_reversed", sens, part, gains, beta=beta)
+
+
+def test_baseline_scores_come_from_group_tables(records):
+    sens, part, gains = records
+    p = baseline("prefix", sens, part, gains, beta=0.8, metric="ET", low_format="int8")
+    expected = 0.0
+    for g in part.groups:
+        cfg = [p.assignment[op] for op in g.ops]
+        gg = gains.groups[g.name]
+        expected += gg.gains["ET"][gg.configs.index(cfg)]
+    assert p.predicted_gain == pytest.approx(expected, rel=1e-12)
+
+
+def test_plot_and_report(records, tmp_path):
+    sens, part, gains = records
+    plans = frontier(sens, part, gains, metric="ET")
+    save_frontier(plans, tmp_path / "frontier.json", metric="ET")
+    measured = [{"gain": p.predicted_gain * 0.9, "loss_mse": p.predicted_loss_mse * 1.1} for p in plans[1:]]
+    for src in (plans, tmp_path / "frontier.json"):
+        out = plot_frontier(src, tmp_path / "frontier.png", measured_points=measured)
+        data = out.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    plan = solve(sens, part, gains, beta=0.8)
+    base = {b: baseline(b, sens, part, gains, beta=0.8) for b in ("random", "prefix", "sqnr")}
+    md = write_report(tmp_path / "report.md", plan, sens, part, gains, frontier=plans, baselines=base,
+                      measured={"loss_mse": 1.23e-3}).read_text()
+    for g in part.groups:
+        assert f"`{g.name}`" in md
+    assert "prefix" in md and "Pareto" in md
+    # Shares of the predicted loss MSE add up to 100 % of the plan's total; chosen gain never beats the best.
+    rows = group_explanations(plan, sens, part, gains)
+    assert sum(r["loss_share_pct"] for r in rows) == pytest.approx(100.0)
+    assert sum(r["loss_mse"] for r in rows) == pytest.approx(plan.predicted_loss_mse)
+    assert all(r["gain"] <= r["best_gain"] for r in rows)
