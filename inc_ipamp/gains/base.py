@@ -1,0 +1,270 @@
+"""The backend protocol, low-precision op modules shared by backends, and the timing statistics.
+
+A backend answers two questions for the pipeline: how to run an op in a format (``apply``: swap the op's
+module for a low-precision one and restore it afterwards) and how to time a call on its device. Everything
+else (which configs, reuse across layers, caching) is backend-independent and lives in ``measure.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DeviceUnavailableError
+from ..formats import Format, get_format, quantize
+from ..ops import Matmul, is_linear, linear_weight
+
+
+# -- low-precision op modules --------------------------------------------------------------------------
+def _bias(mod: nn.Module) -> torch.Tensor | None:
+    b = getattr(mod, "bias", None)
+    return None if b is None else b.detach()
+
+
+class EmulatedLinear(nn.Module):
+    """Fake-quantised Linear (weights rounded once, activations per call): exact numerics, no speed-up."""
+
+    path = "emulated (quantize-dequantize + reference matmul)"
+
+    def __init__(self, mod: nn.Module, fmt: Format):
+        super().__init__()
+        self.fmt = fmt
+        self.weight = nn.Parameter(quantize(linear_weight(mod).detach(), fmt, -1), requires_grad=False)
+        self.bias = None if _bias(mod) is None else nn.Parameter(_bias(mod), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(quantize(x, self.fmt, -1), self.weight, self.bias)
+
+
+class CastLinear(nn.Module):
+    """Linear computed in a narrower float dtype (bf16/fp16), real kernel of that dtype."""
+
+    path = "real cast kernel"
+
+    def __init__(self, mod: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight = nn.Parameter(linear_weight(mod).detach().to(dtype), requires_grad=False)
+        self.bias = None if _bias(mod) is None else nn.Parameter(_bias(mod).to(dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
+
+
+class ScaledMMLinear(nn.Module):
+    """FP8 Linear through ``torch._scaled_mm`` with per-tensor max-abs scales (weights once, activations per call).
+
+    The real FP8 GEMM on Hopper; on CPU torch also runs it (slower than fp32 there, which is reported).
+    """
+
+    path = "torch._scaled_mm fp8 (per-tensor scales)"
+
+    def __init__(self, mod: nn.Module, fmt: Format):
+        super().__init__()
+        w = linear_weight(mod).detach().float()
+        self.fmt = fmt
+        self.fp8 = getattr(torch, fmt.torch_dtype)
+        s_w = torch.clamp(w.abs().amax() / fmt.qmax, min=torch.finfo(torch.float32).tiny)
+        w8 = (w / s_w).clamp(-fmt.qmax, fmt.qmax).to(self.fp8)
+        self.register_buffer("w8t", w8.t())  # (d_in, d_out) column-major, as _scaled_mm wants
+        self.register_buffer("s_w", s_w.reshape(()))
+        b = _bias(mod)
+        self.register_buffer("bias", None if b is None else b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shp = x.shape
+        x2 = x.reshape(-1, shp[-1])
+        s_x = torch.clamp(x2.detach().abs().amax().float() / self.fmt.qmax, min=torch.finfo(torch.float32).tiny)
+        x8 = (x2 / s_x).clamp(-self.fmt.qmax, self.fmt.qmax).to(self.fp8)
+        y = torch._scaled_mm(x8, self.w8t, scale_a=s_x, scale_b=self.s_w, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shp[:-1], y.shape[-1])
+
+
+class EmulatedMatmul(Matmul):
+    """Attention BGEMM with both operands fake-quantised along the contraction dimension."""
+
+    path = "emulated (quantize-dequantize + reference matmul)"
+
+    def __init__(self, fmt: Format):
+        super().__init__()
+        self.fmt = fmt
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(quantize(a, self.fmt, -1), quantize(b, self.fmt, -2))
+
+
+class CastMatmul(Matmul):
+    """BGEMM computed in a narrower float dtype (real kernel of that dtype)."""
+
+    path = "real cast kernel"
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a.to(self.dtype), b.to(self.dtype)).to(a.dtype)
+
+
+# -- the protocol -------------------------------------------------------------------------------------
+class Backend:
+    """Base of the ``cpu``/``cuda``/``hpu`` backends: swap ops to low-precision modules and time calls."""
+
+    name = "base"
+    version = "1"
+    reference_formats: tuple[str, ...] = ("fp32",)
+
+    def __init__(self) -> None:
+        self._converted: dict[tuple[int, str], nn.Module] = {}
+        self.paths: dict[str, str] = {}  # "kind:fmt" -> which kernel path was used (for the record's notes)
+
+    # device
+    def check(self) -> None:
+        """Raise DeviceUnavailableError with one clear sentence when this backend cannot run here."""
+
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def device_string(self) -> str:
+        return f"{self.name}; torch {torch.__version__}"
+
+    def synchronize(self) -> None:
+        pass
+
+    def prepare(self, model: nn.Module, reference: str) -> nn.Module:
+        """Put the model on the device in the reference format (in place)."""
+        if reference not in self.reference_formats:
+            raise DeviceUnavailableError(
+                f"the {self.name} backend runs the reference in {'/'.join(self.reference_formats)}, "
+                f"not {reference}: put one of those first in the format list")
+        dtype = getattr(torch, get_format(reference).torch_dtype)
+        return model.to(device=self.device(), dtype=dtype)
+
+    # ops
+    def convert(self, mod: nn.Module, kind: str, fmt: Format) -> nn.Module:
+        """The module that runs ``mod`` in ``fmt`` on this backend."""
+        raise NotImplementedError
+
+    def _converted_module(self, mod: nn.Module, kind: str, fmt: str) -> nn.Module:
+        key = (id(mod), fmt)
+        if key not in self._converted:
+            new = self.convert(mod, kind, get_format(fmt))
+            self._converted[key] = new
+            self.paths[f"{kind}:{fmt}"] = getattr(new, "path", type(new).__name__)
+        return self._converted[key]
+
+    @contextlib.contextmanager
+    def apply(self, model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Module]:
+        """Run the ops in ``assignment`` ({op name: format}) in low precision inside the block, then restore.
+
+        Yields the model to call (the same object for module-swapping backends). Reference-format entries are
+        ignored. Converted modules are cached, so entering the block again costs only attribute swaps.
+        """
+        mods = dict(model.named_modules())
+        swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for op, fmt in assignment.items():
+                f = get_format(fmt)
+                if f.kind == "ref" or fmt == self.reference_formats[0] and op in mods:
+                    continue
+                if op not in mods:
+                    raise KeyError(f"no module named {op!r} in the model")
+                mod = mods[op]
+                kind = "bgemm" if isinstance(mod, Matmul) else "linear" if is_linear(mod) else None
+                if kind is None:
+                    raise KeyError(f"{op!r} is not a quantizable op (Linear/Conv1D/Matmul)")
+                parent_name, _, attr = op.rpartition(".")
+                parent = mods[parent_name] if parent_name else model
+                new = self._converted_module(mod, kind, fmt)
+                setattr(parent, attr, new)
+                swapped.append((parent, attr, mod))
+            yield model
+        finally:
+            for parent, attr, mod in reversed(swapped):
+                setattr(parent, attr, mod)
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def _timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bootstrap_ci(a: list[float], b: list[float] | None = None, n_boot: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> float:
+    """Half-width of a percentile bootstrap interval of median(a) (or median(a) − median(b), pairs resampled)."""
+    x = np.asarray(a)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    stat = np.median(x[idx], axis=1)
+    if b is not None:
+        stat = stat - np.median(np.asarray(b)[idx], axis=1)
+    lo, hi = np.quantile(stat, [(1 - level) / 2, (1 + level) / 2])
+    return float((hi - lo) / 2)
+
+
+def paired_times(fn_ref: Callable[[], object], fn_cfg: Callable[[], object], reps: int, warmup: int,
+                 sync: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Time reference and config alternately (ABAB…, order swapped every pair) so drift cancels."""
+    for _ in range(warmup):
+        fn_ref()
+        fn_cfg()
+    t_ref, t_cfg = [], []
+    for i in range(reps):
+        if i % 2 == 0:
+            t_ref.append(_timed(fn_ref, sync))
+            t_cfg.append(_timed(fn_cfg, sync))
+        else:
+            t_cfg.append(_timed(fn_cfg, sync))
+            t_ref.append(_timed(fn_ref, sync))
+    return t_ref, t_cfg
+
+
+def gain_stats(t_ref: list[float], t_cfg: list[float]) -> dict[str, float]:
+    """gain = median T(ref) − median T(cfg) with a bootstrap 95% half-width."""
+    return {"gain_s": statistics.median(t_ref) - statistics.median(t_cfg), "ci_s": bootstrap_ci(t_ref, t_cfg),
+            "t_ref_s": statistics.median(t_ref), "t_cfg_s": statistics.median(t_cfg), "reps": len(t_ref)}
+
+
+def _prefill_fn(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return model(ids, use_cache=False)
+    return run
+
+
+def time_prefill(model: nn.Module, ids: torch.Tensor, backend: Backend, assignment: dict[str, str] | None = None,
+                 reps: int = 10, warmup: int = 2) -> dict[str, float | list[float]]:
+    """End-to-end prefill latency (TTFT) of ``model`` on ``ids`` with ``assignment`` applied: median, CI, samples."""
+    ids = ids.to(backend.device())
+    with backend.apply(model, assignment or {}) as m:
+        fn = _prefill_fn(m, ids)
+        for _ in range(warmup):
+            fn()
+        times = [_timed(fn, backend.synchronize) for _ in range(reps)]
+    return {"median_s": statistics.median(times), "ci_s": bootstrap_ci(times), "times_s": times, "reps": reps}
+
+
+def compare_prefill(model: nn.Module, ids: torch.Tensor, backend: Backend, assignment: dict[str, str],
+                    reps: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Measured end-to-end gain of ``assignment`` vs all-reference, reference and config interleaved."""
+    ids = ids.to(backend.device())
+    ref = _prefill_fn(model, ids)
+
+    def cfg() -> object:
+        with backend.apply(model, assignment) as m:
+            return _prefill_fn(m, ids)()
+
+    t_ref, t_cfg = paired_times(ref, cfg, reps, warmup, backend.synchronize)
+    return gain_stats(t_ref, t_cfg)
