@@ -109,7 +109,8 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     if "ET" in metrics and be.name != "table":
         be.prepare(model, ref)
     kinds = {o.name: o.kind for o in list_ops(model)}
-    dev = be.device() if be.name != "table" else torch.device("cpu")
+    measuring = "ET" in metrics and be.name != "table"
+    dev = be.device() if measuring else next(model.parameters()).device
     ids = default_example_ids(model, batch, seq_len).to(dev)
     all_ops = [op for g in partition.groups for op in g.ops]
     unknown = [op for op in all_ops if op not in kinds]

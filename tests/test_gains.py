@@ -1,0 +1,195 @@
+"""Gain backends, sub-graph timing with reuse, TT/M arithmetic, the resumable cache and table replay."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import inc_ipamp.gains.measure as measure_mod
+from inc_ipamp.errors import ArtifactError, DeviceUnavailableError, IpampError
+from inc_ipamp.formats import get_format, quantize
+from inc_ipamp.gains import MeasurementCache, bootstrap_ci, compare_prefill, get_backend, measure_gains, time_prefill
+from inc_ipamp.gains.base import EmulatedMatmul, ScaledMMLinear
+from inc_ipamp.ops import Matmul
+from inc_ipamp.partition import default_example_ids, partition_model
+from inc_ipamp.records import Gains
+
+FORMATS = ["fp32", "int8"]
+FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    model = LlamaForCausalLM(cfg).eval()
+    return model, partition_model(model)
+
+
+def test_cpu_apply_swaps_and_restores(tiny) -> None:
+    model, part = tiny
+    be = get_backend("cpu")
+    ids = default_example_ids(model, 1, 8)
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits
+    q = "model.layers.0.self_attn.q_proj"
+    orig = model.get_submodule(q)
+    a = {q: "int8", "model.layers.0.self_attn.matmul_qk": "int8", "model.layers.1.mlp.down_proj": "fp8_e4m3"}
+    with torch.no_grad(), be.apply(model, a) as m:
+        assert m.get_submodule(q) is not orig
+        assert isinstance(m.get_submodule("model.layers.0.self_attn.matmul_qk"), EmulatedMatmul)
+        low = m(ids, use_cache=False).logits
+    assert model.get_submodule(q) is orig and type(model.get_submodule("model.layers.0.self_attn.matmul_qk")) is Matmul
+    err = (low - ref).norm() / ref.norm()
+    assert 0 < err < 0.1  # really quantised, but close
+    with torch.no_grad():
+        assert torch.equal(model(ids, use_cache=False).logits, ref)
+    assert "torch.ao dynamic int8" in be.paths["linear:int8"] and "emulated" in be.paths["bgemm:int8"]
+
+
+def test_apply_rejects_unknown_op(tiny) -> None:
+    model, _ = tiny
+    with pytest.raises(KeyError, match="no module named"), get_backend("cpu").apply(model, {"nope": "int8"}):
+        pass
+
+
+def test_scaled_mm_linear_matches_fp8_rounding() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 5, 64)
+    fmt = get_format("fp8_e4m3")
+    y = ScaledMMLinear(lin, fmt)(x)
+    expect = torch.nn.functional.linear(quantize(x, fmt), quantize(lin.weight.detach(), fmt), lin.bias)
+    assert y.shape == (3, 5, 32)
+    torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_emulated_matmul_quantises_both_operands() -> None:
+    a, b = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 16, 8)
+    fmt = get_format("int8_pc")
+    out = EmulatedMatmul(fmt)(a, b)
+    torch.testing.assert_close(out, quantize(a, fmt, -1) @ quantize(b, fmt, -2))
+    assert not torch.allclose(out, a @ b)
+
+
+def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
+    model, part = tiny
+    g = measure_gains(model, part, FORMATS, batch=1, cache_path=tmp_path / "c.jsonl", **FAST)
+    assert set(g.groups) == {gr.name for gr in part.groups}
+    n_sig = len({gr.signature for gr in part.groups})
+    n_cfg = sum(len(gr.configs(FORMATS)) - 1 for gr in {gr.signature: gr for gr in part.groups}.values())
+    assert n_sig == 5 and n_cfg == 31 + 1 + 3 + 1 + 1
+    assert g.timed_runs == 2 * 2 * n_cfg and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    assert g.reference_time_s and g.reference_time_s > 0
+    l0, l1 = part.groups[0].name, part.groups[4].name  # attention of layer 0 and layer 1
+    assert g.groups[l0].gains["ET"] == g.groups[l1].gains["ET"]
+    assert "reused from" in g.groups[l1].source["ET"] and "reused" not in g.groups[l0].source["ET"]
+    for gg in g.groups.values():
+        assert gg.gains["ET"][0] == 0.0 and gg.gains["TT"][0] == 0.0 and gg.gains["M"][0] == 0.0
+        assert len(gg.gains["ET"]) == len(gg.configs) == len(gg.ci["ET"])
+        assert all(math.isfinite(v) for v in gg.gains["ET"])
+    # memory: down_proj (128 -> 64) in int8 saves 3 bytes per weight
+    down = next(n for n in g.groups if n.endswith("[down_proj]"))
+    assert g.groups[down].gains["M"] == [0.0, 128 * 64 * 3.0]
+    # theory: 8 tokens x 128 x 64 MACs x 2 flops x (1/1 - 1/1.2) / 1e12
+    assert g.groups[down].gains["TT"][1] == pytest.approx(2 * 8 * 128 * 64 * (1 - 1 / 1.2) / 1e12)
+    # the attention BGEMM q·kᵀ: batch 1 x 4 heads x 8 x 16 x 8 MACs, no weights
+    att = g.groups[l0]
+    i = att.configs.index(["fp32", "fp32", "fp32", "int8", "fp32"])
+    assert att.gains["M"][i] == 0.0
+    assert att.gains["TT"][i] == pytest.approx(2 * 4 * 8 * 16 * 8 * (1 - 1 / 1.2) / 1e12)
+    assert any("emulated" in n for n in g.notes)
+    assert Gains.from_json(json.loads(json.dumps(g.to_json()))) == g
+
+
+def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
+    model, part = tiny
+    path = tmp_path / "c.jsonl"
+    real = measure_mod.time_group_config
+    calls = {"n": 0}
+
+    def dies_after_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(measure_mod, "time_group_config", dies_after_5)
+    with pytest.raises(KeyboardInterrupt):
+        measure_gains(model, part, FORMATS, cache_path=path, **FAST)
+    assert len(path.read_text().splitlines()) == 5
+    with open(path, "a") as f:  # a crash in the middle of a write
+        f.write('{"key": "abc", "gain_')
+    monkeypatch.setattr(measure_mod, "time_group_config", real)
+    g = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
+    assert g.timed_runs == 2 * 2 * (37 - 5)
+    assert any("skipped 1 corrupt line" in n for n in g.notes)
+    again = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
+    assert again.timed_runs == 0
+    assert {k: v.gains["ET"] for k, v in again.groups.items()} == {k: v.gains["ET"] for k, v in g.groups.items()}
+    lines = path.read_text().splitlines()
+    assert sum(1 for ln in lines if ln.startswith('{"key": "abc"')) == 1 and len(lines) == 37 + 1
+
+
+def test_table_backend_json_and_csv(tiny, tmp_path) -> None:
+    model, part = tiny
+    measured = measure_gains(model, part, FORMATS, metrics=("ET",), **FAST)
+    measured.save(tmp_path / "g.json")
+    replay = measure_gains(model, part, FORMATS, backend="table", table_path=tmp_path / "g.json", metrics=("ET", "M"))
+    for name, gg in measured.groups.items():
+        assert replay.groups[name].gains["ET"] == gg.gains["ET"]
+        assert replay.groups[name].source["ET"].startswith("replayed:")
+    sigs = {gr.signature: gr for gr in part.groups}
+    rows = ["group,config,gain_s,ci_s"]
+    for sig, gr in sigs.items():
+        for c in gr.configs(FORMATS)[1:]:
+            rows.append(f"{sig},{'+'.join(c)},{0.001 * c.count('int8')},0.0001")
+    (tmp_path / "g.csv").write_text("\n".join(rows) + "\n")
+    rc = measure_gains(model, part, FORMATS, backend="table", table_path=tmp_path / "g.csv", metrics=("ET",))
+    down = next(n for n in rc.groups if n.endswith("layers.1.mlp[down_proj]"))
+    assert rc.groups[down].gains["ET"] == [0.0, 0.001]
+    (tmp_path / "short.csv").write_text("\n".join(rows[:3]) + "\n")
+    with pytest.raises(ArtifactError, match=r"no entry for group .* in config"):
+        measure_gains(model, part, FORMATS, backend="table", table_path=tmp_path / "short.csv", metrics=("ET",))
+    with pytest.raises(ArtifactError, match="not found"):
+        measure_gains(model, part, FORMATS, backend="table", table_path=tmp_path / "none.csv")
+
+
+def test_device_backends_fail_clearly_here(tiny) -> None:
+    model, part = tiny
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="torch.cuda.is_available"):
+            measure_gains(model, part, ["bf16", "fp8_e4m3"], backend="cuda", **FAST)
+    try:
+        import habana_frameworks  # noqa: F401
+    except ImportError:
+        with pytest.raises(DeviceUnavailableError, match="requires a Gaudi .habana_frameworks not importable"):
+            measure_gains(model, part, ["bf16", "fp8_e4m3"], backend="hpu", **FAST)
+    with pytest.raises(IpampError, match="unknown gain backend"):
+        get_backend("tpu")
+    with pytest.raises(DeviceUnavailableError, match="reference in fp32"):
+        measure_gains(model, part, ["bf16", "int8"], backend="cpu", **FAST)
+
+
+def test_tt_and_m_need_no_device(tiny) -> None:
+    model, part = tiny
+    g = measure_gains(model, part, ["bf16", "fp8_e4m3"], backend="hpu", seq_len=16, metrics=("TT", "M"))
+    down = next(n for n in g.groups if n.endswith("[down_proj]"))
+    assert g.groups[down].gains["TT"][1] == pytest.approx(2 * 16 * 128 * 64 * (1 / 432 - 1 / 865) / 1e12)
+    assert g.groups[down].gains["M"][1] == 128 * 64 * 1.0 and g.timed_runs == 0
+
+
+def test_prefill_timers(tiny) -> None:
+    model, _ = tiny
+    be = get_backend("cpu")
+    ids = default_example_ids(model, 1, 8)
+    r = time_prefill(model, ids, be, {"lm_head": "int8"}, reps=3, warmup=1)
+    assert r["reps"] == 3 and len(r["times_s"]) == 3 and r["median_s"] > 0 and r["ci_s"] >= 0
+    c = compare_prefill(model, ids, be, {"lm_head": "int8"}, reps=2, warmup=0)
+    assert set(c) >= {"gain_s", "ci_s", "t_ref_s", "t_cfg_s"}
+    assert bootstrap_ci([1.0] * 5) == 0.0 and bootstrap_ci([1.0, 2.0, 3.0]) > 0
