@@ -132,8 +132,13 @@ def execution_order(model: nn.Module, names: list[str]) -> dict[str, int]:
     """Position of each named module's first call in a tiny forward pass."""
     mods = dict(model.named_modules())
     order: dict[str, int] = {}
-    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: order.setdefault(n, len(order)))
-               for n in names]
+
+    def hook(name: str):
+        def record(mod: nn.Module, args: tuple) -> None:
+            order.setdefault(name, len(order))
+        return record
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
             model(torch.zeros((1, 4), dtype=torch.long), use_cache=False)

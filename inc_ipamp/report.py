@@ -37,8 +37,8 @@ def _points(src: str | Path | Points) -> tuple[list[float], list[float], str]:
     return gains, losses, metric
 
 
-_UNITS = {"ET": ("ms saved per prefill (measured)", 1e3), "TT": ("ms saved (theoretical)", 1e3),
-          "M": ("MiB of weights saved", 1 / 2**20)}
+_UNITS = {"ET": ("ms saved per prefill (ET: empirical time gain)", 1e3),
+          "TT": ("ms saved (TT: theoretical time gain)", 1e3), "M": ("MiB of weights saved (M)", 1 / 2**20)}
 
 
 def plot_frontier(
@@ -57,7 +57,8 @@ def plot_frontier(
     g, loss, metric = _points(frontier_json_or_points)
     label, scale = _UNITS.get(metric, (metric or "gain", 1.0))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    ax.step([x * scale for x in g], loss, where="post", color="C0", alpha=0.4)
+    # A gain in (g_i, g_{i+1}] costs at least loss_{i+1}: the "pre" step is the achievable boundary.
+    ax.step([x * scale for x in g], loss, where="pre", color="C0", alpha=0.4)
     ax.plot([x * scale for x in g], loss, "o", color="C0", label=f"IP-{metric} frontier (predicted)")
     if measured_points:
         mg, ml, _ = _points(measured_points)

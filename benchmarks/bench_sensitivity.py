@@ -1,0 +1,149 @@
+"""Validate the sensitivity model (issue 3) on the real SmolLM2-135M and time its calibration.
+
+1. Predicted vs measured loss MSE over >= 30 random and structured assignments per format, for both
+   noise models (uniform = analytic, empirical = Σg²(Q(x)-x)²): Spearman rho and median measured/predicted.
+2. Calibration wall time and peak RSS vs a plain fwd+bwd (parameter gradients on) over the same
+   sequences, each in its own subprocess so peak RSS is its own.
+
+    python benchmarks/bench_sensitivity.py [--layers N] [--n-calib 8] [--seq-len 128]
+Writes benchmarks/results/sensitivity.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def assignments(ops: list[str], fmt: str, n_random: int, rng: random.Random) -> list[tuple[str, dict[str, str]]]:
+    """Structured (by op type, by depth) and random assignments of one format."""
+    def pick(pred):
+        return {o: fmt for o in ops if pred(o)}
+    out = [("all", pick(lambda o: True)),
+           ("attention_bgemms", pick(lambda o: "matmul_" in o)),
+           ("qkv", pick(lambda o: o.endswith(("q_proj", "k_proj", "v_proj")))),
+           ("o_proj", pick(lambda o: o.endswith("o_proj"))),
+           ("mlp", pick(lambda o: ".mlp." in o)),
+           ("down_proj", pick(lambda o: o.endswith("down_proj"))),
+           ("lm_head", pick(lambda o: o == "lm_head")),
+           ("first_half", {o: fmt for o in ops[: len(ops) // 2]}),
+           ("second_half", {o: fmt for o in ops[len(ops) // 2:]})]
+    for i in range(n_random):
+        p = rng.choice([0.05, 0.1, 0.2, 0.4, 0.7])
+        a = {o: fmt for o in ops if rng.random() < p} or {rng.choice(ops): fmt}
+        out.append((f"random{i}_p{p}", a))
+    return [(n, a) for n, a in out if a]
+
+
+def child(mode: str, layers: int | None, n: int, seq: int) -> None:
+    """Run one calibration flavour and print its wall time and peak RSS as JSON."""
+    from inc_ipamp.data import load_blocks
+    from inc_ipamp.models import load_model
+    from inc_ipamp.ops import install_attention
+    from inc_ipamp.sensitivity import calibrate, sequence_loss
+
+    torch.manual_seed(0)
+    model, tok = load_model(num_layers=layers)
+    install_attention(model)
+    blocks = load_blocks(tok, "calibration", n, seq)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if mode == "plain":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for ids in blocks:
+            sequence_loss(model, ids).sum().backward()
+    else:
+        calibrate(model, blocks, progress=False)
+    wall = time.perf_counter() - t0
+    print(json.dumps({"mode": mode, "wall_s": wall, "peak_rss_mb": resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0 / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--n-random", type=int, default=24)
+    ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
+    ap.add_argument("--child")
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a.layers, a.n_calib, a.seq_len)
+
+    from inc_ipamp.data import load_blocks
+    from inc_ipamp.evaluate import measured_loss_mse, sequence_losses
+    from inc_ipamp.models import load_model
+    from inc_ipamp.sensitivity import calibrate
+
+    res: dict = {"layers": a.layers or "all", "n_calib": a.n_calib, "seq_len": a.seq_len, "torch": torch.__version__,
+                 "threads": torch.get_num_threads()}
+    # -- cost: alternate the two flavours twice, each in a fresh process ----------------------------
+    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len)]
+    if a.layers:
+        base += ["--layers", str(a.layers)]
+    runs = []
+    for _ in range(2):
+        for mode in ("plain", "calibrate"):
+            out = subprocess.run(base + ["--child", mode], capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    plain = [r for r in runs if r["mode"] == "plain"]
+    cal = [r for r in runs if r["mode"] == "calibrate"]
+    res["cost"] = {"runs": runs,
+                   "time_ratio": min(r["wall_s"] for r in cal) / min(r["wall_s"] for r in plain),
+                   "peak_rss_ratio": min(r["peak_rss_mb"] for r in cal) / min(r["peak_rss_mb"] for r in plain)}
+    print("cost:", json.dumps({k: v for k, v in res["cost"].items() if k != "runs"}))
+
+    # -- accuracy of the prediction ---------------------------------------------------------------------
+    model, tok = load_model(num_layers=a.layers)
+    blocks = load_blocks(tok, "calibration", a.n_calib, a.seq_len)
+    formats = a.formats.split(",")
+    sens = calibrate(model, blocks, formats, progress=False)
+    ref = sequence_losses(model, blocks)
+    ops = [o for o in sens.ops if o not in sens.unreached]
+    rng = random.Random(0)
+    res["validation"] = {}
+    for fmt in formats:
+        rows = []
+        for name, asg in assignments(ops, fmt, a.n_random, rng):
+            rows.append({"name": name, "n_ops": len(asg), "measured": measured_loss_mse(model, blocks, asg, ref),
+                         "uniform": sens.predict(asg, "uniform"), "empirical": sens.predict(asg, "empirical")})
+        m = np.array([r["measured"] for r in rows])
+        summary = {"n_assignments": len(rows)}
+        for noise in ("uniform", "empirical"):
+            p = np.array([r[noise] for r in rows])
+            summary[noise] = {"spearman": float(spearmanr(p, m)[0]), "median_measured_over_predicted":
+                              float(np.median(m / p))}
+        res["validation"][fmt] = {"summary": summary, "rows": rows}
+        print(fmt, json.dumps(summary))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sensitivity.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# Sensitivity validation (SmolLM2-135M, layers={res['layers']}, {a.n_calib}x{a.seq_len} tokens)", "",
+             f"Calibration cost vs plain fwd+bwd (same sequences, best of 2, separate processes): "
+             f"time x{res['cost']['time_ratio']:.2f}, peak RSS x{res['cost']['peak_rss_ratio']:.2f}", "",
+             "| format | n | Spearman (uniform) | median meas/pred (uniform) | Spearman (empirical) | "
+             "median meas/pred (empirical) |", "|---|---|---|---|---|---|"]
+    for fmt, v in res["validation"].items():
+        s = v["summary"]
+        lines.append(f"| {fmt} | {s['n_assignments']} | {s['uniform']['spearman']:.3f} | "
+                     f"{s['uniform']['median_measured_over_predicted']:.2f} | {s['empirical']['spearman']:.3f} | "
+                     f"{s['empirical']['median_measured_over_predicted']:.2f} |")
+    (RESULTS / "sensitivity.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Apply a per-op format assignment for real (fake-quantisation) and measure what it does.
+
+Measured loss MSE uses the same definition the prediction uses: mean over sequences of
+(loss_n(quantised) − loss_n(reference))², loss_n = mean next-token cross-entropy of sequence n.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .formats import get_format, quantize
+from .ops import Matmul, install_attention
+from .sensitivity import sequence_loss
+
+
+@contextlib.contextmanager
+def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Module]:
+    """Quantise inputs and weights of the assigned ops (reference formats are left alone); restores on exit.
+
+    Scales are those of ``formats.quantize``: max-abs per call for activations, per tensor/channel for
+    weights, matching the empirical noise model of the sensitivity collector.
+    """
+    install_attention(model)
+    mods = dict(model.named_modules())
+    handles, saved = [], []
+    try:
+        for name, fname in assignment.items():
+            fmt = get_format(fname)
+            if fmt.kind == "ref":
+                continue
+            if name not in mods:
+                raise KeyError(f"op {name!r} of the assignment is not a module of this model")
+            mod = mods[name]
+            if isinstance(mod, Matmul):
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, a, f=fmt: (quantize(a[0], f, -1), quantize(a[1], f, -2), *a[2:])))
+            else:
+                conv1d = type(mod).__name__ == "Conv1D"  # weight stored (d_in, d_out)
+                saved.append((mod.weight, mod.weight.data.clone()))
+                with torch.no_grad():
+                    mod.weight.data.copy_(quantize(mod.weight.data, fmt, 0 if conv1d else -1))
+                handles.append(mod.register_forward_pre_hook(lambda m, a, f=fmt: (quantize(a[0], f, -1), *a[1:])))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for p, data in saved:
+                p.data.copy_(data)
+
+
+@torch.no_grad()
+def sequence_losses(model: nn.Module, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-sequence mean cross-entropy over all blocks (float64 vector)."""
+    out = [sequence_loss(model, ids if ids.dim() == 2 else ids[None]).double() for ids in blocks]
+    return torch.cat(out)
+
+
+def measured_loss_mse(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
+                      reference: torch.Tensor | None = None) -> float:
+    """E_n[(loss_n(assignment) − loss_n(reference))²], the quantity the Taylor model predicts."""
+    blocks = list(blocks)
+    if reference is None:
+        reference = sequence_losses(model, blocks)
+    with fake_quant(model, assignment):
+        q = sequence_losses(model, blocks)
+    return float(((q - reference) ** 2).mean())
+
+
+def perplexity(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str] | None = None) -> float:
+    """exp(mean token cross-entropy) over equal-length blocks, optionally under fake-quantisation."""
+    ctx = fake_quant(model, assignment) if assignment else contextlib.nullcontext()
+    with ctx:
+        losses = sequence_losses(model, blocks)
+    return math.exp(float(losses.mean()))

@@ -1,0 +1,228 @@
+"""The pipeline stages as functions over an output folder: each reads the previous stage's JSON and
+writes its own, so the CLI, the INC strategy and tests share one implementation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ArtifactError
+from .io import load_json, save_json
+
+log = logging.getLogger(__name__)
+
+#: Reference and low-precision format of each target device (DESIGN.md: on this CPU the fast real
+#: low-precision path is dynamic INT8 via fbgemm; Gaudi/Hopper run FP8-E4M3 against BF16).
+DEVICE_FORMATS = {"cpu": ("fp32", "int8"), "cuda": ("bf16", "fp8_e4m3"), "hpu": ("bf16", "fp8_e4m3"),
+                  "table": ("bf16", "fp8_e4m3")}
+
+
+@dataclass
+class RunSettings:
+    """What every stage needs to rebuild the same model and data; saved as ``settings.json``."""
+
+    model: str = "default"
+    layers: int | None = None
+    data: str | None = None
+    n_calib: int = 16
+    n_eval: int = 16
+    seq_len: int = 256
+    device: str = "cpu"
+    formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    calib_formats: list[str] = field(default_factory=lambda: ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"])
+    include_lm_head: bool = True
+    noise: str = "empirical"
+    metric: str = "ET"
+    beta: float | None = 0.05
+    target_speedup: float | None = None
+    batch: int = 1
+    gain_seq_len: int = 256
+    reps: int = 15
+    table: str | None = None
+    engine: str = "optimum-habana"
+    seed: int = 0
+
+    def save(self, out: Path) -> None:
+        save_json(asdict(self), out / "settings.json")
+
+    @classmethod
+    def load(cls, out: Path) -> RunSettings:
+        d = load_json(out / "settings.json", "settings")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ArtifactError(f"{out / 'settings.json'} is not a settings file ({e})") from None
+
+
+def load(settings: RunSettings):
+    """Model (attention routed through Matmul modules) and tokenizer."""
+    from .models import load_model
+    from .ops import install_attention
+
+    model, tok = load_model(settings.model, num_layers=settings.layers)
+    install_attention(model)
+    return model, tok
+
+
+def blocks(tok, settings: RunSettings, split: str):
+    from .data import load_blocks
+
+    n = settings.n_calib if split == "calibration" else settings.n_eval
+    return load_blocks(tok, split, n, settings.seq_len, settings.data)
+
+
+def stage_calibrate(out: Path, settings: RunSettings, model=None, tok=None):
+    from .sensitivity import calibrate
+
+    if model is None:
+        model, tok = load(settings)
+    cal = blocks(tok, settings, "calibration")
+    formats = sorted(set(settings.calib_formats) | {f for f in settings.formats if f != "fp32"})
+    sens = calibrate(model, cal, formats, include_lm_head=settings.include_lm_head, model_name=settings.model,
+                     data_source=f"{cal.source} ({cal.split}, {len(cal)}x{settings.seq_len} tokens)")
+    sens.save(out / "sensitivity.json")
+    log.info("calibrated %d ops on %d sequences in %.1f s (mean loss %.3f)", len(sens.ops), sens.n_samples,
+             sens.wall_s, sens.mean_loss)
+    return sens
+
+
+def stage_partition(out: Path, settings: RunSettings, model=None, tok=None):
+    from .partition import partition_model
+
+    if model is None:
+        model, tok = load(settings)
+    part = partition_model(model)
+    part.model = settings.model
+    if not settings.include_lm_head:
+        part.groups = [g for g in part.groups if not any(op == "lm_head" for op in g.ops)]
+    part.save(out / "partition.json")
+    log.info("partitioned into %d groups (%s)", len(part.groups), part.method)
+    return part
+
+
+def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
+    from .gains import measure_gains
+    from .records import Partition
+
+    part = Partition.load(out / "partition.json")
+    if model is None and settings.device != "table":
+        model, tok = load(settings)
+    gains = measure_gains(model, part, settings.formats, backend=settings.device, batch=settings.batch,
+                          seq_len=settings.gain_seq_len, reps=settings.reps, cache_path=out / "gain_cache.jsonl",
+                          table_path=settings.table)
+    gains.save(out / "gains.json")
+    return gains
+
+
+def stage_solve(out: Path, settings: RunSettings):
+    from .records import Gains, Partition, Sensitivity
+    from .report import plot_frontier
+    from .solver import frontier, save_frontier, solve
+
+    sens = Sensitivity.load(out / "sensitivity.json")
+    part = Partition.load(out / "partition.json")
+    gains = Gains.load(out / "gains.json")
+    t0 = time.perf_counter()
+    front = frontier(sens, part, gains, metric=settings.metric, noise=settings.noise)
+    log.info("frontier: %d distinct points in %.2f s", len(front), time.perf_counter() - t0)
+    save_frontier(front, out / "frontier.json")
+    plot_frontier(front, out / "frontier.png")
+    if settings.target_speedup is not None:
+        plan = solve(sens, part, gains, metric=settings.metric, target_speedup=settings.target_speedup,
+                     noise=settings.noise)
+    else:
+        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, noise=settings.noise)
+    plan.model = settings.model
+    plan.save(out / "plan.json")
+    return plan, front
+
+
+def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
+    from .export import export_cpu, export_gaudi
+    from .records import Plan
+
+    plan = Plan.load(out / "plan.json")
+    files: dict[str, Any] = {}
+    for engine in ("optimum-habana", "vllm-gaudi"):
+        files[f"gaudi:{engine}"] = {k: str(v) for k, v in export_gaudi(plan, out / "export" / engine,
+                                                                        engine=engine).items()}
+    files["cpu"] = str(export_cpu(plan, out / "export" / "cpu" / "inc_config.json"))
+    save_json(files, out / "export" / "files.json")
+    return files
+
+
+def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> dict[str, Any]:
+    """Measured loss MSE (fake-quant, calibration data), perplexity (held-out), and the measured
+    end-to-end prefill speedup with the device's real kernels; baselines at the same budget."""
+    from .baselines import baseline
+    from .evaluate import measured_loss_mse, perplexity, sequence_losses
+    from .records import Gains, Partition, Plan, Sensitivity
+
+    if model is None:
+        model, tok = load(settings)
+    plan = Plan.load(out / "plan.json")
+    sens = Sensitivity.load(out / "sensitivity.json")
+    part = Partition.load(out / "partition.json")
+    gains = Gains.load(out / "gains.json")
+    cal = blocks(tok, settings, "calibration")
+    ev = blocks(tok, settings, "evaluation")
+    ref_losses = sequence_losses(model, cal)
+    plans = {"ip": plan}
+    if plan.beta is not None:
+        for name in ("random", "prefix", "sqnr"):
+            plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
+                                   seed=settings.seed, noise=settings.noise)
+    result: dict[str, Any] = {"reference": {"perplexity": perplexity(model, ev)}, "plans": {}}
+    timing = _timer(model, settings)
+    for name, p in plans.items():
+        row = {"n_low_precision_ops": len(p.low_precision_ops()), "predicted_loss_mse": p.predicted_loss_mse,
+               "measured_loss_mse": measured_loss_mse(model, cal, p.assignment, ref_losses),
+               "perplexity": perplexity(model, ev, p.assignment), "predicted_gain": p.predicted_gain}
+        if timing is not None:
+            row.update(timing(p.assignment))
+        result["plans"][name] = row
+    plan.measured = result["plans"]["ip"]
+    plan.save(out / "plan.json")
+    save_json(result, out / "evaluation.json")
+    return result
+
+
+def _timer(model, settings: RunSettings):
+    """End-to-end prefill timing with the device backend's real kernels, or None where it cannot run."""
+    from .errors import DeviceUnavailableError
+    from .gains import get_backend, time_prefill
+
+    if settings.device == "table":
+        return None
+    try:
+        backend = get_backend(settings.device)
+    except DeviceUnavailableError as e:
+        log.warning("no end-to-end timing: %s", e)
+        return None
+    g = torch.Generator().manual_seed(settings.seed)
+    ids = torch.randint(0, model.config.vocab_size, (settings.batch, settings.gain_seq_len), generator=g)
+
+    def measure(assignment: dict[str, str]) -> dict[str, float]:
+        r = time_prefill(model, ids, backend, assignment, reps=settings.reps)
+        return {"measured_prefill_s": r["median_s"], "reference_prefill_s": r["reference_median_s"],
+                "measured_speedup": r["reference_median_s"] / r["median_s"]}
+
+    return measure
+
+
+def stage_report(out: Path, settings: RunSettings) -> Path:
+    from .records import Gains, Partition, Plan, Sensitivity
+    from .report import write_report
+
+    ev = load_json(out / "evaluation.json", "evaluation") if (out / "evaluation.json").exists() else None
+    front = load_json(out / "frontier.json", "frontier") if (out / "frontier.json").exists() else None
+    path = out / "report.md"
+    write_report(path, Plan.load(out / "plan.json"), Sensitivity.load(out / "sensitivity.json"),
+                 Partition.load(out / "partition.json"), Gains.load(out / "gains.json"), frontier=front,
+                 measured=ev)
+    return path

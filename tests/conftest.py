@@ -1,0 +1,38 @@
+"""Shared fixtures: the real embedded default model (a 2-layer prefix, loaded once) and shipped data."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def small_model():
+    """(model, tokenizer) of the full 30-layer SmolLM2-135M, attention routed. Short sequences keep it fast;
+    a truncated prefix would be a broken language model (perplexity ~1e8), useless for sensitivities."""
+    from inc_ipamp.models import load_model
+    from inc_ipamp.ops import install_attention
+
+    model, tok = load_model()
+    install_attention(model)
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def calib_blocks(small_model):
+    from inc_ipamp.data import load_blocks
+
+    return load_blocks(small_model[1], "calibration", 4, 64)
+
+
+@pytest.fixture(scope="session")
+def small_sensitivity(small_model, calib_blocks):
+    from inc_ipamp.sensitivity import calibrate
+
+    return calibrate(small_model[0], calib_blocks, progress=False)
