@@ -1,0 +1,133 @@
+"""The ip_empirical_time strategy inside INC's real autotune loop, on the real (2-layer) default model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from neural_compressor.common.base_config import config_registry
+from neural_compressor.common.base_tuning import ConfigLoader, TuningConfig
+from neural_compressor.torch.quantization import autotune as inc_autotune
+from neural_compressor.torch.quantization import quantize
+
+import inc_ipamp.inc as ipamp_inc
+from inc_ipamp.inc import (
+    GaudiUnavailableError,
+    IPEmpiricalTimeConfig,
+    IPEmpiricalTimeSampler,
+    TuningSetupError,
+)
+from inc_ipamp.records import Plan
+from inc_ipamp.solver import save_frontier
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """2-layer default model, two real text blocks, their reference losses and a 3-point INT8 frontier."""
+    from inc_ipamp.data import load_blocks
+    from inc_ipamp.models import load_model
+    from inc_ipamp.ops import install_attention
+
+    model, tok = load_model("default", num_layers=2)
+    install_attention(model)
+    blocks = load_blocks(tok, "evaluation", 2, 48).ids
+    ops = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def plan(sel, gain: float) -> Plan:
+        return Plan("default", {op: ("int8" if sel(op) else "fp32") for op in ops}, "fp32", "ET", None,
+                    gain * 1e-3, gain)
+
+    # file order is deliberately not the tuning order: the sampler must sort by predicted gain
+    points = [plan(lambda o: "layers.1.mlp" in o, 1.0), plan(lambda o: True, 2.0), plan(lambda o: False, 0.0)]
+    path = save_frontier(points, tmp_path_factory.mktemp("inc") / "frontier.json")
+    ref = _losses(model, blocks)
+    return model, blocks, ref, path
+
+
+@torch.no_grad()
+def _losses(model, blocks: torch.Tensor) -> torch.Tensor:
+    out = []
+    for ids in blocks:
+        o = model(ids[None])
+        logits = o.logits if hasattr(o, "logits") else o[0]
+        out.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:]).double())
+    return torch.stack(out)
+
+
+def _scorer(blocks, ref, seen: list):
+    """Higher is better and positive (INC's relative criterion): exp(-RMS change of the per-block loss)."""
+
+    def eval_fn(model) -> float:
+        d = _losses(model, blocks) - ref
+        score = math.exp(-float((d ** 2).mean().sqrt()))
+        seen.append((getattr(model, "ipamp_point", None), score))
+        return score
+
+    return eval_fn
+
+
+def test_registered_with_inc_and_json_round_trip(setup):
+    _, _, _, path = setup
+    reg = config_registry.get_cls_configs()["torch"]
+    assert reg["ip_empirical_time"] is IPEmpiricalTimeConfig
+    cfg = IPEmpiricalTimeConfig(str(path), point=1)
+    again = IPEmpiricalTimeConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.plan().assignment == cfg.plan().assignment
+    assert again != IPEmpiricalTimeConfig(str(path), point=0)
+
+
+def test_candidates_most_aggressive_first(setup):
+    _, _, _, path = setup
+    expanded = IPEmpiricalTimeConfig(str(path)).expand()
+    assert [c.point for c in expanded] == [1, 0, 2]  # gains 2, 1, 0
+    loader = ConfigLoader([IPEmpiricalTimeConfig(str(path), point=p) for p in (2, 0, 1)],
+                          sampler=IPEmpiricalTimeSampler)
+    assert [c.point for c in loader] == [1, 0, 2]
+    with pytest.raises(TuningSetupError, match="no point 7"):
+        IPEmpiricalTimeConfig(str(path), point=7).expand()
+
+
+def test_autotune_stops_at_first_point_within_tolerance(setup):
+    model, blocks, ref, path = setup
+    seen: list = []
+    # tolerance 0: only the unquantized point passes, so INC visits all three, most aggressive first
+    q = ipamp_inc.autotune(model, _scorer(blocks, ref, seen), path, example_inputs=(blocks[:1],), tolerable_loss=0.0)
+    assert [p for p, _ in seen] == [None, 1, 0, 2]  # baseline, then gains 2, 1, 0
+    assert q.ipamp_point == 2 and q.ipamp_plan.low_precision_ops() == []
+    base, s_all, s_some = seen[0][1], seen[1][1], seen[2][1]
+    assert base == 1.0 and s_all < s_some < 1.0  # more INT8 ops change the loss more
+    # a tolerance between the two quantized points: INC (its own API) must stop at the partial one
+    tol = ((1 - s_all) + (1 - s_some)) / 2
+    seen.clear()
+    cfg = TuningConfig(config_set=[IPEmpiricalTimeConfig(str(path))], sampler=IPEmpiricalTimeSampler,
+                       tolerable_loss=tol)
+    q = inc_autotune(model, cfg, _scorer(blocks, ref, seen), example_inputs=(blocks[:1],))
+    assert [p for p, _ in seen] == [None, 1, 0]
+    assert q.ipamp_point == 0
+    assert sorted(q.ipamp_plan.low_precision_ops()) == sorted(
+        op for op in q.ipamp_plan.assignment if op.startswith("model.layers.1.mlp"))
+    quantized = {list(n.meta["nn_module_stack"].values())[-1][0] for n in q.graph.nodes
+                 if "linear" in str(n.target) and "dequantize" in str(getattr(n.args[1], "target", ""))}
+    assert quantized == set(q.ipamp_plan.low_precision_ops())  # what INC built is exactly the chosen point
+
+
+def test_setup_errors_are_one_sentence(setup):
+    model, _, _, path = setup
+    with pytest.raises(TuningSetupError, match="example_inputs"):
+        quantize(model, IPEmpiricalTimeConfig(str(path), point=0, device="cpu"), inplace=False)
+    with pytest.raises(TuningSetupError, match="tuning_strategy"):
+        ipamp_inc.autotune(model, lambda m: 1.0, path, tuning_strategy="basic")
+    with pytest.raises(TuningSetupError, match="not found"):
+        IPEmpiricalTimeConfig("/nonexistent/frontier.json").expand()
+
+
+@pytest.mark.skipif(ipamp_inc.strategy._habana_available(), reason="a Gaudi machine has habana_frameworks")
+def test_gaudi_only_paths_fail_clearly_without_habana(setup):
+    model, blocks, _, path = setup
+    with pytest.raises(GaudiUnavailableError, match="habana_frameworks is not installed"):
+        ipamp_inc.require_gaudi()
+    with pytest.raises(GaudiUnavailableError, match="Gaudi"):
+        quantize(model, IPEmpiricalTimeConfig(str(path), point=0, device="hpu"), inplace=False,
+                 example_inputs=(blocks[:1],))
