@@ -123,11 +123,12 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compile: bool = False,
-              inplace: bool = False) -> nn.Module:
+              inplace: bool = False, dynamic: bool = True) -> nn.Module:
     """Quantize ``model`` with INC's CPU path for ``plan``; ``calib`` = token-id batches (1, seq) for calibration.
 
     INT8: returns the PT2E-converted graph (call it with ``input_ids``; it returns the model's usual output),
-    exported with a dynamic sequence length; ``compile=True`` wraps it in ``torch.compile`` (INT8 kernels).
+    exported with a dynamic sequence length (``dynamic=False``: fixed to ``calib[0]``'s); ``compile=True`` wraps
+    it in ``torch.compile`` (inductor lowers the Q/DQ pattern to INT8 kernels).
     FP8: returns the model with INC's patched Q/DQ Linear modules. Reference ops are untouched either way.
     """
     from neural_compressor.torch.quantization import convert, finalize_calibration, prepare
@@ -155,7 +156,7 @@ def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compi
     m.config.use_cache = False
     seq = torch.export.Dim("seq", min=2, max=getattr(m.config, "max_position_embeddings", 8192))
     with torch.no_grad():
-        exported = export(m, (calib[0],), dynamic_shapes=({1: seq},))
+        exported = export(m, (calib[0],), dynamic_shapes=({1: seq},) if dynamic else None)
         prepared = prepare(exported, cfg)
         for ids in calib:
             prepared(ids)
