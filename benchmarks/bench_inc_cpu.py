@@ -118,7 +118,8 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# INC CPU paths vs fp32 ({a.layers} layers, batch 1, seq {a.seq_len}, {torch.get_num_threads()} threads)",
+    threads = torch.get_num_threads()
+    lines = [f"# INC CPU paths vs fp32 ({a.layers} layers, batch 1, seq {a.seq_len}, {threads} threads)",
              "", f"Plan: {result['plan']} ({n_low} ops). One run, rounds interleaved; medians of {a.reps}.", "",
              "| path | median s | × vs fp32 eager | × vs fp32 compiled | build s | first call s | max |Δlogit| |",
              "|---|---|---|---|---|---|---|"]
