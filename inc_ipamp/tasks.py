@@ -299,9 +299,13 @@ def _quiet(level: int = logging.WARNING) -> Iterator[None]:
 
 def accuracy(model: nn.Module, tokenizer, assignment: dict[str, str] | None = None,
              task: str = "lee_next_sentence", limit: int | None = None, seed: int = 0,
-             progress: bool = False) -> dict[str, Any]:
-    """Accuracy (and stderr) of ``model`` on ``task`` through lm-eval, with ``assignment`` fake-quantised.
+             progress: bool = False,
+             apply: Callable[[nn.Module, dict[str, str]], contextlib.AbstractContextManager] | None = None,
+             ) -> dict[str, Any]:
+    """Accuracy (and stderr) of ``model`` on ``task`` through lm-eval, with ``assignment`` applied.
 
+    ``apply`` puts the assignment on the model for the whole run: ``evaluate.fake_quant`` by default (the
+    noise the sensitivity model predicts); ``get_backend("cpu").apply`` scores with the real kernels instead.
     ``limit`` takes the first N items (the item order is fixed). Returns the task's metrics as plain keys
     (``acc``, ``acc_stderr``, ``acc_norm``…, ``perplexity``), plus ``n``, ``chance``, ``wall_s`` and what ran.
     """
@@ -314,7 +318,7 @@ def accuracy(model: nn.Module, tokenizer, assignment: dict[str, str] | None = No
     folder = write_task(task, seed)
     lm = make_lm(model, tokenizer, progress=progress)
     t0 = time.perf_counter()
-    ctx = fake_quant(model, assignment) if assignment else contextlib.nullcontext()
+    ctx = (apply or fake_quant)(model, assignment) if assignment else contextlib.nullcontext()
     with _quiet(), ctx:
         tm = TaskManager(include_path=str(folder), include_defaults=False)
         res = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, bootstrap_iters=1000,

@@ -4,6 +4,7 @@ and scored exactly as a hand computation with the model's logits."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -121,3 +122,19 @@ def test_assignment_is_applied_and_undone(small_model):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert tasks.accuracy(model, tok, task="wiki_last_word", limit=3)["perplexity"] == pytest.approx(
         ref["perplexity"], rel=1e-6)
+
+
+def test_real_int8_kernels_agree_with_fake_quant(small_model):
+    """Scoring through the CPU backend's real INT8 kernels lands near the fake-quantised score (the noise the
+    sensitivity model assumes), and both differ from fp32: the fake-quantiser is a faithful stand-in."""
+    from inc_ipamp.gains import get_backend
+    from inc_ipamp.ops import find_ops
+
+    model, tok = small_model
+    linears = {o.name: "int8" for o in find_ops(model) if o.kind == "linear"}
+    ref = tasks.accuracy(model, tok, task="wiki_last_word", limit=4)["perplexity"]
+    fake = tasks.accuracy(model, tok, linears, task="wiki_last_word", limit=4)["perplexity"]
+    real = tasks.accuracy(model, tok, linears, task="wiki_last_word", limit=4, apply=get_backend("cpu").apply)
+    assert real["n_low_precision_ops"] == len(linears)
+    assert real["perplexity"] != ref and fake != ref
+    assert abs(math.log(real["perplexity"] / fake)) < 0.5 * abs(math.log(fake / ref)) + 0.05
