@@ -139,6 +139,44 @@ def measure_plan(plan: Plan | None, ctx: dict[str, Any], args) -> dict[str, Any]
     return row
 
 
+def round_robin_speedups(assignments: dict[str, dict[str, str]], ctx: dict[str, Any], reps: int) -> dict[str, dict]:
+    """End-to-end speedup of several plans timed in rotation, each run paired with a reference run.
+
+    On a shared machine the load changes over minutes; timing all plans of one budget in the same rounds
+    (rotated order, ref/plan order alternated) gives every plan the same conditions, and the median of
+    per-pair ratios T_ref/T_plan cancels slow drifts.
+    """
+    from inc_ipamp.gains import bootstrap_ci
+
+    model, be, ids = ctx["model"], ctx["backend"], ctx["ids"]
+
+    def timed(assign: dict[str, str]) -> float:
+        with torch.no_grad(), be.apply(model, assign) as m:
+            t0 = time.perf_counter()
+            m(ids, use_cache=False)
+            return time.perf_counter() - t0
+
+    keys = list(assignments)
+    for k in keys:  # warm-up: converts the INT8 modules once
+        timed(assignments[k])
+    t_ref: dict[str, list[float]] = {k: [] for k in keys}
+    t_cfg: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+            if r % 2 == 0:
+                t_ref[k].append(timed({}))
+                t_cfg[k].append(timed(assignments[k]))
+            else:
+                t_cfg[k].append(timed(assignments[k]))
+                t_ref[k].append(timed({}))
+    out = {}
+    for k in keys:
+        ratios = [a / b for a, b in zip(t_ref[k], t_cfg[k], strict=True)]
+        out[k] = {"speedup": statistics.median(ratios), "speedup_ci": bootstrap_ci(ratios), "reps": reps,
+                  "t_ref_s": statistics.median(t_ref[k]), "t_cfg_s": statistics.median(t_cfg[k])}
+    return out
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -210,10 +248,14 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
         f"calibration: {res['settings']['n_calib']} x {res['settings']['seq_len']} tokens (Wikipedia, calibration "
         f"split); perplexity: {res['settings']['n_eval']} x {res['settings']['seq_len']} tokens (evaluation split); "
         f"accuracy: " + ", ".join(f"{t} (first {args.acc_limit[t]} items)" for t in args.tasks),
-        f"Random: mean ± std over seeds {res['seeds']}. Speedup = median T(fp32) / median T(plan), {args.e2e_reps} "
-        "interleaved pairs, real kernels (fbgemm dynamic INT8 Linear; INT8 BGEMMs emulated, slower). Loss MSE, "
-        "perplexity and accuracy use fake-quantisation. Wall time of the whole run: "
-        f"{res['wall_s'] / 60:.1f} min.",
+        f"Random: mean ± std over seeds {res['seeds']}. Measured speedup ({res['speedup_source']}): "
+        + (f"all plans of a budget timed in {args.rr_reps} rotated rounds, each plan run paired with an fp32 run; "
+           "median of T(fp32)/T(plan) over the pairs ± bootstrap 95% half-width; "
+           if res["speedup_source"] == "round-robin" else
+           f"median T(fp32) / median T(plan) over {args.e2e_reps} interleaved pairs; ")
+        + "real kernels (fbgemm dynamic INT8 Linear; INT8 BGEMMs emulated, slower). Predicted speedup = "
+        "T_ref / (T_ref − Σ measured group gains). Loss MSE, perplexity and accuracy use fake-quantisation. "
+        f"Torch threads: {res['threads']}. Wall time of this invocation: {res['wall_s'] / 60:.1f} min.",
         "",
         f"Reference (fp32): perplexity {ref['perplexity']:.3f}; "
         + "; ".join(f"{t} acc {_fmt(ref[f'acc:{t}']['acc'], '.3f')} ± {_fmt(ref[f'acc:{t}']['acc_stderr'], '.3f')}"
@@ -226,7 +268,8 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
     for bkey, blk in res["budgets"].items():
         for meth in METHODS:
             r = blk["rows"][meth]
-            sd = (lambda k, r=r: r.get(k + "_std")) if meth == "Random" else (lambda k: None)
+            sd = ((lambda k, r=r: r.get(k + "_std")) if meth == "Random"
+                  else (lambda k, r=r: r.get(k + "_ci") if k == "measured_speedup" else None))
             accs = []
             for t in args.tasks:
                 if meth == "Random":
@@ -271,7 +314,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--gain-seq-len", type=int, default=256)
     ap.add_argument("--reps", type=int, default=10, help="interleaved pairs per group config (gains)")
-    ap.add_argument("--e2e-reps", type=int, default=8, help="interleaved pairs per end-to-end speedup")
+    ap.add_argument("--e2e-reps", type=int, default=8, help="interleaved pairs per end-to-end speedup (sequential)")
+    ap.add_argument("--rr-reps", type=int, default=8,
+                    help="rounds of the round-robin speedup timing per budget (0: keep the sequential numbers)")
     ap.add_argument("--tasks", default="lee_next_sentence,wiki_last_word")
     ap.add_argument("--acc-limit", default="25,50", help="items per task (same order as --tasks)")
     ap.add_argument("--threads", type=int, default=1,
@@ -282,7 +327,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "table1"), help="results stem (.json and .md)")
     args = ap.parse_args()
     if args.quick:
-        args.budget_fractions, args.seeds, args.acc_limit, args.e2e_reps = "0.05", "0,1", "4,6", 3
+        args.budget_fractions, args.seeds, args.acc_limit, args.e2e_reps, args.rr_reps = "0.05", "0,1", "4,6", 3, 3
         args.n_calib, args.n_eval, args.reps = 4, 4, 4
         if args.work == "out/bench_table1":
             args.work = "out/bench_table1_quick"
@@ -329,6 +374,30 @@ def main() -> None:
     log(f"{len(plans)} plans, {len(keys) - 1} distinct assignments to measure "
         f"({sum(1 for k in keys if cache.get(k)) } already in {cache.path})")
     by_key = {plan_key(p): (b, m, p) for (b, m), p in plans.items()}
+
+    def write(rr: dict[str, dict]) -> dict[str, Any]:
+        done = {k: dict(cache.get(k)) for k in keys if cache.get(k) is not None}
+        for k, row in done.items():
+            row["measured_speedup_sequential"] = row.get("measured_speedup")
+            if k in rr:
+                row["measured_speedup"] = rr[k]["speedup"]
+                row["measured_speedup_ci"] = rr[k]["speedup_ci"]
+        res = summarise(plans, done, betas, seeds, gains.reference_time_s, done["reference"], args)
+        res.update({"model": sens.model, "device": gains.device, "settings": vars(settings) | {},
+                    "seeds": seeds, "betas": betas, "budget_fractions": args.budget_fractions,
+                    "reference_time_s": gains.reference_time_s, "mean_loss": inst.mean_loss,
+                    "all_int8_predicted_loss_mse": inst.max_loss(), "gain_notes": gains.notes,
+                    "tasks": {t: args.acc_limit[t] for t in args.tasks}, "threads": args.threads,
+                    "e2e_reps": args.e2e_reps, "rr_reps": args.rr_reps,
+                    "speedup_source": "round-robin" if rr else "sequential compare_prefill",
+                    "complete": len(done) == len(keys) and (not args.rr_reps or len(rr) == len(keys) - 1),
+                    "wall_s": time.perf_counter() - t_start})
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+        write_markdown(res, out.with_suffix(".md"), args)
+        return res
+
     for i, key in enumerate(keys):
         if cache.get(key) is None:
             b, meth, plan = (None, "reference", None) if key == "reference" else by_key[key]
@@ -339,19 +408,32 @@ def main() -> None:
             log(f"[{i + 1}/{len(keys)}] {meth} β={b if b is None else round(b, 5)}: {row['n_low_precision_ops']} LP "
                 f"ops, loss MSE {row['measured_loss_mse']:.3g} (pred {pred:.3g}), speedup "
                 f"{row['measured_speedup']:.3f}, ppl {row['perplexity']:.2f}, {accs} ({row['wall_s']:.0f} s)")
-        done = {k: cache.get(k) for k in keys if cache.get(k) is not None}
-        res = summarise(plans, done, betas, seeds, gains.reference_time_s, done["reference"], args)
-        res.update({"model": sens.model, "device": gains.device, "settings": vars(settings) | {},
-                    "seeds": seeds, "betas": betas, "budget_fractions": args.budget_fractions,
-                    "reference_time_s": gains.reference_time_s, "mean_loss": inst.mean_loss,
-                    "all_int8_predicted_loss_mse": inst.max_loss(), "gain_notes": gains.notes,
-                    "tasks": {t: args.acc_limit[t] for t in args.tasks}, "threads": args.threads,
-                    "e2e_reps": args.e2e_reps, "complete": len(done) == len(keys),
-                    "wall_s": time.perf_counter() - t_start})
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
-        write_markdown(res, out.with_suffix(".md"), args)
+            write({})
+    rr_path = work / "timing_rr.jsonl"
+    rr: dict[str, dict] = {}
+    if rr_path.exists():
+        for line in rr_path.read_text().splitlines():
+            d = json.loads(line)
+            if d.get("reps") == args.rr_reps:
+                rr[d["key"]] = d
+    if args.rr_reps:
+        for b in betas:
+            block = {}
+            for (bb, _meth), p in plans.items():
+                k = plan_key(p)
+                if bb == b and k not in rr and p.low_precision_ops():
+                    block[k] = {op: f for op, f in p.assignment.items() if f != p.reference_format}
+            if not block:
+                continue
+            log(f"round-robin timing at β={b:.5g}: {len(block)} plans x {args.rr_reps} rounds")
+            for k, v in round_robin_speedups(block, ctx, args.rr_reps).items():
+                rr[k] = {"key": k, "beta": b, **v}
+                with rr_path.open("a") as f:
+                    f.write(json.dumps(rr[k]) + "\n")
+        for p in plans.values():
+            if not p.low_precision_ops():
+                rr.setdefault(plan_key(p), {"speedup": 1.0, "speedup_ci": 0.0})
+    res = write(rr)
     log(f"done in {(time.perf_counter() - t_start) / 60:.1f} min -> {Path(args.out).with_suffix('.md')}")
     for bkey, blk in res["budgets"].items():
         log(f"β={bkey}: acceptance {blk['acceptance']}")
