@@ -88,7 +88,7 @@ def test_vllm_fuses_qkv_and_gate_up(tmp_path):
                 f"{p10}.batch2block_matmul", f"{p10}.block2batch_matmul"}
     assert _blocked_by_inc(quant, names) == expected
     notes = json.loads(files["notes"].read_text())["notes"]
-    assert any("qkv_proj" in n and "BF16" in n for n in notes)
+    assert sum("qkv_proj" in n and "BF16" in n for n in notes) == 1  # one note per fused module
     assert not any("gate_up_proj" in n for n in notes)  # gate and up agree: no conflict
     with pytest.raises(ExportError, match="must share one format"):
         export_gaudi(plan, tmp_path / "strict", engine="vllm-gaudi", on_conflict="error")
@@ -192,3 +192,17 @@ def test_cpu_fp8_patches_exactly_the_planned_linears(model2):
     assert type(model2.model.layers[1].mlp.down_proj).__name__ == "Linear"  # the original was not touched
     out, ref = q(ids, use_cache=False).logits, model2(ids, use_cache=False).logits
     assert 0 < (out - ref).abs().max().item() < 0.5 * ref.abs().max().item()
+
+
+def test_stage_export_writes_what_each_target_can_run(tmp_path):
+    from inc_ipamp.pipeline import RunSettings, stage_export
+
+    ops = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    _plan(ops, {"lm_head"}, ref="fp32", low="int8").save(tmp_path / "plan.json")
+    files = stage_export(tmp_path, RunSettings())
+    assert "int8" in files["gaudi:vllm-gaudi"]["skipped"]  # Gaudi FP8 cannot run an INT8 plan: said, not faked
+    assert json.loads(open(files["cpu"]).read())["path"] == "pt2e_dynamic_int8"
+    _plan(ops, {"lm_head"}).save(tmp_path / "plan.json")  # bf16 / fp8_e4m3: every target
+    files = stage_export(tmp_path, RunSettings())
+    assert set(files["gaudi:optimum-habana"]) == {"measure", "quant", "notes"}
+    assert json.loads(open(files["cpu"]).read())["path"] == "fp8_qdq"

@@ -122,6 +122,7 @@ def map_plan(plan: Plan, engine: str, on_conflict: str = "bf16") -> EngineMappin
     modules: dict[str, str] = {}
     sources: dict[str, list[str]] = {}
     notes: list[str] = []
+    conflicts: set[str] = set()
     attention: dict[str, dict[str, str]] = {}
     for op, s in side.items():
         att = _split_attention(op)
@@ -136,13 +137,15 @@ def map_plan(plan: Plan, engine: str, on_conflict: str = "bf16") -> EngineMappin
             target = op
         sources.setdefault(target, []).append(op)
         if target in modules and modules[target] != s:
-            members = ", ".join(f"{o}={plan.assignment[o]}" for o in sources[target])
-            msg = f"{target} fuses ops with different formats ({members})"
-            if on_conflict == "error":
-                raise ExportError(f"{msg}; {engine} runs them as one module, so they must share one format")
-            notes.append(f"{msg}: kept in BF16")
+            conflicts.add(target)
             s = "bf16"
         modules[target] = "bf16" if modules.get(target) == "bf16" else s
+    for target in sorted(conflicts):
+        members = ", ".join(f"{o}={plan.assignment[o]}" for o in sources[target])
+        msg = f"{target} fuses ops with different formats ({members})"
+        if on_conflict == "error":
+            raise ExportError(f"{msg}; {engine} runs them as one module, so they must share one format")
+        notes.append(f"{msg}: kept in BF16")
     for prefix, bgemms in attention.items():
         base = f"{prefix}.attn.impl" if engine == "vllm-gaudi" else prefix
         for helper, deps in HELPERS[engine].items():
