@@ -8,7 +8,8 @@ Which INC path runs on this CPU (read from the installed INC 3.10 and run here):
   ``set_local(op_name, DynamicQuantConfig(...))``, which INC turns into ``set_module_name_qconfig``. The converted
   graph is Q/DQ; ``torch.compile`` (inductor) lowers it to INT8 kernels. Weights int8 symmetric per tensor
   (``int8``) or per output channel (``int8_pc``); activations uint8 asymmetric per tensor, computed per call
-  (the X86 quantizer's only dynamic activation scheme, so ``int8_pc``'s per-token activations become per tensor).
+  (X86 quantizer's dynamic default; INC's PT2E granularities are per_tensor/per_channel, so no per-token option
+  and ``int8_pc``'s activations are per tensor).
   Only Linear modules are annotated: INT8 attention BGEMMs in a plan stay fp32 here (recorded in the notes).
 * FP8 plans -> ``FP8Config(use_qdq=True, scale_method="maxabs_pow2", hp_dtype="fp32")``: INC's fp8_quant runs on
   CPU only in Q/DQ mode with a non-hardware scale method; per-op choice is the fp8 blocklist (``FP8Config`` has no
