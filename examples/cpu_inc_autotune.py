@@ -58,9 +58,9 @@ def main() -> None:
             o = m(ids[None])
             logits = o.logits if hasattr(o, "logits") else o[0]
             losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:]).item())
-        score = math.exp(-sum(losses) / len(losses))
-        print(f"  eval: point {getattr(m, 'ipamp_point', 'fp32')}: exp(-loss) = {score:.5f}")
-        return score
+        loss = sum(losses) / len(losses)
+        print(f"  eval: point {getattr(m, 'ipamp_point', 'fp32')}: loss {loss:.4f}, exp(-loss) {math.exp(-loss):.4e}")
+        return math.exp(-loss)
 
     q = ipamp_inc.autotune(model, eval_fn, frontier, example_inputs=(ev[:1],), tolerable_loss=a.tolerable_loss)
     if q is None:
