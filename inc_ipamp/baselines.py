@@ -60,6 +60,7 @@ def baseline(
     seed: int = 0,
     noise: str = "empirical",
     low_format: str | None = None,
+    min_sqnr_db: float | None = None,
 ) -> Plan:
     """Greedy per-op baseline ``name`` under the loss budget (β·L̄)², scored with the group gain tables."""
     if name not in BASELINES:
@@ -67,7 +68,7 @@ def baseline(
     if not (beta >= 0 and math.isfinite(beta)):
         raise BudgetSpecError(f"beta must be a finite number ≥ 0, got {beta}")
     t0 = time.perf_counter()
-    inst = build_instance(sensitivity, partition, gains, metric, noise)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db)
     low = low_format or _default_low_format(inst)
     if low == inst.reference_format:
         raise BudgetSpecError(f"low_format {low} is the reference format")

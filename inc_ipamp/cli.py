@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from dataclasses import fields
@@ -59,8 +60,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="gain to maximise: ET measured time, TT theoretical time (MACs), M memory (default ET)")
     d.add_argument("--beta", type=float, help="loss budget: predicted loss RMSE <= beta * mean loss (default 0.05)")
     d.add_argument("--target-speedup", type=float,
-                   help="instead of --beta: least loss MSE that reaches this speedup (ET only, e.g. 1.1)")
-    d.add_argument("--noise", choices=["empirical", "uniform"], help="noise model for predicted loss MSE")
+                   help="instead of --beta: least loss MSE predicted to reach this prefill speedup "
+                        "(ET; 1.1 = 10%% faster)")
+    d.add_argument("--noise", choices=["coherent", "empirical", "uniform"],
+                   help="noise model for predicted loss MSE (default coherent; see README)")
+    d.add_argument("--min-sqnr-db", type=float,
+                   help="never put an op in a format whose input SQNR is below this (default 25 dB; the loss "
+                        "prediction is first order and underestimates large rounding errors); <0 disables")
     d.add_argument("--reps", type=int, help="timed repetitions per measurement (default 15)")
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 256)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")
@@ -102,6 +108,10 @@ def _settings(args: argparse.Namespace):
         s.formats = list(DEVICE_FORMATS[args.device])
     if args.target_speedup is not None:
         s.beta = None
+    elif args.beta is not None:
+        s.target_speedup = None
+    if args.min_sqnr_db is not None and args.min_sqnr_db < 0:
+        s.min_sqnr_db = None
     from .formats import get_format
 
     for f in s.formats:
@@ -121,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         warnings.filterwarnings("ignore")
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # torchao's import-time notices
+        os.environ.setdefault("LOGLEVEL", "ERROR")  # INC sets its logger's level from LOGLEVEL at import
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         for noisy in ("torchao", "torch", "transformers", "neural_compressor", "pyomo"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

@@ -31,3 +31,7 @@ class ArtifactError(IpampError):
 
 class DeviceUnavailableError(IpampError):
     pass
+
+
+class FormatError(IpampError, ValueError):
+    """An unknown or misplaced number format (a ValueError too, for library callers)."""

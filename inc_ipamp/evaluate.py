@@ -41,17 +41,18 @@ def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Modu
                     lambda m, a, f=fmt: (quantize(a[0], f, -1), quantize(a[1], f, -2), *a[2:])))
             else:
                 conv1d = type(mod).__name__ == "Conv1D"  # weight stored (d_in, d_out)
-                saved.append((mod.weight, mod.weight.data.clone()))
-                with torch.no_grad():
-                    mod.weight.data.copy_(quantize(mod.weight.data, fmt, 0 if conv1d else -1))
+                # A new Parameter on this module only: an in-place write would also quantise every module
+                # tied to the same tensor (lm_head shares its weight with the input embedding).
+                saved.append((mod, mod.weight))
+                mod.weight = nn.Parameter(quantize(mod.weight.detach(), fmt, 0 if conv1d else -1),
+                                          requires_grad=False)
                 handles.append(mod.register_forward_pre_hook(lambda m, a, f=fmt: (quantize(a[0], f, -1), *a[1:])))
         yield model
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for p, data in saved:
-                p.data.copy_(data)
+        for mod, weight in saved:
+            mod.weight = weight
 
 
 @torch.no_grad()

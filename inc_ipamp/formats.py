@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from .errors import FormatError
+
 Kind = Literal["ref", "float", "int"]
 Granularity = Literal["tensor", "channel"]
 
@@ -83,7 +85,7 @@ def get_format(name: str) -> Format:
     try:
         return FORMATS[name]
     except KeyError:
-        raise ValueError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}") from None
+        raise FormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}") from None
 
 
 def _amax(x: torch.Tensor, fmt: Format, reduce_dim: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import ArtifactError
 from .io import load_json, save_json
@@ -36,7 +37,8 @@ class RunSettings:
     formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     calib_formats: list[str] = field(default_factory=lambda: ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"])
     include_lm_head: bool = True
-    noise: str = "empirical"
+    noise: str = "coherent"
+    min_sqnr_db: float | None = 25.0
     metric: str = "ET"
     beta: float | None = 0.05
     target_speedup: float | None = None
@@ -122,21 +124,25 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
 def stage_solve(out: Path, settings: RunSettings):
     from .records import Gains, Partition, Sensitivity
     from .report import plot_frontier
-    from .solver import frontier, save_frontier, solve
+    from .solver import BudgetSpecError, frontier, save_frontier, solve
 
     sens = Sensitivity.load(out / "sensitivity.json")
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")
     t0 = time.perf_counter()
-    front = frontier(sens, part, gains, metric=settings.metric, noise=settings.noise)
+    guard = {"noise": settings.noise, "min_sqnr_db": settings.min_sqnr_db}
+    front = frontier(sens, part, gains, metric=settings.metric, **guard)
     log.info("frontier: %d distinct points in %.2f s", len(front), time.perf_counter() - t0)
     save_frontier(front, out / "frontier.json")
     plot_frontier(front, out / "frontier.png")
     if settings.target_speedup is not None:
-        plan = solve(sens, part, gains, metric=settings.metric, target_speedup=settings.target_speedup,
-                     noise=settings.noise)
+        if not settings.target_speedup > 1:
+            raise BudgetSpecError(f"--target-speedup is a factor > 1 (1.1 = 10% faster), got {settings.target_speedup}")
+        # The solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S.
+        plan = solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup,
+                     **guard)
     else:
-        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, noise=settings.noise)
+        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard)
     plan.model = settings.model
     plan.save(out / "plan.json")
     return plan, front
@@ -183,10 +189,10 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     if plan.beta is not None:
         for name in ("random", "prefix", "sqnr"):
             plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
-                                   seed=settings.seed, noise=settings.noise)
+                                   seed=settings.seed, noise=settings.noise, min_sqnr_db=settings.min_sqnr_db)
     result: dict[str, Any] = {"reference": {"perplexity": perplexity(model, ev)}, "plans": {}}
     timing = _timer(model, settings)
-    for name, p in plans.items():
+    for name, p in tqdm(plans.items(), desc="evaluate plans (loss, perplexity, timing)", unit="plan"):
         row = {"n_low_precision_ops": len(p.low_precision_ops()), "predicted_loss_mse": p.predicted_loss_mse,
                "measured_loss_mse": measured_loss_mse(model, cal, p.assignment, ref_losses),
                "perplexity": perplexity(model, ev, p.assignment), "predicted_gain": p.predicted_gain}
@@ -227,9 +233,10 @@ def _timer(model, settings: RunSettings):
 def stage_report(out: Path, settings: RunSettings) -> Path:
     from .records import Gains, Partition, Plan, Sensitivity
     from .report import write_report
+    from .solver import load_frontier
 
     ev = load_json(out / "evaluation.json", "evaluation") if (out / "evaluation.json").exists() else None
-    front = load_json(out / "frontier.json", "frontier") if (out / "frontier.json").exists() else None
+    front = load_frontier(out / "frontier.json") if (out / "frontier.json").exists() else None
     path = out / "report.md"
     write_report(path, Plan.load(out / "plan.json"), Sensitivity.load(out / "sensitivity.json"),
                  Partition.load(out / "partition.json"), Gains.load(out / "gains.json"), frontier=front,

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .errors import SensitivityError
+from .errors import FormatError, SensitivityError
 from .formats import get_format, quantize, scale_of
 from .ops import find_ops, install_attention, linear_weight
 from .records import OperandStats, OpSensitivity, Sensitivity
@@ -60,8 +60,12 @@ class _Collector:
         st.x2 += _f64(x2)
         st.numel += x.numel()
         st.amax = max(st.amax, float(x.abs().max()))
+        gf = g.detach().float()
         for f in self.formats:
-            e2 = (quantize(x, f, reduce_dim) - x).pow(2)
+            e = quantize(x, f, reduce_dim) - x
+            d = (gf * e).flatten(1).sum(1, dtype=torch.float64)  # first-order loss change per sequence
+            st.coh[f.name] = st.coh.get(f.name, 0.0) + float((d * d).sum())
+            e2 = e.pow(2)
             st.emp[f.name] = st.emp.get(f.name, 0.0) + _f64(g2 * e2)
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _f64(e2)
             if f.kind == "int":
@@ -154,7 +158,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     formats = list(formats or DEFAULT_FORMATS)
     for f in formats:
         if get_format(f).kind == "ref":
-            raise ValueError(f"{f} is the reference format, not a candidate")
+            raise FormatError(f"{f} is the reference format, not a candidate")
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
