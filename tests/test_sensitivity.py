@@ -119,12 +119,24 @@ def test_predicted_ranks_measured_over_random_assignments(small_model, calib_blo
 
 def test_fake_quant_restores_weights(small_model, calib_blocks):
     model = small_model[0]
-    w = model.model.layers[0].mlp.up_proj.weight
-    before = w.detach().clone()
+    up = model.model.layers[0].mlp.up_proj
+    before = up.weight.detach().clone()
     with fake_quant(model, {"model.layers.0.mlp.up_proj": "int8"}):
-        assert not torch.equal(w, before)
-        assert torch.equal(w, quantize(before, FORMATS["int8"]))
-    assert torch.equal(w, before)
+        assert not torch.equal(up.weight, before)
+        assert torch.equal(up.weight, quantize(before, FORMATS["int8"]))
+    assert torch.equal(up.weight, before)
+
+
+def test_fake_quant_of_lm_head_leaves_tied_embedding_alone(small_model):
+    """SmolLM2 ties lm_head to the input embedding: quantising lm_head must not quantise the embedding."""
+    model = small_model[0]
+    emb = model.get_input_embeddings().weight
+    assert model.lm_head.weight is emb
+    before = emb.detach().clone()
+    with fake_quant(model, {"lm_head": "fp8_e4m3"}):
+        assert torch.equal(model.get_input_embeddings().weight, before)
+        assert not torch.equal(model.lm_head.weight, before)
+    assert model.lm_head.weight is emb and torch.equal(emb, before)
 
 
 def test_quantize_formats_are_real():
