@@ -70,6 +70,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--reps", type=int, help="timed repetitions per measurement (default 15)")
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 256)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--tasks", help="offline lm-eval accuracy tasks for `evaluate`, comma-separated: "
+                                   "lee_next_sentence, wiki_last_word (needs the lm-eval package)")
+    e.add_argument("--acc-limit", type=int, help="items per accuracy task (default 50; about 1 s each per plan)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -100,8 +104,15 @@ def _settings(args: argparse.Namespace):
     s = RunSettings() if fresh else RunSettings.load(out)
     names = {f.name for f in fields(RunSettings)}
     for k, v in vars(args).items():
-        if k in names and v is not None and k != "formats":
+        if k in names and v is not None and k not in ("formats", "tasks"):
             setattr(s, k, v)
+    if args.tasks is not None:
+        s.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        from .tasks import TASKS
+
+        for t in s.tasks:
+            if t not in TASKS:
+                raise IpampError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
     if args.formats:
         s.formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     elif args.device:

@@ -79,7 +79,10 @@ def lee_documents() -> tuple[str, ...]:
 
 
 def split_documents(docs: tuple[str, ...] | list[str], split: str) -> list[str]:
-    """Deterministic disjoint split: even-indexed documents calibrate, odd-indexed evaluate."""
+    """Deterministic disjoint split: even-indexed documents calibrate, odd-indexed evaluate.
+
+    Duplicates are dropped first (the Lee corpus repeats articles), or one text could land in both splits."""
+    docs = list(dict.fromkeys(docs))
     if split == "calibration":
         return list(docs[0::2])
     if split == "evaluation":

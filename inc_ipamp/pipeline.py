@@ -35,7 +35,8 @@ class RunSettings:
     seq_len: int = 256
     device: str = "cpu"
     formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
-    calib_formats: list[str] = field(default_factory=lambda: ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"])
+    #: extra formats to calibrate beyond the search formats (each one costs a quantise per activation)
+    calib_formats: list[str] = field(default_factory=list)
     include_lm_head: bool = True
     noise: str = "coherent"
     min_sqnr_db: float | None = 25.0
@@ -48,6 +49,9 @@ class RunSettings:
     table: str | None = None
     engine: str = "optimum-habana"
     seed: int = 0
+    #: offline lm-eval accuracy tasks for the evaluate stage (inc_ipamp.tasks; empty = perplexity only)
+    tasks: list[str] = field(default_factory=list)
+    acc_limit: int | None = 50
 
     def save(self, out: Path) -> None:
         save_json(asdict(self), out / "settings.json")
@@ -84,7 +88,7 @@ def stage_calibrate(out: Path, settings: RunSettings, model=None, tok=None):
     if model is None:
         model, tok = load(settings)
     cal = blocks(tok, settings, "calibration")
-    formats = sorted(set(settings.calib_formats) | {f for f in settings.formats if f != "fp32"})
+    formats = sorted(set(settings.calib_formats) | {f for f in settings.formats[1:]})
     sens = calibrate(model, cal, formats, include_lm_head=settings.include_lm_head, model_name=settings.model,
                      data_source=f"{cal.source} ({cal.split}, {len(cal)}x{settings.seq_len} tokens)")
     sens.save(out / "sensitivity.json")
@@ -190,12 +194,21 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         for name in ("random", "prefix", "sqnr"):
             plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
                                    seed=settings.seed, noise=settings.noise, min_sqnr_db=settings.min_sqnr_db)
+    def acc(assignment: dict[str, str] | None) -> dict[str, Any]:
+        from .tasks import accuracy
+
+        return {t: accuracy(model, tok, assignment, task=t, limit=settings.acc_limit) for t in settings.tasks}
+
     result: dict[str, Any] = {"reference": {"perplexity": perplexity(model, ev)}, "plans": {}}
+    if settings.tasks:
+        result["reference"]["accuracy"] = acc(None)
     timing = _timer(model, settings)
     for name, p in tqdm(plans.items(), desc="evaluate plans (loss, perplexity, timing)", unit="plan"):
         row = {"n_low_precision_ops": len(p.low_precision_ops()), "predicted_loss_mse": p.predicted_loss_mse,
                "measured_loss_mse": measured_loss_mse(model, cal, p.assignment, ref_losses),
                "perplexity": perplexity(model, ev, p.assignment), "predicted_gain": p.predicted_gain}
+        if settings.tasks:
+            row["accuracy"] = acc(p.assignment)
         if timing is not None:
             row.update(timing(p.assignment))
         result["plans"][name] = row

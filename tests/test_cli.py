@@ -35,6 +35,11 @@ def test_stage_without_its_inputs_says_which_file(tmp_path, capsys):
     assert rc == 1 and "sensitivity.json" in err
 
 
+def test_unknown_task_is_rejected(tmp_path, capsys):
+    rc = main(["evaluate", "--out", str(tmp_path), "--tasks", "hellaswag"])
+    assert rc == 1 and "unknown task 'hellaswag'" in capsys.readouterr().err
+
+
 def test_bad_format_is_rejected(tmp_path, capsys):
     rc = main(["solve", "--out", str(tmp_path), "--formats", "fp32,int3"])
     assert rc == 1 and "int3" in capsys.readouterr().err
@@ -43,7 +48,7 @@ def test_bad_format_is_rejected(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    assert main(["run", "--out", str(out), *QUICK]) == 0
+    assert main(["run", "--out", str(out), *QUICK, "--tasks", "lee_next_sentence", "--acc-limit", "4"]) == 0
     return out
 
 
@@ -59,6 +64,9 @@ def test_run_writes_every_artifact(run_dir):
     ip = ev["plans"]["ip"]
     assert ip["measured_loss_mse"] >= 0 and ip["measured_prefill_s"] > 0
     assert {"random", "prefix", "sqnr"} <= set(ev["plans"])
+    acc = ip["accuracy"]["lee_next_sentence"]
+    assert acc["n"] == 4 and 0 <= acc["acc"] <= 1
+    assert "lee_next_sentence" in ev["reference"]["accuracy"]
     assert plan["measured"]["measured_loss_mse"] == ip["measured_loss_mse"]
 
 
