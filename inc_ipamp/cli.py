@@ -62,11 +62,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--target-speedup", type=float,
                    help="instead of --beta: least loss MSE predicted to reach this prefill speedup "
                         "(ET; 1.1 = 10%% faster)")
-    d.add_argument("--noise", choices=["coherent", "empirical", "uniform"],
-                   help="noise model for predicted loss MSE (default coherent; see README)")
+    d.add_argument("--noise", choices=["auto", "coherent", "empirical", "uniform"],
+                   help="noise model for predicted loss MSE (default auto: the one that validated best per "
+                        "format, see README)")
     d.add_argument("--min-sqnr-db", type=float,
-                   help="never put an op in a format whose input SQNR is below this (default 25 dB; the loss "
-                        "prediction is first order and underestimates large rounding errors); <0 disables")
+                   help="never put an op in a format whose input SQNR is below this (default 25 dB): the loss "
+                        "prediction is first order and underestimates large rounding errors; <0 disables")
     d.add_argument("--reps", type=int, help="timed repetitions per measurement (default 15)")
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 256)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")

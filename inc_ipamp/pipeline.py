@@ -38,7 +38,8 @@ class RunSettings:
     #: extra formats to calibrate beyond the search formats (each one costs a quantise per activation)
     calib_formats: list[str] = field(default_factory=list)
     include_lm_head: bool = True
-    noise: str = "coherent"
+    noise: str = "auto"
+    #: measured on SmolLM2/INT8 (CPU): plans without it measure 9-90x their predicted loss MSE, with it 3.5x
     min_sqnr_db: float | None = 25.0
     metric: str = "ET"
     beta: float | None = 0.05

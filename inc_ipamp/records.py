@@ -15,7 +15,18 @@ from .errors import ArtifactError, IpampError
 from .formats import get_format, uniform_float_variance_factor
 from .io import load_json, save_json
 
-NOISE_MODELS = ("uniform", "empirical", "coherent")
+NOISE_MODELS = ("auto", "uniform", "empirical", "coherent")
+
+
+def auto_noise(fmt: str) -> str:
+    """The noise model that validated best for a format (benchmarks/results/sensitivity.md on SmolLM2-135M).
+
+    Per-tensor INT8 with dynamic max-abs scales rounds most of an outlier-dominated activation to zero, a
+    large, biased error the first-order terms underestimate ~5x; the analytic s²/12 per element, which
+    charges the zeroed elements a full rounding step, tracks it (median measured/predicted 0.7). Elsewhere
+    the coherent first-order sum is best."""
+    f = get_format(fmt)
+    return "uniform" if f.kind == "int" and f.granularity == "tensor" else "coherent"
 
 
 @dataclass
@@ -73,6 +84,8 @@ class Sensitivity:
             return 0.0
         st = self.ops[op].operands[operand]
         n = max(self.n_samples, 1)
+        if noise == "auto":
+            noise = auto_noise(fmt)
         if noise == "coherent" and fmt in st.coh:
             return st.coh[fmt] / n
         if noise in ("empirical", "coherent"):  # weights: fixed error, per-sequence gradients -> diagonal
