@@ -66,6 +66,8 @@ def child(mode: str, layers: int | None, n: int, seq: int) -> None:
             p.requires_grad_(True)
         for ids in blocks:
             sequence_loss(model, ids).sum().backward()
+    elif mode == "calibrate_int8":  # what `inc-ipamp run` on CPU calibrates: the one searched format
+        calibrate(model, blocks, ["int8"], progress=False)
     else:
         calibrate(model, blocks, progress=False)
     wall = time.perf_counter() - t0
@@ -73,50 +75,20 @@ def child(mode: str, layers: int | None, n: int, seq: int) -> None:
         resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0 / 1024}))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int)
-    ap.add_argument("--n-calib", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--n-random", type=int, default=24)
-    ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
-    ap.add_argument("--child")
-    a = ap.parse_args()
-    if a.child:
-        return child(a.child, a.layers, a.n_calib, a.seq_len)
-
+def validate(a: argparse.Namespace, formats: list[str]) -> dict:
+    """Predicted vs measured loss MSE over structured and random assignments, per format and noise model."""
     from inc_ipamp.data import load_blocks
     from inc_ipamp.evaluate import measured_loss_mse, sequence_losses
     from inc_ipamp.models import load_model
     from inc_ipamp.sensitivity import calibrate
 
-    res: dict = {"layers": a.layers or "all", "n_calib": a.n_calib, "seq_len": a.seq_len, "torch": torch.__version__,
-                 "threads": torch.get_num_threads()}
-    # -- cost: alternate the two flavours twice, each in a fresh process ----------------------------
-    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len)]
-    if a.layers:
-        base += ["--layers", str(a.layers)]
-    runs = []
-    for _ in range(2):
-        for mode in ("plain", "calibrate"):
-            out = subprocess.run(base + ["--child", mode], capture_output=True, text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
-    plain = [r for r in runs if r["mode"] == "plain"]
-    cal = [r for r in runs if r["mode"] == "calibrate"]
-    res["cost"] = {"runs": runs,
-                   "time_ratio": min(r["wall_s"] for r in cal) / min(r["wall_s"] for r in plain),
-                   "peak_rss_ratio": min(r["peak_rss_mb"] for r in cal) / min(r["peak_rss_mb"] for r in plain)}
-    print("cost:", json.dumps({k: v for k, v in res["cost"].items() if k != "runs"}))
-
-    # -- accuracy of the prediction ---------------------------------------------------------------------
     model, tok = load_model(num_layers=a.layers)
     blocks = load_blocks(tok, "calibration", a.n_calib, a.seq_len)
-    formats = a.formats.split(",")
     sens = calibrate(model, blocks, formats, progress=False)
     ref = sequence_losses(model, blocks)
     ops = [o for o in sens.ops if o not in sens.unreached]
     rng = random.Random(0)
-    res["validation"] = {}
+    validation: dict = {}
     for fmt in formats:
         rows = []
         for name, asg in assignments(ops, fmt, a.n_random, rng):
@@ -135,13 +107,60 @@ def main() -> None:
             if ok.sum() >= 3:
                 summary[noise + "_guard25"] = {"spearman": float(spearmanr(p[ok], m[ok])[0]),
                                                "median_measured_over_predicted": float(np.median(m[ok] / p[ok]))}
-        res["validation"][fmt] = {"summary": summary, "rows": rows}
+        validation[fmt] = {"summary": summary, "rows": rows}
         print(fmt, json.dumps(summary))
+    return validation
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--n-random", type=int, default=24)
+    ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
+    ap.add_argument("--child")
+    ap.add_argument("--cost-only", action="store_true", help="re-measure the cost, keep the saved validation")
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child, a.layers, a.n_calib, a.seq_len)
+
+
+    res: dict = {"layers": a.layers or "all", "n_calib": a.n_calib, "seq_len": a.seq_len, "torch": torch.__version__,
+                 "threads": torch.get_num_threads()}
+    # -- cost: alternate the two flavours twice, each in a fresh process ----------------------------
+    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len)]
+    if a.layers:
+        base += ["--layers", str(a.layers)]
+    runs = []
+    for _ in range(2):
+        for mode in ("plain", "calibrate", "calibrate_int8"):
+            out = subprocess.run(base + ["--child", mode], capture_output=True, text=True, check=True).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+
+    def best(mode: str, key: str) -> float:
+        return min(r[key] for r in runs if r["mode"] == mode)
+
+    res["cost"] = {"runs": runs,
+                   "time_ratio": best("calibrate", "wall_s") / best("plain", "wall_s"),
+                   "peak_rss_ratio": best("calibrate", "peak_rss_mb") / best("plain", "peak_rss_mb"),
+                   "time_ratio_int8_only": best("calibrate_int8", "wall_s") / best("plain", "wall_s"),
+                   "peak_rss_ratio_int8_only": best("calibrate_int8", "peak_rss_mb") / best("plain", "peak_rss_mb")}
+    print("cost:", json.dumps({k: v for k, v in res["cost"].items() if k != "runs"}))
+
+    # -- accuracy of the prediction ---------------------------------------------------------------------
+    formats = a.formats.split(",")
+    if a.cost_only:  # keep the validation of the previous run, re-measure only the cost
+        res["validation"] = json.loads((RESULTS / "sensitivity.json").read_text())["validation"]
+    else:
+        res["validation"] = validate(a, formats)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sensitivity.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Sensitivity validation (SmolLM2-135M, layers={res['layers']}, {a.n_calib}x{a.seq_len} tokens)", "",
              f"Calibration cost vs plain fwd+bwd (same sequences, best of 2, separate processes): "
-             f"time x{res['cost']['time_ratio']:.2f}, peak RSS x{res['cost']['peak_rss_ratio']:.2f}", "",
+             f"time x{res['cost']['time_ratio']:.2f}, peak RSS x{res['cost']['peak_rss_ratio']:.2f} with all "
+             f"{len(formats)} formats; time x{res['cost']['time_ratio_int8_only']:.2f}, peak RSS "
+             f"x{res['cost']['peak_rss_ratio_int8_only']:.2f} with int8 only (what `inc-ipamp run` on CPU does)", "",
              "Spearman rank correlation and median measured/predicted loss MSE per noise model; `guard25` = only the",
              "assignments whose every op has input SQNR >= 25 dB (the solver's default --min-sqnr-db).", "",
              "| format | n (guard25) | " + " | ".join(f"{n}: rho / med" for n in NOISES) + " | "
