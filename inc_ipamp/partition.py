@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -261,22 +263,36 @@ def _suffix(op: str) -> str:
     return m.group(1) if m else op
 
 
-def capture_shapes(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, list[list[int]]]:
-    """Input shapes of each named module in one forward (the signature needs them)."""
+def first_calls(model: nn.Module, names: Iterable[str], ids: torch.Tensor,
+                record: Callable[[str, tuple, dict], Any]) -> dict[str, Any]:
+    """``record(name, args, kwargs)`` of the first call of each named module in one no-grad forward on ``ids``.
+
+    The one hook-and-forward helper behind shape capture (signatures, MACs) and sub-graph input capture."""
     mods = dict(model.named_modules())
-    shapes: dict[str, list[list[int]]] = {}
+    got: dict[str, Any] = {}
 
-    def hook(m, args, n):
-        shapes.setdefault(n, [list(a.shape) for a in args if isinstance(a, torch.Tensor)])
+    def pre(name: str, args: tuple, kwargs: dict) -> None:
+        if name not in got:
+            got[name] = record(name, args, kwargs)
 
-    handles = [mods[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in names]
+    handles = [mods[n].register_forward_pre_hook(lambda m, a, k, n=n: pre(n, a, k), with_kwargs=True)
+               for n in names if n]
     try:
         with torch.no_grad():
             model(ids, use_cache=False)
     finally:
         for hd in handles:
             hd.remove()
-    return shapes
+    return got
+
+
+def tensor_shapes(args: tuple) -> list[list[int]]:
+    return [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+
+
+def capture_shapes(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, list[list[int]]]:
+    """Input shapes of each named module in one forward (the signature needs them)."""
+    return first_calls(model, names, ids, lambda n, args, kwargs: tensor_shapes(args))
 
 
 def group_signature(model: nn.Module, ops: list[str], kinds: dict[str, str],

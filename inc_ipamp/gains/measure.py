@@ -21,7 +21,7 @@ from ..errors import IpampError
 from ..formats import get_format
 from ..models import model_fingerprint
 from ..ops import install_attention
-from ..partition import _suffix, default_example_ids, list_ops
+from ..partition import _suffix, default_example_ids, first_calls, list_ops
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, time_prefill
 from .cache import MeasurementCache, cache_key
@@ -44,21 +44,7 @@ def enclosing_module(ops: Sequence[str]) -> str:
 
 def capture_module_inputs(model: nn.Module, names: Sequence[str], ids: torch.Tensor) -> dict[str, tuple]:
     """(args, kwargs) of the first call of each named module in one forward on ``ids``."""
-    mods = dict(model.named_modules())
-    got: dict[str, tuple] = {}
-
-    def pre(name: str, args: tuple, kwargs: dict) -> None:
-        got.setdefault(name, (args, kwargs))
-
-    hs = [mods[n].register_forward_pre_hook(lambda m, a, k, n=n: pre(n, a, k), with_kwargs=True)
-          for n in names if n]
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
-    return got
+    return first_calls(model, names, ids, lambda n, args, kwargs: (args, kwargs))
 
 
 def time_group_config(model: nn.Module, backend: Backend, group: Group, config: Sequence[str],

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import IpampError
 from ..formats import get_format
 from ..ops import linear_weight
+from ..partition import first_calls, tensor_shapes
 
 #: peak dense TFLOPS per format; CPU entries are relative rates (fp32 = 1), configurable, not measured here.
 DEVICE_RATES: dict[str, dict[str, float]] = {
@@ -51,24 +52,12 @@ def op_macs(kind: str, shapes: list[list[int]]) -> int:
 def capture_op_shapes(model: nn.Module, ops: dict[str, str], ids: torch.Tensor) -> dict[str, list[list[int]]]:
     """Operand shapes of every op in one forward ({op: kind} in; weight shape appended for Linears)."""
     mods = dict(model.named_modules())
-    shapes: dict[str, list[list[int]]] = {}
 
-    def pre(name: str, args: tuple) -> None:
-        if name in shapes:
-            return
-        s = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
-        if ops[name] == "linear":
-            s = s[:1] + [list(linear_weight(mods[name]).shape)]
-        shapes[name] = s
+    def record(name: str, args: tuple, kwargs: dict) -> list[list[int]]:
+        s = tensor_shapes(args)
+        return s[:1] + [list(linear_weight(mods[name]).shape)] if ops[name] == "linear" else s
 
-    hs = [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre(n, a)) for n in ops]
-    try:
-        with torch.no_grad():
-            model(ids, use_cache=False)
-    finally:
-        for h in hs:
-            h.remove()
-    return shapes
+    return first_calls(model, ops, ids, record)
 
 
 def theoretical_gain(kind: str, shapes: list[list[int]], ref: str, fmt: str, rates: dict[str, float]) -> float:
