@@ -48,12 +48,12 @@ def assignments(ops: list[str], fmt: str, n_random: int, rng: random.Random) -> 
     return [(n, a) for n, a in out if a]
 
 
-def child(mode: str, layers: int | None, n: int, seq: int) -> None:
+def child(mode: str, layers: int | None, n: int, seq: int, batch: int) -> None:
     """Run one calibration flavour and print its wall time and peak RSS as JSON."""
     from inc_ipamp.data import load_blocks
     from inc_ipamp.models import load_model
     from inc_ipamp.ops import install_attention
-    from inc_ipamp.sensitivity import calibrate, sequence_loss
+    from inc_ipamp.sensitivity import calibrate, rebatch, sequence_loss
 
     torch.manual_seed(0)
     model, tok = load_model(num_layers=layers)
@@ -64,12 +64,12 @@ def child(mode: str, layers: int | None, n: int, seq: int) -> None:
     if mode == "plain":
         for p in model.parameters():
             p.requires_grad_(True)
-        for ids in blocks:
+        for ids in rebatch(blocks, batch):  # the same batches as calibrate
             sequence_loss(model, ids).sum().backward()
     elif mode == "calibrate_int8":  # what `inc-ipamp run` on CPU calibrates: the one searched format
-        calibrate(model, blocks, ["int8"], progress=False)
+        calibrate(model, blocks, ["int8"], progress=False, batch_size=batch)
     else:
-        calibrate(model, blocks, progress=False)
+        calibrate(model, blocks, progress=False, batch_size=batch)
     wall = time.perf_counter() - t0
     print(json.dumps({"mode": mode, "wall_s": wall, "peak_rss_mb": resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": rss0 / 1024}))
@@ -117,19 +117,21 @@ def main() -> None:
     ap.add_argument("--layers", type=int)
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per fwd+bwd, for both flavours")
     ap.add_argument("--n-random", type=int, default=24)
     ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
     ap.add_argument("--child")
     ap.add_argument("--cost-only", action="store_true", help="re-measure the cost, keep the saved validation")
     a = ap.parse_args()
     if a.child:
-        return child(a.child, a.layers, a.n_calib, a.seq_len)
+        return child(a.child, a.layers, a.n_calib, a.seq_len, a.batch)
 
 
-    res: dict = {"layers": a.layers or "all", "n_calib": a.n_calib, "seq_len": a.seq_len, "torch": torch.__version__,
+    res: dict = {"layers": a.layers or "all", "n_calib": a.n_calib, "seq_len": a.seq_len, "batch": a.batch,
+                 "torch": torch.__version__,
                  "threads": torch.get_num_threads()}
     # -- cost: alternate the two flavours twice, each in a fresh process ----------------------------
-    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len)]
+    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len), "--batch", str(a.batch)]
     if a.layers:
         base += ["--layers", str(a.layers)]
     runs = []
@@ -157,7 +159,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sensitivity.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Sensitivity validation (SmolLM2-135M, layers={res['layers']}, {a.n_calib}x{a.seq_len} tokens)", "",
-             f"Calibration cost vs plain fwd+bwd (same sequences, best of 2, separate processes): "
+             f"Calibration cost vs plain fwd+bwd with parameter gradients (same batches of {a.batch}, best of 2, "
+             "separate processes): "
              f"time x{res['cost']['time_ratio']:.2f}, peak RSS x{res['cost']['peak_rss_ratio']:.2f} with all "
              f"{len(formats)} formats; time x{res['cost']['time_ratio_int8_only']:.2f}, peak RSS "
              f"x{res['cost']['peak_rss_ratio_int8_only']:.2f} with int8 only (what `inc-ipamp run` on CPU does)", "",

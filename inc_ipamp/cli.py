@@ -45,6 +45,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="calibration/evaluation text file (blank-line separated documents); "
                                   "default: gensim's Wikipedia sample")
     g.add_argument("--n-calib", type=int, help="calibration sequences (default 16)")
+    g.add_argument("--calib-batch", type=int,
+                   help="sequences per calibration fwd+bwd (default 4; statistics stay per sequence)")
     g.add_argument("--n-eval", type=int, help="held-out evaluation sequences (default 16)")
     g.add_argument("--seq-len", type=int, help="tokens per calibration/evaluation sequence (default 256)")
     g.add_argument("--no-lm-head", dest="include_lm_head", action="store_false", default=None,
@@ -69,6 +71,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="never put an op in a format whose input SQNR is below this (default 25 dB): the loss "
                         "prediction is first order and underestimates large rounding errors; <0 disables")
     d.add_argument("--reps", type=int, help="timed repetitions per measurement (default 15)")
+    d.add_argument("--span", type=int,
+                   help="groups of one signature (e.g. the 30 layers' MLPs) called back to back in each timed run "
+                        "(default all, so weights come from memory as in a prefill; 1 = one group, hot in cache)")
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 256)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")
     e = p.add_argument_group("evaluation")

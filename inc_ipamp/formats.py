@@ -88,19 +88,25 @@ def get_format(name: str) -> Format:
         raise FormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}") from None
 
 
-def _amax(x: torch.Tensor, fmt: Format, reduce_dim: int) -> torch.Tensor:
+def _amax(x: torch.Tensor, fmt: Format, reduce_dim: int, per_sample: bool = False) -> torch.Tensor:
     if fmt.granularity == "channel":
         return x.abs().amax(dim=reduce_dim, keepdim=True)
+    if per_sample and x.dim() > 1:
+        return x.abs().flatten(1).amax(1).view(-1, *([1] * (x.dim() - 1)))
     return x.abs().amax()
 
 
-def scale_of(x: torch.Tensor, fmt: Format, reduce_dim: int = -1) -> torch.Tensor:
-    """Max-abs scale (per tensor or per slice), never zero so all-zero tensors stay zero."""
-    amax = _amax(x.detach(), fmt, reduce_dim)
+def scale_of(x: torch.Tensor, fmt: Format, reduce_dim: int = -1, per_sample: bool = False) -> torch.Tensor:
+    """Max-abs scale (per tensor or per slice), never zero so all-zero tensors stay zero.
+
+    ``per_sample``: dim 0 holds independent sequences, and a per-tensor scale is taken per sequence, so a
+    batch of B is quantised exactly as B batches of one (the calibration batches sequences for speed).
+    """
+    amax = _amax(x.detach(), fmt, reduce_dim, per_sample)
     return torch.clamp(amax / fmt.qmax, min=torch.finfo(torch.float32).tiny)
 
 
-def quantize(x: torch.Tensor, fmt: Format | str, reduce_dim: int = -1) -> torch.Tensor:
+def quantize(x: torch.Tensor, fmt: Format | str, reduce_dim: int = -1, per_sample: bool = False) -> torch.Tensor:
     """Fake-quantise ``x`` for real: round to ``fmt`` and back, returning ``x``'s dtype.
 
     Scales are dynamic max-abs (computed from ``x`` itself), like INC's ``maxabs`` observer applied to
@@ -111,7 +117,16 @@ def quantize(x: torch.Tensor, fmt: Format | str, reduce_dim: int = -1) -> torch.
         return x
     if fmt.kind == "float" and fmt.max_value is None:  # bf16: no scale
         return x.to(getattr(torch, fmt.torch_dtype)).to(x.dtype)
-    s = scale_of(x, fmt, reduce_dim)
+    return quantize_with_scale(x, fmt, scale_of(x, fmt, reduce_dim, per_sample))
+
+
+def quantize_with_scale(x: torch.Tensor, fmt: Format, s: torch.Tensor) -> torch.Tensor:
+    """Round ``x`` to ``fmt`` with a given (broadcastable) scale: lets a large tensor be processed in chunks
+    under the scale of the whole tensor."""
+    if fmt.kind == "ref":
+        return x
+    if fmt.kind == "float" and fmt.max_value is None:
+        return x.to(getattr(torch, fmt.torch_dtype)).to(x.dtype)
     if fmt.kind == "float":
         y = (x / s).clamp(-fmt.max_value, fmt.max_value).to(getattr(torch, fmt.torch_dtype))
         return y.to(x.dtype) * s

@@ -31,6 +31,8 @@ class RunSettings:
     layers: int | None = None
     data: str | None = None
     n_calib: int = 16
+    #: sequences per calibration fwd+bwd (statistics stay per sequence; larger = faster, more memory)
+    calib_batch: int = 4
     n_eval: int = 16
     seq_len: int = 256
     device: str = "cpu"
@@ -47,6 +49,8 @@ class RunSettings:
     batch: int = 1
     gain_seq_len: int = 256
     reps: int = 15
+    #: groups of one signature timed together per run (None: all layers, as their weights stream in a prefill)
+    span: int | None = None
     table: str | None = None
     engine: str = "optimum-habana"
     seed: int = 0
@@ -91,6 +95,7 @@ def stage_calibrate(out: Path, settings: RunSettings, model=None, tok=None):
     cal = blocks(tok, settings, "calibration")
     formats = sorted(set(settings.calib_formats) | {f for f in settings.formats[1:]})
     sens = calibrate(model, cal, formats, include_lm_head=settings.include_lm_head, model_name=settings.model,
+                     batch_size=settings.calib_batch,
                      data_source=f"{cal.source} ({cal.split}, {len(cal)}x{settings.seq_len} tokens)")
     sens.save(out / "sensitivity.json")
     log.info("calibrated %d ops on %d sequences in %.1f s (mean loss %.3f)", len(sens.ops), sens.n_samples,
@@ -121,7 +126,7 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
         model, tok = load(settings)
     gains = measure_gains(model, part, settings.formats, backend=settings.device, batch=settings.batch,
                           seq_len=settings.gain_seq_len, reps=settings.reps, cache_path=out / "gain_cache.jsonl",
-                          table_path=settings.table)
+                          table_path=settings.table, span=settings.span)
     gains.save(out / "gains.json")
     return gains
 

@@ -84,7 +84,9 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     n_sig = len({gr.signature for gr in part.groups})
     n_cfg = sum(len(gr.configs(FORMATS)) - 1 for gr in {gr.signature: gr for gr in part.groups}.values())
     assert n_sig == 5 and n_cfg == 31 + 1 + 3 + 1 + 1
-    assert g.timed_runs == 2 * 2 * n_cfg and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    # default span: each timed run calls the group in both layers (lm_head: one); reps 2 x (ref, cfg)
+    assert g.timed_runs == 2 * 2 * (2 * 36 + 1) and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    assert "mean over 2 groups" in g.groups[part.groups[0].name].source["ET"]
     assert g.reference_time_s and g.reference_time_s > 0
     l0, l1 = part.groups[0].name, part.groups[4].name  # attention of layer 0 and layer 1
     assert g.groups[l0].gains["ET"] == g.groups[l1].gains["ET"]
@@ -107,6 +109,29 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     assert Gains.from_json(json.loads(json.dumps(g.to_json()))) == g
 
 
+def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
+    model, part = tiny
+    seen = []
+    real = measure_mod.time_group_config
+
+    def spy(model, backend, groups, config, inputs, reps, warmup):
+        seen.append([g.name for g in groups])
+        r = real(model, backend, groups, config, inputs, reps, warmup)
+        assert r["span"] == len(groups)
+        return r
+
+    monkeypatch.setattr(measure_mod, "time_group_config", spy)
+    one = measure_gains(model, part, FORMATS, metrics=("ET",), span=1, **FAST)
+    assert one.timed_runs == 2 * 2 * 37 and all(len(s) == 1 for s in seen)
+    seen.clear()
+    both = measure_gains(model, part, FORMATS, metrics=("ET",), **FAST)
+    att = [g.name for g in part.groups if "q_proj" in g.name]
+    assert att in seen and len(att) == 2  # layers 0 and 1 timed together
+    assert "mean over" not in one.groups[att[1]].source["ET"] and both.timed_runs > one.timed_runs
+    with pytest.raises(IpampError, match="span"):
+        measure_gains(model, part, FORMATS, metrics=("ET",), span=0, **FAST)
+
+
 def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
     model, part = tiny
     path = tmp_path / "c.jsonl"
@@ -127,7 +152,7 @@ def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
         f.write('{"key": "abc", "gain_')
     monkeypatch.setattr(measure_mod, "time_group_config", real)
     g = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert g.timed_runs == 2 * 2 * (37 - 5)
+    assert g.timed_runs == 2 * 2 * (2 * 36 + 1 - 2 * 5)  # the first 5 configs (2-layer spans) were cached
     assert any("skipped 1 corrupt line" in n for n in g.notes)
     again = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
     assert again.timed_runs == 0

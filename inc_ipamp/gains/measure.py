@@ -4,12 +4,18 @@ Beyond the paper's protocol (every config of every group timed end-to-end on the
 timed on the smallest module that encloses its ops (e.g. the layer's ``self_attn`` for {q,k,v,qk,av}),
 called on inputs captured from a real forward, with reference and config runs interleaved; groups with the
 same signature (same structure and shapes, e.g. the 30 decoder layers) share one measurement.
+
+A group timed alone finds its weights hot in the L2 cache after the first call, which it never does in
+the full model; on CPU that under-stated INT8's gain by ~30% (benchmarks/results/bench_gains*.md). So each
+timed run calls the group's sub-graph in *every* layer of its signature (``span``) back to back and the
+gain is divided by their number: the same weights stream from memory as in a prefill, and layer-to-layer
+differences average out instead of being copied 30 times.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,35 +53,46 @@ def capture_module_inputs(model: nn.Module, names: Sequence[str], ids: torch.Ten
     return first_calls(model, names, ids, lambda n, args, kwargs: (args, kwargs))
 
 
-def time_group_config(model: nn.Module, backend: Backend, group: Group, config: Sequence[str],
-                      inputs: tuple, reps: int, warmup: int) -> dict[str, float]:
-    """Gain of running ``group`` in ``config`` on its enclosing module (rest reference), interleaved with ref."""
-    encl = enclosing_module(group.ops)
-    args, kwargs = inputs if encl else (inputs[0], {"use_cache": False})
-    assignment = dict(zip(group.ops, config, strict=True))
+def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group], config: Sequence[str],
+                      inputs: Sequence[tuple], reps: int, warmup: int) -> dict[str, float]:
+    """Gain per group of running ``groups`` (same signature) in ``config``, rest reference.
 
-    def ref() -> object:
-        with torch.no_grad(), backend.apply(model, {}) as m:
-            return m.get_submodule(encl)(*args, **kwargs)
+    One timed run calls each group's enclosing module on its own captured inputs, back to back; reference
+    and config runs are interleaved. Gain and CI are divided by ``len(groups)``.
+    """
+    calls = []
+    assignment: dict[str, str] = {}
+    for g, inp in zip(groups, inputs, strict=True):
+        encl = enclosing_module(g.ops)
+        args, kwargs = inp if encl else (inp[0], {"use_cache": False})
+        calls.append((encl, args, kwargs))
+        assignment.update(zip(g.ops, config, strict=True))
 
-    def cfg() -> object:
-        with torch.no_grad(), backend.apply(model, assignment) as m:
-            return m.get_submodule(encl)(*args, **kwargs)
+    def run(assign: dict[str, str]) -> Callable[[], object]:
+        def fn() -> object:
+            with torch.no_grad(), backend.apply(model, assign) as m:
+                return [m.get_submodule(e)(*a, **k) for e, a, k in calls]
+        return fn
 
-    t_ref, t_cfg = paired_times(ref, cfg, reps, warmup, backend.synchronize)
-    return gain_stats(t_ref, t_cfg)
+    t_ref, t_cfg = paired_times(run({}), run(assignment), reps, warmup, backend.synchronize)
+    r = gain_stats(t_ref, t_cfg)
+    n = len(calls)
+    return {k: (v / n if k.endswith("_s") else v) for k, v in r.items()} | {"span": n}
 
 
 def measure_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
                   batch: int = 1, seq_len: int = 128, reps: int = 20, warmup: int = 3,
                   cache_path: str | Path | None = None, table_path: str | Path | None = None,
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
-                  reuse: bool = True, progress: bool = True, reference_reps: int | None = None) -> Gains:
+                  reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
+                  span: int | None = None) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
     TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes.
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
+    ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
+    representative alone, hot in cache, as before 0.2).
     """
     from . import get_backend
 
@@ -134,7 +151,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
         else:
             timed_runs, reference_time = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
-                                                     reference_reps or max(5, reps // 2))
+                                                     reference_reps or max(5, reps // 2), span)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
                  timed_runs, notes)
@@ -142,16 +159,21 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
 
 def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: Backend, ids: torch.Tensor,
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
-                reuse: bool, progress: bool, notes: list[str], reference_reps: int) -> tuple[int, float]:
+                reuse: bool, progress: bool, notes: list[str], reference_reps: int,
+                span: int | None = None) -> tuple[int, float]:
     from tqdm.auto import tqdm
 
     cache = MeasurementCache(cache_path)
     if cache.skipped:
         notes.append(f"measurement cache: skipped {cache.skipped} corrupt line(s)")
-    reps_of: dict[str, Group] = {}
+    members: dict[str, list[Group]] = {}
     for g in partition.groups:
-        reps_of.setdefault(g.signature if reuse else g.name, g)
-    encl = {enclosing_module(g.ops) for g in reps_of.values()}
+        members.setdefault(g.signature if reuse else g.name, []).append(g)
+    if span is not None and span < 1:
+        raise IpampError(f"span must be >= 1 (got {span})")
+    timed_with = {k: v[: span or len(v)] for k, v in members.items()}
+    reps_of = {k: v[0] for k, v in members.items()}
+    encl = {enclosing_module(g.ops) for v in timed_with.values() for g in v}
     inputs = capture_module_inputs(model, sorted(encl), ids)
     base: dict[str, Any] = dict(model=model_fingerprint(model), device=be.device_string(), batch=int(ids.shape[0]),
                                 seq_len=int(ids.shape[1]), code=__version__, backend=be.version)
@@ -161,12 +183,15 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     todo = [(k, g, c) for k, g in reps_of.items() for c in g.configs(formats) if any(f != ref for f in c)]
     bar = tqdm(todo, desc="timing group configs", disable=not progress, leave=False)
     for k, g, c in bar:
-        key = cache_key(signature=g.signature, ops=[_suffix(o) for o in g.ops], config=list(c), **base)
+        together = timed_with[k]
+        key = cache_key(signature=g.signature, ops=[_suffix(o) for o in g.ops], config=list(c), span=len(together),
+                        **base)
         rec = cache.get(key)
         if rec is None:
             e = enclosing_module(g.ops)
-            r = time_group_config(model, be, g, c, inputs.get(e, ((ids,), {})), reps, warmup)
-            timed += 2 * reps
+            r = time_group_config(model, be, together, c,
+                                  [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], reps, warmup)
+            timed += 2 * reps * len(together)
             rec = {"group": g.name, "signature": g.signature, "config": list(c), "module": e, **r}
             cache.put(key, rec)
         else:
@@ -185,10 +210,14 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
             ci.append(next(it_c) if low else 0.0)
         groups[g.name].gains["ET"] = et
         groups[g.name].ci["ET"] = ci
-        how = "" if rep_name == g.name else f", reused from {rep_name} (same signature)"
+        n_t = len(timed_with[k])
+        how = (f", mean over {n_t} groups of its signature" if n_t > 1 else "") + (
+            "" if rep_name == g.name else f", reused from {rep_name} (same signature)")
         groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {enclosing_module(g.ops) or '<model>'}{how}"
-    notes.append(f"ET: {len(reps_of)} representative group(s) for {len(partition.groups)} groups; "
-                 f"{timed} timed sub-graph runs ({reps} reps x 2, interleaved, {warmup} warm-up pairs), "
+    spans = sorted({len(v) for v in timed_with.values()})
+    notes.append(f"ET: {len(reps_of)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
+                 f"group(s) of its signature per run; {timed} timed sub-graph calls ({reps} reps x 2, interleaved, "
+                 f"{warmup} warm-up pairs), "
                  f"{reused} config(s) taken from the cache")
     ref_t = time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)
     return timed, float(ref_t["median_s"])
