@@ -61,6 +61,7 @@ def baseline(
     noise: str = "empirical",
     low_format: str | None = None,
     min_sqnr_db: float | None = None,
+    shift: bool = True,
 ) -> Plan:
     """Greedy per-op baseline ``name`` under the loss budget (β·L̄)², scored with the group gain tables."""
     if name not in BASELINES:
@@ -68,7 +69,7 @@ def baseline(
     if not (beta >= 0 and math.isfinite(beta)):
         raise BudgetSpecError(f"beta must be a finite number ≥ 0, got {beta}")
     t0 = time.perf_counter()
-    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
     low = low_format or _default_low_format(inst)
     if low == inst.reference_format:
         raise BudgetSpecError(f"low_format {low} is the reference format")
@@ -81,7 +82,7 @@ def baseline(
     candidates = [op for op in inst.ops if op in sensitivity.ops and op not in sensitivity.unreached]
     order = op_order(name, sensitivity, candidates, low, seed)
 
-    loss, switched, skipped = 0.0, [], []
+    noise_mse, shift, switched, skipped = 0.0, 0.0, [], []
     for op in order:
         gi, k = where[op]
         trial = list(current[gi])
@@ -90,10 +91,12 @@ def baseline(
             skipped.append(op)
             continue
         term = sensitivity.term(op, low, noise)
-        if loss + term > eps_max:
+        b = sensitivity.bias(op, low) if inst.uses_shift else 0.0
+        if noise_mse + term + (shift + b) ** 2 > eps_max:  # the IP's own loss model: noise adds, shifts add
             skipped.append(op)
             continue
-        loss += term
+        noise_mse += term
+        shift += b
         current[gi] = trial
         switched.append(op)
     choice = [index[gi][tuple(cfg)] for gi, cfg in enumerate(current)]

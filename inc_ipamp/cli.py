@@ -45,6 +45,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="calibration/evaluation text file (blank-line separated documents); "
                                   "default: gensim's Wikipedia sample")
     g.add_argument("--n-calib", type=int, help="calibration sequences (default 16)")
+    g.add_argument("--curvature", action=argparse.BooleanOptionalAction, default=None,
+                   help="also estimate each op's mean loss shift (one more backward per batch; default on): the "
+                        "loss MSE is then predicted as noise + shift², shifts adding over ops")
     g.add_argument("--calib-batch", type=int,
                    help="sequences per calibration fwd+bwd (default 4; statistics stay per sequence)")
     g.add_argument("--n-eval", type=int, help="held-out evaluation sequences (default 16)")

@@ -33,6 +33,9 @@ class RunSettings:
     n_calib: int = 16
     #: sequences per calibration fwd+bwd (statistics stay per sequence; larger = faster, more memory)
     calib_batch: int = 4
+    #: second backward with sampled labels: predicts each op's mean loss shift, which adds linearly over ops
+    #: (without it, INT8 plans measured ~5x their predicted loss MSE on SmolLM2; benchmarks/results/sensitivity.md)
+    curvature: bool = True
     n_eval: int = 16
     seq_len: int = 256
     device: str = "cpu"
@@ -95,7 +98,7 @@ def stage_calibrate(out: Path, settings: RunSettings, model=None, tok=None):
     cal = blocks(tok, settings, "calibration")
     formats = sorted(set(settings.calib_formats) | {f for f in settings.formats[1:]})
     sens = calibrate(model, cal, formats, include_lm_head=settings.include_lm_head, model_name=settings.model,
-                     batch_size=settings.calib_batch,
+                     batch_size=settings.calib_batch, curvature=settings.curvature,
                      data_source=f"{cal.source} ({cal.split}, {len(cal)}x{settings.seq_len} tokens)")
     sens.save(out / "sensitivity.json")
     log.info("calibrated %d ops on %d sequences in %.1f s (mean loss %.3f)", len(sens.ops), sens.n_samples,

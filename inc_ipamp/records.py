@@ -38,6 +38,9 @@ class OperandStats:
     coh[f]: Σ_n (Σ_i g_i (Q_f(x)−x)_i)², the first-order loss change of sequence n summed coherently before
     squaring (activation operands only). It keeps the correlation between rounding errors that the diagonal
     Σg²e² drops: per-tensor INT8 zeroing most of an outlier-dominated activation is a bias, not noise.
+    lin[f]: Σ_n Σ_i g_i e_i, the signed first-order change (activation operands; its mean is a shift too).
+    curv[f]: from the sampled-label backward (``calibrate(curvature=True)``): Σ_n (ĝ·e)² for activations
+    (full quadratic form), Σ ĝ_W² e_W² for weights (diagonal); ½·T'·curv/N estimates the mean shift ½eᵀHe.
     """
 
     xg2: float = 0.0
@@ -49,6 +52,8 @@ class OperandStats:
     int_uniform: dict[str, float] = field(default_factory=dict)
     err2: dict[str, float] = field(default_factory=dict)
     coh: dict[str, float] = field(default_factory=dict)
+    curv: dict[str, float] = field(default_factory=dict)
+    lin: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,9 +109,30 @@ class Sensitivity:
         """Predicted loss-MSE contribution of running op ``op`` (both operands) in ``fmt``."""
         return sum(self.operand_term(op, o, fmt, noise) for o in self.ops[op].operands)
 
-    def predict(self, assignment: dict[str, str], noise: str = "empirical") -> float:
-        """Additive prediction of the loss MSE for a per-op format assignment (missing ops = reference)."""
-        return sum(self.term(op, f, noise) for op, f in assignment.items())
+    def predict(self, assignment: dict[str, str], noise: str = "empirical", shift: bool = True) -> float:
+        """Predicted loss MSE of a per-op format assignment (missing ops = reference): the noise terms add,
+        the mean shifts (``bias``, if calibrated with curvature) add before squaring."""
+        mse = sum(self.term(op, f, noise) for op, f in assignment.items())
+        if shift:
+            mse += sum(self.bias(op, f) for op, f in assignment.items()) ** 2
+        return mse
+
+    @property
+    def has_curvature(self) -> bool:
+        return any(st.curv for o in self.ops.values() for st in o.operands.values())
+
+    def bias(self, op: str, fmt: str) -> float:
+        """Predicted mean loss shift of op ``op`` in ``fmt`` (signed): the mean first-order change E_n[g·e] plus
+        the second-order ½·E[eᵀHe], H the Gauss-Newton Hessian of the per-sequence mean loss estimated from
+        sampled-label gradients (E[ĝĝᵀ] = H/T'). 0 without curvature calibration (``has_curvature``)."""
+        f = get_format(fmt)
+        sts = self.ops[op].operands.values()
+        if f.kind == "ref" or not any(st.curv for st in sts):
+            return 0.0
+        t = max(self.seq_len - 1, 1)
+        curv = sum(st.curv.get(fmt, 0.0) for st in sts)
+        lin = sum(st.lin.get(fmt, 0.0) for st in sts)
+        return (lin + 0.5 * t * curv) / max(self.n_samples, 1)
 
     def sqnr_db(self, op: str, fmt: str) -> float:
         """Input SQNR of an op in ``fmt`` (worst operand), for the PGQ baseline."""

@@ -58,17 +58,30 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 class _Collector:
     """Hooks and float64 accumulators for one op."""
 
-    def __init__(self, name: str, mod: nn.Module, kind: str, formats: list[str]):
+    def __init__(self, name: str, mod: nn.Module, kind: str, formats: list[str], state: dict | None = None):
         self.name, self.mod, self.kind = name, mod, kind
         self.formats = [get_format(f) for f in formats]
         self.rec = OpSensitivity(name=name, kind=kind)
         ops = ("x", "w") if kind == "linear" else ("a", "b")
         self.rec.operands = {o: OperandStats() for o in ops}
         self.gw2: torch.Tensor | None = None
+        self.gw2c: torch.Tensor | None = None
+        self.state = state if state is not None else {"phase": "grad"}
         self.handles: list = []
+
+    def _curvature(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int) -> None:
+        """Sampled-label pass: Σ_n (ĝ·e)², whose expectation is eᵀ(GN Hessian)e / T' (full quadratic form)."""
+        st = self.rec.operands[operand]
+        x, g = _wide(x), _wide(g)
+        for f in self.formats:
+            e = quantize(x, f, reduce_dim, per_sample=True) - x
+            d = (g * e).flatten(1).sum(1, dtype=torch.float64)
+            st.curv[f.name] = st.curv.get(f.name, 0.0) + float((d * d).sum())
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
     def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int) -> None:
+        if self.state["phase"] == "curvature":
+            return self._curvature(operand, x, g, reduce_dim)
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
         g2 = g * g
@@ -86,6 +99,7 @@ class _Collector:
             # first-order loss change per sequence: a signed sum that cancels heavily, so float64 here
             d = ge.flatten(1).sum(1, dtype=torch.float64)
             st.coh[f.name] = st.coh.get(f.name, 0.0) + float((d * d).sum())
+            st.lin[f.name] = st.lin.get(f.name, 0.0) + float(d.sum())
             st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(ge * ge)
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
             if f.kind == "int":
@@ -134,6 +148,11 @@ class _Collector:
         def weight_grad(gy: torch.Tensor) -> None:
             for gy_n, x_n in zip(gy, x, strict=True):  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
                 gw = _wide(gy_n.reshape(-1, gy_n.shape[-1])).t() @ _wide(x_n.reshape(-1, x_n.shape[-1]))
+                if self.state["phase"] == "curvature":
+                    if self.gw2c is None:
+                        self.gw2c = torch.zeros_like(gw)
+                    self.gw2c.addcmul_(gw, gw)
+                    continue
                 if self.gw2 is None:
                     self.gw2 = torch.zeros_like(gw)
                 self.gw2.addcmul_(gw, gw)  # non-finite values are caught once, on the total, in finish_weight
@@ -170,20 +189,34 @@ class _Collector:
                 d["emp"] += _sum(e2.mul_(g2_c))
                 if f.kind == "int":
                     d["int_uniform"] += _sum(g2_c * (s_c * s_c / 12.0))
+                if self.gw2c is not None:  # diagonal: the per-sequence weight error is fixed, not resampled
+                    d["curv"] = d.get("curv", 0.0) + _sum(
+                        (quantize_with_scale(w_c, f, s_c) - w_c).pow_(2).mul_(self.gw2c[i:i + rows]))
         st.xg2, st.x2 = acc["xg2"], acc["x2"] * n_samples
         for f in self.formats:
             d = per_f[f.name]
             st.emp[f.name], st.err2[f.name] = d["emp"], d["err2"] * n_samples
             if f.kind == "int":
                 st.int_uniform[f.name] = d["int_uniform"]
+            if "curv" in d:
+                st.curv[f.name] = d["curv"]
+        self.gw2c = None
         self.gw2 = None
 
 
 def sequence_loss(model: nn.Module, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of each sequence in ``ids`` (shape: batch)."""
+    return _logits_and_loss(model, ids, inputs_embeds)[1]
+
+
+def _logits_and_loss(model: nn.Module, ids: torch.Tensor,
+                     inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     kw = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": ids}
     logits = model(**kw, use_cache=False).logits[:, :-1].float()
-    tgt = ids[:, 1:]
+    return logits, _ce(logits, ids[:, 1:])
+
+
+def _ce(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
     return ce.view(tgt.shape).mean(dim=1)
 
@@ -205,12 +238,16 @@ def rebatch(blocks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
 
 def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[str] | None = None,
               include_lm_head: bool = True, model_name: str = "", data_source: str = "",
-              progress: bool = True, batch_size: int = 4) -> Sensitivity:
+              progress: bool = True, batch_size: int = 4, curvature: bool = False) -> Sensitivity:
     """One fwd+bwd per ``batch_size`` sequences over ``blocks`` ((1, T) or (B, T) tensors); returns the record.
 
     Every statistic is per sequence (its own loss, per-sequence scales and weight gradients), so the result
     does not depend on ``batch_size``; larger batches only amortise the hooks' per-call cost. Blocks are
     consumed one batch at a time (an iterator is fine): a long calibration set costs time, not memory.
+
+    ``curvature``: a second backward through the same graph with labels sampled from the model's own
+    predictions; its squared gradients estimate the Gauss-Newton curvature, hence the mean loss *shift*
+    ½eᵀHe of each op (``Sensitivity.bias``), which adds linearly over ops where the noise adds in quadrature.
     """
     formats = list(formats or DEFAULT_FORMATS)
     for f in formats:
@@ -219,7 +256,9 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
-    cols = [_Collector(o.name, mods[o.name], o.kind, formats) for o in ops]
+    state = {"phase": "grad"}
+    cols = [_Collector(o.name, mods[o.name], o.kind, formats, state) for o in ops]
+    gen = torch.Generator().manual_seed(0)
     for c in cols:
         c.attach()
     emb = model.get_input_embeddings()
@@ -235,11 +274,21 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             # A leaf that requires grad makes every activation downstream require grad, so the
             # hooks see gradients while no parameter gradient is ever computed or stored.
             embeds = emb(batch).detach().requires_grad_(True)
-            loss = sequence_loss(model, batch, embeds)
+            logits, loss = _logits_and_loss(model, batch, embeds)
             if not torch.isfinite(loss).all():
                 raise SensitivityError(f"non-finite calibration loss on sequence(s) {n}..{n + len(batch) - 1}: "
                                        f"{loss.tolist()}")
-            loss.sum().backward()
+            loss.sum().backward(retain_graph=curvature)
+            if curvature:
+                with torch.no_grad():
+                    probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
+                    sampled = torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1])
+                state["phase"] = "curvature"
+                try:
+                    _ce(logits, sampled).sum().backward()
+                finally:
+                    state["phase"] = "grad"
+            del logits
             loss_sum += float(loss.detach().sum())
             n += batch.shape[0]
             seq_len = batch.shape[1]

@@ -5,6 +5,13 @@ One binary per (group, config); exactly one config per group. The primal form ma
 The model is built once per (records, metric, noise) and re-solved with mutable budget parameters through
 Pyomo's persistent HiGHS interface, so a β sweep (the Pareto frontier) costs one build plus cheap re-solves.
 
+With a curvature-calibrated sensitivity record the predicted loss MSE is N(y) + S(y)²: the noise terms N add
+over ops, the signed mean loss shifts S (mean first-order change + second-order ½eᵀHe) add *before*
+squaring; without S, guarded INT8 plans measured ~5x their prediction on SmolLM2. S² is convex, so the
+budget N + S² ≤ ε is imposed exactly up to a chord error ≤ ε/(4·CHORDS²) by 2·CHORDS linear constraints (the
+chords of S² on [−√ε, √ε], which lie above it), and the loss objective of the dual uses tangent cuts (below
+it); no binaries are added and every reported number is recomputed exactly.
+
 Coefficients are rescaled (loss by the all-most-lossy total, gains by the sum of per-group best gains) so
 HiGHS's absolute feasibility tolerances mean the same thing for a 1e-9 loss MSE as for a 1e+3 one. Every
 number put in a Plan is recomputed in plain Python from the records, not read back from the solver.
@@ -32,6 +39,9 @@ METRICS = ("ET", "TT", "M")
 MIP_REL_GAP = 1e-7
 #: Relative slack when a phase-2 solve pins the phase-1 optimum (tolerates HiGHS's feasibility tolerance).
 _PIN_SLACK = 1e-9
+#: Chords of S² under the budget (over-estimate ≤ ε/(4·CHORDS²) = 0.1% of ε) and tangents for the dual objective.
+CHORDS = 16
+TANGENTS = 32
 
 
 class BudgetSpecError(IpampError):
@@ -48,9 +58,13 @@ class GroupChoices:
     name: str
     ops: list[str]
     configs: list[tuple[str, ...]]
-    loss: list[float]
+    loss: list[float]  # noise part of the loss MSE (adds over groups)
     gain: dict[str, list[float]]  # metric -> per allowed config
     ref_index: int  # position of the all-reference config in ``configs``
+    shift: list[float] | None = None  # predicted mean loss shift (adds over groups before squaring)
+
+    def shift_of(self, ci: int) -> float:
+        return self.shift[ci] if self.shift else 0.0
 
 
 @dataclass
@@ -73,8 +87,23 @@ class Instance:
         m = metric or self.metric
         return sum(max(g.gain[m]) for g in self.groups)
 
+    @property
+    def uses_shift(self) -> bool:
+        return any(g.shift and any(g.shift) for g in self.groups)
+
     def max_loss(self) -> float:
-        return sum(max(g.loss) for g in self.groups)
+        """Σ largest noise + the largest |Σ shift|: an upper bound of every plan's predicted loss MSE."""
+        hi = sum(max(g.shift or [0.0]) for g in self.groups)
+        lo = sum(min(g.shift or [0.0]) for g in self.groups)
+        return sum(max(g.loss) for g in self.groups) + max(hi, -lo) ** 2
+
+    def loss_of(self, choice: list[int]) -> float:
+        """Predicted loss MSE of one config index per group: Σ noise + (Σ shift)²."""
+        noise = sum(g.loss[c] for g, c in zip(self.groups, choice, strict=True))
+        return noise + self.shift_total(choice) ** 2
+
+    def shift_total(self, choice: list[int]) -> float:
+        return sum(g.shift_of(c) for g, c in zip(self.groups, choice, strict=True))
 
 
 def _op_term(sens: Sensitivity, op: str, fmt: str, ref: str, noise: str) -> float:
@@ -93,7 +122,7 @@ def _weight_bytes(sens: Sensitivity, op: str, fmt: str) -> float:
 
 def build_instance(
     sensitivity: Sensitivity, partition: Partition, gains: Gains, metric: str = "ET", noise: str = "empirical",
-    min_sqnr_db: float | None = None,
+    min_sqnr_db: float | None = None, shift: bool = True,
 ) -> Instance:
     """Tabulate ε_{g,c} and t_{g,c} for every allowed config; configs that quantize an unreached op are dropped.
 
@@ -109,6 +138,7 @@ def build_instance(
         raise ArtifactError("the gains record lists no formats")
     ref = gains.formats[0]
     unreached = set(sensitivity.unreached)
+    use_shift = shift and sensitivity.has_curvature
     groups: list[GroupChoices] = []
     for grp in partition.groups:
         gg = gains.groups.get(grp.name)
@@ -119,7 +149,7 @@ def build_instance(
         for op in grp.ops:
             if op not in sensitivity.ops and op not in unreached:
                 raise ArtifactError(f"op {op} of the partition is missing from the sensitivity record")
-        configs, loss, gain, ref_index = [], [], {m: [] for m in gg.gains}, -1
+        configs, loss, shifts, gain, ref_index = [], [], [], {m: [] for m in gg.gains}, -1
         for i, cfg in enumerate(gg.configs):
             cfg = tuple(cfg)
             if len(cfg) != len(grp.ops):
@@ -133,11 +163,14 @@ def build_instance(
                 ref_index = len(configs)
             configs.append(cfg)
             loss.append(sum(_op_term(sensitivity, op, f, ref, noise) for op, f in zip(grp.ops, cfg, strict=True)))
+            shifts.append(sum(sensitivity.bias(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
+                          if use_shift else 0.0)
             for m, vals in gg.gains.items():
                 gain[m].append(float(vals[i]))
         if ref_index < 0:
             raise ArtifactError(f"group {grp.name} has no all-{ref} config in the gains record")
-        groups.append(GroupChoices(grp.name, list(grp.ops), configs, loss, gain, ref_index))
+        groups.append(GroupChoices(grp.name, list(grp.ops), configs, loss, gain, ref_index,
+                                   shifts if use_shift else None))
     ref_bytes = None
     if sensitivity.ops:
         ref_bytes = sum(_weight_bytes(sensitivity, op, ref) for g in groups for op in g.ops)
@@ -197,8 +230,37 @@ class GroupChoiceIP:
         self.loose_gain = sum(min(g.gain[inst.metric]) for g in inst.groups) / self.gain_scale - 1.0
         m.eps_max = pyo.Param(mutable=True, initialize=self.loose_eps)
         m.gain_min = pyo.Param(mutable=True, initialize=self.loose_gain)
-        m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)
         m.gain_con = pyo.Constraint(expr=m.gain >= m.gain_min)
+        self.shift = inst.uses_shift
+        if not self.shift:
+            m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)
+            loss_objective = m.loss
+        else:
+            # z = S/√scale, so z² is in the same scaled units as m.loss; budget: loss + z² ≤ K with K = eps_max.
+            root = math.sqrt(self.loss_scale)
+            shift = {(gi, ci): inst.groups[gi].shift_of(ci) / root for gi, ci in idx}
+            m.z = pyo.Expression(expr=sum(shift[k] * m.y[k] for k in idx))
+            m.root = pyo.Param(mutable=True, initialize=math.sqrt(self.loose_eps))  # √K
+            m.J = pyo.RangeSet(0, CHORDS - 1)
+            m.side = pyo.Set(initialize=(1, -1))
+            # Chord j of z² between s·√K·j/M and s·√K(j+1)/M (s = ±1, shifts are signed): slope s·√K(2j+1)/M,
+            # intercept −K·j(j+1)/M²; together they are the interpolant of z² on [−√K, √K], which lies above it.
+            m.loss_con = pyo.Constraint(m.side, m.J, rule=lambda m, sd, j: m.loss + sd * m.root * (
+                (2 * j + 1) / CHORDS) * m.z - m.eps_max * (j * (j + 1) / CHORDS**2) <= m.eps_max)
+            z_hi = max(0.0, sum(max(g.shift or [0.0]) for g in inst.groups) / root)
+            z_lo = min(0.0, sum(min(g.shift or [0.0]) for g in inst.groups) / root)
+            self.tangent_step = (z_hi - z_lo) / TANGENTS * root  # unscaled spacing of the tangent points
+            m.t = pyo.Var(domain=pyo.NonNegativeReals)
+            m.T = pyo.RangeSet(0, TANGENTS)
+
+            def tangent(m, j):
+                zj = z_lo + (z_hi - z_lo) * j / TANGENTS
+                return m.t >= 2 * zj * m.z - zj**2
+            m.tangent = pyo.Constraint(m.T, rule=tangent)
+            loss_objective = m.loss + m.t
+            self.loose_eps = max(self.loose_eps, 2.0 * (1.0 + max(z_hi, -z_lo) ** 2))
+            m.eps_max.set_value(self.loose_eps)
+            m.root.set_value(math.sqrt(self.loose_eps))
         if self.mem:
             memc = {(gi, ci): self.mem[gi][ci] / self.mem_scale for gi, ci in idx}
             m.memory = pyo.Expression(expr=sum(memc[k] * m.y[k] for k in idx))
@@ -206,7 +268,7 @@ class GroupChoiceIP:
             m.mem_min = pyo.Param(mutable=True, initialize=self.loose_mem)
             m.mem_con = pyo.Constraint(expr=m.memory >= m.mem_min)
         m.max_gain = pyo.Objective(expr=m.gain, sense=pyo.maximize)
-        m.min_loss = pyo.Objective(expr=m.loss, sense=pyo.minimize)
+        m.min_loss = pyo.Objective(expr=loss_objective, sense=pyo.minimize)
         m.min_loss.deactivate()
         self.m = m
         self.opt = Highs()
@@ -218,8 +280,9 @@ class GroupChoiceIP:
         self._ub = {k: 1 for k in idx}
 
     def _restrict(self, eps_max: float | None) -> None:
-        """Forbid single configs whose own loss exceeds the whole budget (losses are ≥ 0, so this cuts nothing
-        feasible); it makes β=0 exact instead of 'zero within the solver's feasibility tolerance'."""
+        """Forbid single configs whose own noise exceeds the whole budget (noise terms are ≥ 0, so this cuts
+        nothing feasible; a shift is signed and may be cancelled by others); it makes β=0 exact instead of
+        'zero within the solver's feasibility tolerance'."""
         for gi, g in enumerate(self.inst.groups):
             for ci, e in enumerate(g.loss):
                 ub = 0 if (eps_max is not None and e > eps_max) else 1
@@ -267,6 +330,8 @@ class GroupChoiceIP:
         m = self.m
         self._restrict(eps_max)
         m.eps_max.set_value(self.loose_eps if eps_max is None else eps_max / self.loss_scale)
+        if self.shift:
+            m.root.set_value(math.sqrt(pyo.value(m.eps_max)))
         m.gain_min.set_value(self.loose_gain if gain_min is None else gain_min / self.gain_scale)
         if self.mem:
             m.mem_min.set_value(self.loose_mem if mem_min is None else mem_min / self.mem_scale)
@@ -309,7 +374,7 @@ class GroupChoiceIP:
 
     # -- exact evaluation ---------------------------------------------------------------------------
     def loss_of(self, choice: list[int]) -> float:
-        return sum(g.loss[c] for g, c in zip(self.inst.groups, choice, strict=True))
+        return self.inst.loss_of(choice)
 
     def gain_of(self, choice: list[int], metric: str | None = None) -> float:
         mt = metric or self.inst.metric
@@ -329,16 +394,17 @@ def plan_from_choice(
 ) -> Plan:
     """Turn one config index per group into a Plan whose numbers are recomputed from the records."""
     assignment: dict[str, str] = {}
-    loss = 0.0
     gains: dict[str, float] = {}
     for g, c in zip(inst.groups, choice, strict=True):
         assignment.update(zip(g.ops, g.configs[c], strict=True))
-        loss += g.loss[c]
         for m, vals in g.gain.items():
             gains[m] = gains.get(m, 0.0) + vals[c]
+    loss = inst.loss_of(choice)
     info = dict(solver)
     info["predicted_gains"] = gains
     info["noise"] = inst.noise
+    info["predicted_shift"] = inst.shift_total(choice) if inst.uses_shift else None
+    info["predicted_noise_mse"] = loss - inst.shift_total(choice) ** 2
     info["min_sqnr_db"] = inst.min_sqnr_db
     info["beta_equivalent"] = math.sqrt(loss) / inst.mean_loss if inst.mean_loss > 0 else None
     return Plan(
@@ -370,6 +436,7 @@ def solve(
     noise: str = "empirical",
     time_limit_s: float = 60,
     min_sqnr_db: float | None = None,
+    shift: bool = True,
 ) -> Plan:
     """Choose one config per group.
 
@@ -381,7 +448,7 @@ def solve(
     given = [x is not None for x in (beta, target_gain, target_speedup)]
     if sum(given) != 1:
         raise BudgetSpecError("give exactly one of beta, target_gain or target_speedup")
-    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
     ip = GroupChoiceIP(inst, sensitivity, time_limit_s)
     mem_min = _memory_requirement(ip, memory_budget_bytes)
 
@@ -493,9 +560,10 @@ def frontier(
     noise: str = "empirical",
     time_limit_s: float = 60,
     min_sqnr_db: float | None = None,
+    shift: bool = True,
 ) -> list[Plan]:
     """Sweep β over one persistent model; return the de-duplicated Pareto points sorted by gain."""
-    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
     ip = GroupChoiceIP(inst, None, time_limit_s)
     betas = default_betas(inst) if betas is None else list(betas)
     plans = []

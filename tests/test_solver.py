@@ -109,6 +109,72 @@ def test_ip_matches_brute_force(records, metric):
         assert set(plan.assignment) == {op for g in part.groups for op in g.ops}
 
 
+def _with_shifts(records, seed=1):
+    """The same records with curvature sums, so each op also has a predicted mean loss shift."""
+    import copy
+
+    sens, part, gains = records
+    sens = copy.deepcopy(sens)
+    rng = random.Random(seed)
+    for op in sens.ops.values():
+        for st in op.operands.values():
+            st.curv = {f: v * rng.uniform(0.2, 3.0) / sens.seq_len for f, v in st.emp.items()}
+            st.lin = {f: v * rng.uniform(-4.0, 0.5) for f, v in st.emp.items()}  # signed first-order mean
+    return sens, part, gains
+
+
+def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
+    """Loss MSE = Σ noise + (Σ shift)²; the chord constraints are exact up to ε/(4·16²), so the IP's gain lies
+    between the brute-force optimum at a 0.1%-tighter budget and at the budget itself."""
+    sens, part, gains = _with_shifts(records)
+    assert sens.has_curvature and not records[0].has_curvature
+    inst = build_instance(sens, part, gains, "ET")
+    assert inst.uses_shift
+    assign = {"layers.0.op0": "int8", "layers.1.op1": "fp8_e4m3"}
+    noise = sens.predict(assign, shift=False)
+    s = sens.bias("layers.0.op0", "int8") + sens.bias("layers.1.op1", "fp8_e4m3")
+    assert s != 0 and sens.predict(assign) == pytest.approx(noise + s * s, rel=1e-12)
+    shifts = [x for g in inst.groups for x in g.shift]
+    assert min(shifts) < 0 < max(shifts)  # signed: the chords must bound z² on both sides
+
+    def best(eps):
+        top = -math.inf
+        for ch in itertools.product(*[range(len(g.configs)) for g in inst.groups]):
+            if inst.loss_of(list(ch)) <= eps:
+                top = max(top, sum(g.gain["ET"][c] for g, c in zip(inst.groups, ch, strict=True)))
+        return top
+
+    binding = 0
+    for beta in (0.3, 0.6, 1.0, 1.5, 2.5):
+        eps = (beta * sens.mean_loss) ** 2
+        plan = solve(sens, part, gains, beta=beta)
+        assert plan.predicted_loss_mse <= eps * (1 + 1e-9)
+        assert plan.predicted_loss_mse == pytest.approx(sens.predict(
+            {op: f for op, f in plan.assignment.items() if f != "fp32"}), rel=1e-9)
+        assert best(eps * (1 - 1e-3)) - 1e-12 <= plan.predicted_gain <= best(eps) + 1e-12, beta
+        binding += best(eps) < best(math.inf)
+        assert plan.solver["predicted_shift"] is not None
+    assert binding >= 3
+    # the dual: least loss for a gain target, within the tangent cuts' error of the brute-force optimum
+    target = 0.5 * inst.max_gain()
+    plan = solve(sens, part, gains, target_gain=target)
+    feasible = [list(ch) for ch in itertools.product(*[range(len(g.configs)) for g in inst.groups])
+                if sum(g.gain["ET"][c] for g, c in zip(inst.groups, ch, strict=True)) >= target]
+    least = min(inst.loss_of(ch) for ch in feasible)
+    step = (sum(max(g.shift) for g in inst.groups) - sum(min(g.shift) for g in inst.groups)) / 32
+    assert plan.predicted_gain >= target * (1 - 1e-9)
+    assert least <= plan.predicted_loss_mse <= least + (step / 2) ** 2 + 1e-12
+    # baselines use the same loss model
+    for name in ("random", "prefix"):
+        b = baseline(name, sens, part, gains, beta=1.0)
+        assert b.predicted_loss_mse <= (1.0 * sens.mean_loss) ** 2 * (1 + 1e-9)
+        assert b.predicted_loss_mse == pytest.approx(sens.predict(
+            {op: f for op, f in b.assignment.items() if f != "fp32"}), rel=1e-9)
+    # shift=False restores the first-order model
+    off = solve(sens, part, gains, beta=1.0, shift=False)
+    assert off.solver["predicted_shift"] is None
+
+
 def test_beta_zero_is_reference(records):
     sens, part, gains = records
     plan = solve(sens, part, gains, beta=0)
