@@ -27,7 +27,8 @@ HID, HEADS, KV, HD, INTER, VOCAB, LAYERS = 576, 9, 3, 64, 1536, 49152, 30
 
 
 def synthetic_smollm2(seq: int = 512, formats=("fp32", "fp8_e4m3"), seed: int = 0):
-    """SYNTHETIC records with SmolLM2-135M's op shapes; sensitivities log-normal, ET gains ~ MACs with noise."""
+    """SYNTHETIC records with SmolLM2-135M's op shapes; sensitivities log-normal (with mean-shift sums, so the
+    IP carries its shift constraints), ET gains ~ MACs with noise."""
     rng = random.Random(seed)
     ref, low = formats[0], formats[1]
     shapes = {  # op -> (kind, MACs per sequence, weight elements)
@@ -55,7 +56,10 @@ def synthetic_smollm2(seq: int = 512, formats=("fp32", "fp8_e4m3"), seed: int = 
         for opd in (("a", "b") if kind == "bgemm" else ("x", "w")):
             term = mean_loss**2 * 1e-5 * math.exp(rng.gauss(0, 1.2)) * depth
             operands[opd] = OperandStats(xg2=n * term * 30, x2=1.0, numel=1, emp={low: n * term},
-                                         err2={low: 10 ** (-rng.uniform(2.0, 4.5))})
+                                         err2={low: 10 ** (-rng.uniform(2.0, 4.5))},
+                                         # mean-shift sums, as calibrate(curvature=True) records them
+                                         curv={low: n * term * rng.uniform(0.5, 4.0) / seq},
+                                         lin={low: n * term * rng.uniform(-0.5, 0.5)})
         ops[name] = OpSensitivity(name, kind, calls=1, macs=macs, weight_numel=wnum, operands=operands)
         macs_of[name] = macs
 
@@ -142,6 +146,7 @@ def main() -> None:
         "solver_time_in_sweep_s": sum(p.solver["wall_s"] for p in plans),
         "single_solve_s (build + 2-phase solve)": t_single,
         "mid_beta": mid,
+        "loss_model": "noise + shift² (chord constraints)" if inst.uses_shift else "noise only",
         "ip_at_mid_beta": {"gain": single.predicted_gain, "loss_mse": single.predicted_loss_mse,
                            "status": single.solver["status"], "gap": single.solver["gap"]},
         "baselines_at_mid_beta": base,

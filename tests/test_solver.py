@@ -124,8 +124,7 @@ def _with_shifts(records, seed=1):
 
 
 def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
-    """Loss MSE = Σ noise + (Σ shift)²; the chord constraints are exact up to ε/(4·16²), so the IP's gain lies
-    between the brute-force optimum at a 0.1%-tighter budget and at the budget itself."""
+    """Loss MSE = Σ noise + (Σ shift)² with signed shifts; the IP (tangent cutting planes) matches brute force."""
     sens, part, gains = _with_shifts(records)
     assert sens.has_curvature and not records[0].has_curvature
     inst = build_instance(sens, part, gains, "ET")
@@ -151,7 +150,7 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
         assert plan.predicted_loss_mse <= eps * (1 + 1e-9)
         assert plan.predicted_loss_mse == pytest.approx(sens.predict(
             {op: f for op, f in plan.assignment.items() if f != "fp32"}), rel=1e-9)
-        assert best(eps * (1 - 1e-3)) - 1e-12 <= plan.predicted_gain <= best(eps) + 1e-12, beta
+        assert best(eps * (1 - 1e-6)) - 1e-12 <= plan.predicted_gain <= best(eps * (1 + 1e-6)) + 1e-12, beta
         binding += best(eps) < best(math.inf)
         assert plan.solver["predicted_shift"] is not None
     assert binding >= 3
@@ -161,9 +160,9 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
     feasible = [list(ch) for ch in itertools.product(*[range(len(g.configs)) for g in inst.groups])
                 if sum(g.gain["ET"][c] for g, c in zip(inst.groups, ch, strict=True)) >= target]
     least = min(inst.loss_of(ch) for ch in feasible)
-    step = (sum(max(g.shift) for g in inst.groups) - sum(min(g.shift) for g in inst.groups)) / 32
     assert plan.predicted_gain >= target * (1 - 1e-9)
-    assert least <= plan.predicted_loss_mse <= least + (step / 2) ** 2 + 1e-12
+    assert plan.predicted_loss_mse == pytest.approx(least, rel=1e-6)
+    assert plan.solver["cut_rounds"] >= 1
     # baselines use the same loss model
     for name in ("random", "prefix"):
         b = baseline(name, sens, part, gains, beta=1.0)

@@ -92,7 +92,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes.
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
-    representative alone, hot in cache, as before 0.2).
+    representative alone, hot in cache).
     """
     from . import get_backend
 
