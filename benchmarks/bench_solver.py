@@ -146,7 +146,7 @@ def main() -> None:
         "solver_time_in_sweep_s": sum(p.solver["wall_s"] for p in plans),
         "single_solve_s (build + 2-phase solve)": t_single,
         "mid_beta": mid,
-        "loss_model": "noise + shift² (chord constraints)" if inst.uses_shift else "noise only",
+        "loss_model": "noise + shift² (tangent cutting planes)" if inst.uses_shift else "noise only",
         "ip_at_mid_beta": {"gain": single.predicted_gain, "loss_mse": single.predicted_loss_mse,
                            "status": single.solver["status"], "gap": single.solver["gap"]},
         "baselines_at_mid_beta": base,

@@ -83,7 +83,8 @@ def plot_frontier(
 def group_explanations(
     plan: Plan, sensitivity: Sensitivity, partition: Partition, gains: Gains, noise: str | None = None
 ) -> list[dict[str, Any]]:
-    """Per group: chosen config, its loss MSE and share of the plan's total, chosen vs best gain."""
+    """Per group: chosen config, its noise loss MSE and share of the plan's noise total, its mean loss shift
+    (shifts add over groups and are squared once for the plan), chosen vs best gain."""
     from .solver import build_instance
 
     noise = noise or plan.solver.get("noise", "empirical")
@@ -115,6 +116,7 @@ def group_explanations(
             "ops": dict(zip(g.ops, cfg, strict=True)),
             "loss_mse": g.loss[c],
             "loss_share_pct": 100.0 * g.loss[c] / total if total > 0 else 0.0,
+            "shift": g.shift_of(c),
             "gain": gains_m[c],
             "best_gain": gains_m[best_c],
             "gain_of_best_pct": 100.0 * gains_m[c] / gains_m[best_c] if gains_m[best_c] > 0 else math.nan,
@@ -150,7 +152,9 @@ def write_report(
         f"- Budget: β = {plan.beta}, loss MSE ≤ {plan.budget_loss_mse}" if plan.beta is not None
         else f"- Budget: least loss MSE for a gain ≥ {s.get('target_gain')}",
         f"- Predicted loss MSE: {plan.predicted_loss_mse:.4g} (mean reference loss {sensitivity.mean_loss:.4g}; "
-        f"β-equivalent {s.get('beta_equivalent') or 0:.4g})",
+        f"β-equivalent {s.get('beta_equivalent') or 0:.4g})"
+        + (f" = noise {s.get('predicted_noise_mse', 0):.4g} + shift² ({s['predicted_shift']:.4g})²"
+           if s.get("predicted_shift") is not None else " (first-order noise only: calibrated without curvature)"),
         f"- Predicted gain: {_fmt_gain(plan.predicted_gain, m)}"
         + (f" of a {gains.reference_time_s * 1e3:.4g} ms reference prefill" if m == "ET" and gains.reference_time_s
            else ""),
@@ -165,14 +169,16 @@ def write_report(
         lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in measured.items()]
     lines += [
         "", "## Per group", "",
-        "Share = the group's part of the plan's predicted loss MSE; gain vs best = chosen config's gain over the "
-        "best gain any config of the group gives.", "",
-        "| group | formats per op | loss MSE | share | gain | best gain | why |", "|---|---|---|---|---|---|---|",
+        "noise = the group's noise loss MSE (these add); share = its part of the plan's noise total; shift = its "
+        "predicted mean loss change (these add, then the total is squared); best gain = the best any config of the "
+        "group gives.", "",
+        "| group | formats per op | noise | share | shift | gain | best gain | why |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ops = ", ".join(f"{op.rsplit('.', 1)[-1]}={f}" for op, f in r["ops"].items())
         lines.append(
-            f"| `{r['group']}` | {ops} | {r['loss_mse']:.3g} | {r['loss_share_pct']:.1f} % | "
+            f"| `{r['group']}` | {ops} | {r['loss_mse']:.3g} | {r['loss_share_pct']:.1f} % | {r['shift']:.3g} | "
             f"{_fmt_gain(r['gain'], m)} | {_fmt_gain(r['best_gain'], m)} | {r['why']} |"
         )
     if frontier:

@@ -169,6 +169,10 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
         assert b.predicted_loss_mse <= (1.0 * sens.mean_loss) ** 2 * (1 + 1e-9)
         assert b.predicted_loss_mse == pytest.approx(sens.predict(
             {op: f for op, f in b.assignment.items() if f != "fp32"}), rel=1e-9)
+    # the report splits the plan into noise shares and per-group shifts that add up to the plan's shift
+    plan = solve(sens, part, gains, beta=1.0)
+    rows = group_explanations(plan, sens, part, gains)
+    assert sum(r["shift"] for r in rows) == pytest.approx(plan.solver["predicted_shift"], rel=1e-9)
     # shift=False restores the first-order model
     off = solve(sens, part, gains, beta=1.0, shift=False)
     assert off.solver["predicted_shift"] is None
