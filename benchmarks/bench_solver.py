@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=20)
     ap.add_argument("--metric", default="ET", choices=["ET", "TT", "M"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--noise", default="auto", help="noise model, as `inc-ipamp solve --noise` (default auto)")
+    ap.add_argument("--min-sqnr-db", type=float, default=25.0, help="SQNR guard as in the pipeline (<0: none)")
     ap.add_argument("--out", type=Path, help="write frontier.json / frontier.png / results json here")
     a = ap.parse_args()
 
@@ -113,23 +115,24 @@ def main() -> None:
         sens, part, gains = synthetic_smollm2()
         source = "SYNTHETIC SmolLM2-shaped instance (seeded random sensitivities and gains)"
 
+    kw = {"noise": a.noise, "min_sqnr_db": None if a.min_sqnr_db < 0 else a.min_sqnr_db}
     t0 = time.perf_counter()
-    inst = build_instance(sens, part, gains, a.metric)
+    inst = build_instance(sens, part, gains, a.metric, **kw)
     t_build = time.perf_counter() - t0
     betas = default_betas(inst, a.points)
     sweeps = []
     for _ in range(a.repeats):
         t0 = time.perf_counter()
-        plans = frontier(sens, part, gains, metric=a.metric, betas=betas)
+        plans = frontier(sens, part, gains, metric=a.metric, betas=betas, **kw)
         sweeps.append(time.perf_counter() - t0)
     mid = betas[len(betas) // 2]
     t0 = time.perf_counter()
-    single = solve(sens, part, gains, metric=a.metric, beta=mid)
+    single = solve(sens, part, gains, metric=a.metric, beta=mid, **kw)
     t_single = time.perf_counter() - t0
     base = {}
     for name in BASELINES:
         t0 = time.perf_counter()
-        p = baseline(name, sens, part, gains, beta=mid, metric=a.metric)
+        p = baseline(name, sens, part, gains, beta=mid, metric=a.metric, **kw)
         base[name] = {"gain": p.predicted_gain, "loss_mse": p.predicted_loss_mse, "wall_s": time.perf_counter() - t0}
 
     result = {
@@ -138,7 +141,7 @@ def main() -> None:
         "groups": len(inst.groups),
         "binaries": sum(len(g.configs) for g in inst.groups),
         "configs_per_group": sorted({len(g.configs) for g in inst.groups}),
-        "metric": a.metric,
+        "metric": a.metric, "noise": a.noise, "min_sqnr_db": kw["min_sqnr_db"],
         "betas": len(betas),
         "instance_build_s": t_build,
         "frontier_sweep_s": sweeps,
