@@ -68,6 +68,25 @@ def test_run_writes_every_artifact(run_dir):
     assert acc["n"] == 4 and 0 <= acc["acc"] <= 1
     assert "lee_next_sentence" in ev["reference"]["accuracy"]
     assert plan["measured"]["measured_loss_mse"] == ip["measured_loss_mse"]
+    # default loss model: curvature on, so the plan carries its predicted shift; gains span the layers
+    assert plan["solver"]["predicted_shift"] is not None
+    assert any(st["curv"] for op in sens["ops"].values() for st in op["operands"].values())
+    gains = json.loads((run_dir / "gains.json").read_text())
+    assert any("mean over" in g["source"]["ET"] for g in gains["groups"].values())
+
+
+def test_no_curvature_restores_the_first_order_model(run_dir, tmp_path):
+    """`calibrate --no-curvature` then `solve`: no shift sums, no predicted shift (the paper's linear IP)."""
+    import shutil
+
+    out = tmp_path / "nc"
+    shutil.copytree(run_dir, out)
+    assert main(["calibrate", "--out", str(out), *QUICK, "--no-curvature"]) == 0
+    sens = json.loads((out / "sensitivity.json").read_text())
+    assert not any(st["curv"] for op in sens["ops"].values() for st in op["operands"].values())
+    assert json.loads((out / "settings.json").read_text())["curvature"] is False
+    assert main(["solve", "--out", str(out)]) == 0
+    assert json.loads((out / "plan.json").read_text())["solver"]["predicted_shift"] is None
 
 
 def test_stage_reruns_alone_from_files(run_dir, capsys):
