@@ -146,13 +146,16 @@ class _Collector:
         x = args[0].detach()
 
         def weight_grad(gy: torch.Tensor) -> None:
+            if self.state["phase"] == "curvature":
+                # Sampled-label gradients are independent and zero-mean across sequences, so the square of the
+                # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one matmul and one pass, not B.
+                gw = _wide(gy.reshape(-1, gy.shape[-1])).t() @ _wide(x.reshape(-1, x.shape[-1]))
+                if self.gw2c is None:
+                    self.gw2c = torch.zeros_like(gw)
+                self.gw2c.addcmul_(gw, gw)
+                return
             for gy_n, x_n in zip(gy, x, strict=True):  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
                 gw = _wide(gy_n.reshape(-1, gy_n.shape[-1])).t() @ _wide(x_n.reshape(-1, x_n.shape[-1]))
-                if self.state["phase"] == "curvature":
-                    if self.gw2c is None:
-                        self.gw2c = torch.zeros_like(gw)
-                    self.gw2c.addcmul_(gw, gw)
-                    continue
                 if self.gw2 is None:
                     self.gw2 = torch.zeros_like(gw)
                 self.gw2.addcmul_(gw, gw)  # non-finite values are caught once, on the total, in finish_weight
@@ -280,9 +283,10 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                                        f"{loss.tolist()}")
             loss.sum().backward(retain_graph=curvature)
             if curvature:
-                with torch.no_grad():
-                    probs = logits.detach().softmax(-1).reshape(-1, logits.shape[-1])
-                    sampled = torch.multinomial(probs, 1, generator=gen).view(logits.shape[:-1])
+                with torch.no_grad():  # inverse-CDF sampling: torch.multinomial took ~6% of the calibration
+                    cdf = logits.detach().softmax(-1).reshape(-1, logits.shape[-1]).cumsum(-1)
+                    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+                    sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1).view(logits.shape[:-1])
                 state["phase"] = "curvature"
                 try:
                     _ce(logits, sampled).sum().backward()
