@@ -83,6 +83,7 @@ def baseline(
     order = op_order(name, sensitivity, candidates, low, seed)
 
     noise_mse, shift, switched, skipped = 0.0, 0.0, [], []
+    use_shift = inst.uses_shift
     for op in order:
         gi, k = where[op]
         trial = list(current[gi])
@@ -91,7 +92,7 @@ def baseline(
             skipped.append(op)
             continue
         term = sensitivity.term(op, low, noise)
-        b = sensitivity.bias(op, low) if inst.uses_shift else 0.0
+        b = sensitivity.bias(op, low) if use_shift else 0.0
         if noise_mse + term + (shift + b) ** 2 > eps_max:  # the IP's own loss model: noise adds, shifts add
             skipped.append(op)
             continue

@@ -56,6 +56,11 @@ class Format:
             return self.max_value
         return float("inf")
 
+    @property
+    def has_scale(self) -> bool:
+        """Integers and range-limited floats (FP8) are quantised under a max-abs scale; BF16 and the reference not."""
+        return self.kind == "int" or (self.kind == "float" and self.max_value is not None)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -113,19 +118,16 @@ def quantize(x: torch.Tensor, fmt: Format | str, reduce_dim: int = -1, per_sampl
     the tensor at hand; ``reduce_dim`` is the contraction dimension for per-channel integers.
     """
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
-    if fmt.kind == "ref":
-        return x
-    if fmt.kind == "float" and fmt.max_value is None:  # bf16: no scale
-        return x.to(getattr(torch, fmt.torch_dtype)).to(x.dtype)
-    return quantize_with_scale(x, fmt, scale_of(x, fmt, reduce_dim, per_sample))
+    s = scale_of(x, fmt, reduce_dim, per_sample) if fmt.has_scale else None
+    return quantize_with_scale(x, fmt, s)
 
 
-def quantize_with_scale(x: torch.Tensor, fmt: Format, s: torch.Tensor) -> torch.Tensor:
+def quantize_with_scale(x: torch.Tensor, fmt: Format, s: torch.Tensor | None) -> torch.Tensor:
     """Round ``x`` to ``fmt`` with a given (broadcastable) scale: lets a large tensor be processed in chunks
-    under the scale of the whole tensor."""
+    under the scale of the whole tensor. ``s`` is ignored by formats without a scale (``has_scale``)."""
     if fmt.kind == "ref":
         return x
-    if fmt.kind == "float" and fmt.max_value is None:
+    if not fmt.has_scale:  # bf16
         return x.to(getattr(torch, fmt.torch_dtype)).to(x.dtype)
     if fmt.kind == "float":
         y = (x / s).clamp(-fmt.max_value, fmt.max_value).to(getattr(torch, fmt.torch_dtype))

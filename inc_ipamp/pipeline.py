@@ -44,7 +44,8 @@ class RunSettings:
     calib_formats: list[str] = field(default_factory=list)
     include_lm_head: bool = True
     noise: str = "auto"
-    #: measured on SmolLM2/INT8 (CPU): plans without it measure 9-90x their predicted loss MSE, with it 3.5x
+    #: measured on SmolLM2/INT8 (CPU): first-order plans without it measured 9-90x their predicted loss MSE, with
+    #: it 3.5x; ops below it are where every noise model is off by large factors (benchmarks/results/sensitivity.md)
     min_sqnr_db: float | None = 25.0
     metric: str = "ET"
     beta: float | None = 0.05

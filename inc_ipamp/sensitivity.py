@@ -55,6 +55,19 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _first_order(x: torch.Tensor, g: torch.Tensor, fmt, reduce_dim: int):
+    """Rounding error e of ``x`` in ``fmt`` (per-sequence scales), g⊙e, and the first-order loss change of each
+    sequence Σ g·e (a signed sum that cancels heavily, so in float64)."""
+    e = quantize(x, fmt, reduce_dim, per_sample=True) - x
+    ge = g * e
+    return e, ge, ge.flatten(1).sum(1, dtype=torch.float64)
+
+
+def _weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """∂L/∂W of a Linear from its output gradient and input, summed over all leading dimensions."""
+    return _wide(gy.reshape(-1, gy.shape[-1])).t() @ _wide(x.reshape(-1, x.shape[-1]))
+
+
 class _Collector:
     """Hooks and float64 accumulators for one op."""
 
@@ -74,8 +87,7 @@ class _Collector:
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
         for f in self.formats:
-            e = quantize(x, f, reduce_dim, per_sample=True) - x
-            d = (g * e).flatten(1).sum(1, dtype=torch.float64)
+            d = _first_order(x, g, f, reduce_dim)[2]
             st.curv[f.name] = st.curv.get(f.name, 0.0) + float((d * d).sum())
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
@@ -94,10 +106,7 @@ class _Collector:
         st.numel += x.numel()
         st.amax = max(st.amax, float(x.abs().max()))
         for f in self.formats:
-            e = quantize(x, f, reduce_dim, per_sample=True) - x
-            ge = g * e
-            # first-order loss change per sequence: a signed sum that cancels heavily, so float64 here
-            d = ge.flatten(1).sum(1, dtype=torch.float64)
+            e, ge, d = _first_order(x, g, f, reduce_dim)
             st.coh[f.name] = st.coh.get(f.name, 0.0) + float((d * d).sum())
             st.lin[f.name] = st.lin.get(f.name, 0.0) + float(d.sum())
             st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(ge * ge)
@@ -149,13 +158,13 @@ class _Collector:
             if self.state["phase"] == "curvature":
                 # Sampled-label gradients are independent and zero-mean across sequences, so the square of the
                 # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one matmul and one pass, not B.
-                gw = _wide(gy.reshape(-1, gy.shape[-1])).t() @ _wide(x.reshape(-1, x.shape[-1]))
+                gw = _weight_grad(gy, x)
                 if self.gw2c is None:
                     self.gw2c = torch.zeros_like(gw)
                 self.gw2c.addcmul_(gw, gw)
                 return
             for gy_n, x_n in zip(gy, x, strict=True):  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
-                gw = _wide(gy_n.reshape(-1, gy_n.shape[-1])).t() @ _wide(x_n.reshape(-1, x_n.shape[-1]))
+                gw = _weight_grad(gy_n, x_n)
                 if self.gw2 is None:
                     self.gw2 = torch.zeros_like(gw)
                 self.gw2.addcmul_(gw, gw)  # non-finite values are caught once, on the total, in finish_weight
@@ -189,12 +198,11 @@ class _Collector:
                 e2 = (quantize_with_scale(w_c, f, s_c) - w_c).pow_(2)
                 d = per_f[f.name]
                 d["err2"] += _sum(e2)
+                if self.gw2c is not None:  # diagonal: the per-sequence weight error is fixed, not resampled
+                    d["curv"] = d.get("curv", 0.0) + _sum(e2 * self.gw2c[i:i + rows])
                 d["emp"] += _sum(e2.mul_(g2_c))
                 if f.kind == "int":
                     d["int_uniform"] += _sum(g2_c * (s_c * s_c / 12.0))
-                if self.gw2c is not None:  # diagonal: the per-sequence weight error is fixed, not resampled
-                    d["curv"] = d.get("curv", 0.0) + _sum(
-                        (quantize_with_scale(w_c, f, s_c) - w_c).pow_(2).mul_(self.gw2c[i:i + rows]))
         st.xg2, st.x2 = acc["xg2"], acc["x2"] * n_samples
         for f in self.formats:
             d = per_f[f.name]

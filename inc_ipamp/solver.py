@@ -90,10 +90,13 @@ class Instance:
     def uses_shift(self) -> bool:
         return any(g.shift and any(g.shift) for g in self.groups)
 
+    def shift_range(self) -> tuple[float, float]:
+        """Least and largest total shift any plan can reach (each group at its extreme config)."""
+        return (sum(min(g.shift or [0.0]) for g in self.groups), sum(max(g.shift or [0.0]) for g in self.groups))
+
     def max_loss(self) -> float:
-        """Σ largest noise + the largest |Σ shift|: an upper bound of every plan's predicted loss MSE."""
-        hi = sum(max(g.shift or [0.0]) for g in self.groups)
-        lo = sum(min(g.shift or [0.0]) for g in self.groups)
+        """Σ largest noise + the largest |Σ shift|²: an upper bound of every plan's predicted loss MSE."""
+        lo, hi = self.shift_range()
         return sum(max(g.loss) for g in self.groups) + max(hi, -lo) ** 2
 
     def loss_of(self, choice: list[int]) -> float:
@@ -250,8 +253,7 @@ class GroupChoiceIP:
             m.objective_cuts.add(m.t >= 0)
             loss_objective = m.loss + m.t
             self.cut_points: set[float] = set()
-            z_max = max(abs(sum(max(g.shift or [0.0]) for g in inst.groups)),
-                        abs(sum(min(g.shift or [0.0]) for g in inst.groups))) / root
+            z_max = max(abs(z) for z in inst.shift_range()) / root
             self.loose_eps = max(self.loose_eps, 2.0 * (1.0 + z_max**2))
             m.eps_max.set_value(self.loose_eps)
         if self.mem:
@@ -414,12 +416,12 @@ def plan_from_choice(
         assignment.update(zip(g.ops, g.configs[c], strict=True))
         for m, vals in g.gain.items():
             gains[m] = gains.get(m, 0.0) + vals[c]
-    loss = inst.loss_of(choice)
+    loss, shift = inst.loss_of(choice), inst.shift_total(choice)
     info = dict(solver)
     info["predicted_gains"] = gains
     info["noise"] = inst.noise
-    info["predicted_shift"] = inst.shift_total(choice) if inst.uses_shift else None
-    info["predicted_noise_mse"] = loss - inst.shift_total(choice) ** 2
+    info["predicted_shift"] = shift if inst.uses_shift else None
+    info["predicted_noise_mse"] = loss - shift**2
     info["min_sqnr_db"] = inst.min_sqnr_db
     info["beta_equivalent"] = math.sqrt(loss) / inst.mean_loss if inst.mean_loss > 0 else None
     return Plan(
