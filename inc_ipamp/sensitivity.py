@@ -63,9 +63,32 @@ def _first_order(x: torch.Tensor, g: torch.Tensor, fmt, reduce_dim: int):
     return e, ge, ge.flatten(1).sum(1, dtype=torch.float64)
 
 
-def _weight_grad(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """∂L/∂W of a Linear from its output gradient and input, summed over all leading dimensions."""
-    return _wide(gy.reshape(-1, gy.shape[-1])).t() @ _wide(x.reshape(-1, x.shape[-1]))
+#: elements of one row block of a weight gradient (4 MiB float32): every sequence of a batch adds its square to the
+#: block while it sits in L3, instead of streaming a whole gradient through memory once per sequence
+_MM_CHUNK = 1 << 20
+
+
+def _add_sq_weight_grads(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``acc`` + Σ_n (∂L_n/∂W)² of a Linear, one gradient per leading index n of ``gy``/``x`` (per sequence, not
+    the square of the batch's sum). Done in row blocks: for lm_head (28M elements) whole per-sequence gradients
+    took 1.6x the time of one batched gradient, the blocked form takes 0.9x. A new ``acc`` starts from the first
+    square (no zero fill of a weight-sized buffer)."""
+    gy, x = _wide(gy), _wide(x)
+    gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+    d_out, d_in = gy.shape[-1], x.shape[-1]
+    fresh = acc is None
+    if acc is None:
+        acc = torch.empty(d_out, d_in, dtype=torch.promote_types(gy.dtype, x.dtype))
+    rows = max(1, _MM_CHUNK // d_in)
+    for i in range(0, d_out, rows):
+        block = acc[i:i + rows]
+        for n in range(gy.shape[0]):
+            g = gy[n, :, i:i + rows].t() @ x[n]
+            if fresh and n == 0:
+                torch.mul(g, g, out=block)
+            else:
+                block.addcmul_(g, g)
+    return acc
 
 
 class _Collector:
@@ -157,17 +180,11 @@ class _Collector:
         def weight_grad(gy: torch.Tensor) -> None:
             if self.state["phase"] == "curvature":
                 # Sampled-label gradients are independent and zero-mean across sequences, so the square of the
-                # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one matmul and one pass, not B.
-                gw = _weight_grad(gy, x)
-                if self.gw2c is None:
-                    self.gw2c = torch.zeros_like(gw)
-                self.gw2c.addcmul_(gw, gw)
-                return
-            for gy_n, x_n in zip(gy, x, strict=True):  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
-                gw = _weight_grad(gy_n, x_n)
-                if self.gw2 is None:
-                    self.gw2 = torch.zeros_like(gw)
-                self.gw2.addcmul_(gw, gw)  # non-finite values are caught once, on the total, in finish_weight
+                # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one gradient, not one per sequence.
+                self.gw2c = _add_sq_weight_grads(self.gw2c, gy.reshape(1, -1, gy.shape[-1]),
+                                                 x.reshape(1, -1, x.shape[-1]))
+            else:  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²; non-finite values are caught on the total
+                self.gw2 = _add_sq_weight_grads(self.gw2, gy, x)
 
         out.register_hook(weight_grad)
 
