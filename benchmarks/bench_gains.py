@@ -49,6 +49,23 @@ def per_op_sum_vs_group(gg, ref: str) -> list[dict]:
     return rows
 
 
+def additivity(checks: list[dict]) -> dict:
+    """Summary of predicted vs measured end-to-end gains over ``checks`` (span all, and span 1 with ``_span1``)."""
+    out: dict = {"n": len(checks)}
+    if not checks:
+        return out
+    for sfx in ("", "_span1"):
+        out["median_rel_error" + sfx] = statistics.median(c["rel_error" + sfx] for c in checks)
+        out["mean_rel_error" + sfx] = statistics.mean(c["rel_error" + sfx] for c in checks)
+        out["median_error_over_t_ref" + sfx] = statistics.median(c["error_over_t_ref" + sfx] for c in checks)
+        pred = sum(c["predicted_s" if not sfx else "predicted_span1_s"] for c in checks)
+        out["total_predicted_over_measured" + sfx] = pred / sum(c["measured_s"] for c in checks)
+    out["within_ci"] = statistics.mean(
+        abs(c["predicted_s"] - c["measured_s"]) <= (c["predicted_ci_s"] ** 2 + c["measured_ci_s"] ** 2) ** 0.5
+        for c in checks)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
@@ -83,30 +100,41 @@ def main() -> None:
     err_a = [abs(r["per_op_sum_s"] - r["measured_s"]) for r in rows]
     scale_a = statistics.median(abs(r["measured_s"]) for r in rows)
 
-    # (b) random mixed whole-model configurations, measured end to end
+    # (b) random mixed whole-model configurations, then structured ones (one op family in INT8 in every layer,
+    # and their unions), measured end to end
     rng = random.Random(args.seed)
     checks = []
     t1 = time.perf_counter()
-    for _ in range(args.configs):
-        assignment, choice = {}, {}
+    configs = []
+    for i in range(args.configs):
         p_low = rng.choice([0.2, 0.5, 0.8])
-        for g in part.groups:
-            c = tuple(rng.choice(formats[1:]) if rng.random() < p_low else ref for _ in g.ops)
-            choice[g.name] = [tuple(x) for x in gains.groups[g.name].configs].index(c)
-            assignment.update({op: f for op, f in zip(g.ops, c, strict=True) if f != ref})
+        configs.append((f"random{i}_p{p_low}", {g.name: tuple(rng.choice(formats[1:]) if rng.random() < p_low else ref
+                                                             for _ in g.ops) for g in part.groups}))
+    low = formats[1]
+    fams = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+            "down": ("down_proj",), "lm_head": ("lm_head",)}
+    for name in [*fams, "qkv+o", "gate_up+down", "qkv+o+gate_up+down", "all_linear"]:
+        suffixes = tuple(x for f in (fams if name == "all_linear" else name.split("+")) for x in fams[f])
+        configs.append((name, {g.name: tuple(low if o.endswith(suffixes) else ref for o in g.ops)
+                               for g in part.groups}))
+    for label, cfg in configs:
+        assignment = {op: f for g in part.groups for op, f in zip(g.ops, cfg[g.name], strict=True) if f != ref}
+        choice = {n: [tuple(x) for x in gains.groups[n].configs].index(c) for n, c in cfg.items()}
         pred = {k: sum(r.groups[n].gains["ET"][i] for n, i in choice.items()) for k, (r, _) in runs.items()}
         pred_ci = sum(gains.groups[n].ci["ET"][i] ** 2 for n, i in choice.items()) ** 0.5
         meas = compare_prefill(model, ids, be, assignment, reps=args.e2e_reps, warmup=2)
         m = meas["gain_s"]
-        checks.append({"low_ops": len(assignment), "predicted_s": pred["all"], "predicted_ci_s": pred_ci,
+        checks.append({"config": label, "low_ops": len(assignment), "predicted_s": pred["all"],
+                       "predicted_ci_s": pred_ci,
                        "predicted_span1_s": pred["1"], "measured_s": m, "measured_ci_s": meas["ci_s"],
                        "t_ref_s": meas["t_ref_s"],
                        "rel_error": abs(pred["all"] - m) / max(abs(m), 1e-12),
                        "rel_error_span1": abs(pred["1"] - m) / max(abs(m), 1e-12),
                        "error_over_t_ref": abs(pred["all"] - m) / meas["t_ref_s"],
                        "error_over_t_ref_span1": abs(pred["1"] - m) / meas["t_ref_s"]})
-        print(f"  {len(assignment):3d} low ops: predicted {pred['all'] * 1e3:8.2f} ms (span 1: {pred['1'] * 1e3:8.2f}),"
-              f" measured {m * 1e3:8.2f} ± {meas['ci_s'] * 1e3:.2f} ms (T_ref {meas['t_ref_s'] * 1e3:.1f} ms)")
+        print(f"  {label:22s} {len(assignment):3d} low ops: predicted {pred['all'] * 1e3:8.2f} ms (span 1: "
+              f"{pred['1'] * 1e3:8.2f}), measured {m * 1e3:8.2f} ± {meas['ci_s'] * 1e3:.2f} ms "
+              f"(T_ref {meas['t_ref_s'] * 1e3:.1f} ms)")
     e2e_s = time.perf_counter() - t1
 
     # (c) timed runs: the paper times every config of every group end to end, no reuse across layers
@@ -131,17 +159,11 @@ def main() -> None:
                               "median_rel_error": statistics.median(e / max(abs(r["measured_s"]), 1e-12)
                                                                     for e, r in zip(err_a, rows, strict=True))},
         "b_end_to_end": {"checks": checks, "wall_s": e2e_s,
-                         **{f"{stat}{sfx}": fn(c[f"{key}{sfx}"] for c in checks)
-                            for sfx in ("", "_span1")
-                            for stat, key, fn in (("median_rel_error", "rel_error", statistics.median),
-                                                  ("mean_rel_error", "rel_error", statistics.mean),
-                                                  ("median_error_over_t_ref", "error_over_t_ref", statistics.median))},
                          "measure_wall_s": {k: w for k, (_, w) in runs.items()},
                          "timed_calls": {k: r.timed_runs for k, (r, _) in runs.items()},
-                         "total_predicted_over_measured": sum(c["predicted_s"] for c in checks) / sum(
-                             c["measured_s"] for c in checks),
-                         "total_predicted_over_measured_span1": sum(c["predicted_span1_s"] for c in checks) / sum(
-                             c["measured_s"] for c in checks)},
+                         **{subset: additivity(sel) for subset, sel in
+                            (("all", checks), ("random", [c for c in checks if c["config"].startswith("random")]),
+                             ("structured", [c for c in checks if not c["config"].startswith("random")]))}},
         "c_cost": {"ours_timed_runs": ours, "ours_subgraph_calls": calls, "paper_timed_full_model_runs": paper_runs,
                    "run_count_ratio": paper_runs / max(ours, 1), "ours_wall_s": measure_s,
                    "ours_wall_in_full_prefills": ours_model_equiv,
@@ -159,21 +181,27 @@ def main() -> None:
            for r in rows]
     md += ["", f"median |sum − measured| = {statistics.median(err_a) * 1e3:.3f} ms vs median |measured| = "
            f"{scale_a * 1e3:.3f} ms", "", "## (b) predicted (sum of group gains) vs measured end-to-end gain (ms)",
-           "| low ops | predicted (span all) | predicted (span 1) | measured | ±CI | rel. error all / 1 | "
-           "error / T_ref all / 1 |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {c['low_ops']} | {c['predicted_s'] * 1e3:.2f} | {c['predicted_span1_s'] * 1e3:.2f} | "
+           "| config | low ops | predicted (span all) | ±CI | predicted (span 1) | measured | ±CI | rel. error all / 1 "
+           "| error / T_ref all / 1 |", "|---|---|---|---|---|---|---|---|---|"]
+    md += [f"| {c['config']} | {c['low_ops']} | {c['predicted_s'] * 1e3:.2f} | {c['predicted_ci_s'] * 1e3:.2f} | "
+           f"{c['predicted_span1_s'] * 1e3:.2f} | "
            f"{c['measured_s'] * 1e3:.2f} | {c['measured_ci_s'] * 1e3:.2f} | {c['rel_error']:.1%} / "
            f"{c['rel_error_span1']:.1%} | {c['error_over_t_ref']:.1%} / {c['error_over_t_ref_span1']:.1%} |"
            for c in checks]
     b = res["b_end_to_end"]
+    md.append("")
+    for subset in ("all", "random", "structured"):
+        for sfx, label in (("", "span all (default)"), ("_span1", "span 1 (hot cache)")):
+            d = b[subset]
+            md.append(f"- {subset} ({d['n']} configs), {label}: median relative error "
+                      f"{d['median_rel_error' + sfx]:.1%} "
+                      f"(mean {d['mean_rel_error' + sfx]:.1%}), median error / T_ref "
+                      f"{d['median_error_over_t_ref' + sfx]:.1%}, Σpredicted/Σmeasured "
+                      f"{d['total_predicted_over_measured' + sfx]:.2f}"
+                      + (f", within the combined 95% CI: {d['within_ci']:.0%}" if not sfx else ""))
+    md.append(f"- measured in {b['measure_wall_s']['all']:.1f} s (span all), {b['measure_wall_s']['1']:.1f} s (span 1)")
     c = res["c_cost"]
-    md += ["", f"span all (default): median relative error {b['median_rel_error']:.1%} (mean "
-           f"{b['mean_rel_error']:.1%}), median error / T_ref {b['median_error_over_t_ref']:.1%}, Σpredicted/Σmeasured "
-           f"{b['total_predicted_over_measured']:.2f}; measured in {b['measure_wall_s']['all']:.1f} s",
-           f"span 1 (hot cache): median relative error {b['median_rel_error_span1']:.1%} (mean "
-           f"{b['mean_rel_error_span1']:.1%}), median error / T_ref {b['median_error_over_t_ref_span1']:.1%}, "
-           f"Σpredicted/Σmeasured {b['total_predicted_over_measured_span1']:.2f}; measured in "
-           f"{b['measure_wall_s']['1']:.1f} s", "", "## (c) timed runs (span all)",
+    md += ["", "## (c) timed runs (span all)",
            f"ours: {c['ours_timed_runs']} timed runs ({c['ours_subgraph_calls']} sub-graph calls) in "
            f"{c['ours_wall_s']:.1f} s (= {c['ours_wall_in_full_prefills']:.0f} full prefills); paper protocol: "
            f"{c['paper_timed_full_model_runs']} timed full-model runs (≈ {c['paper_wall_estimate_s']:.0f} s): "

@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
     ap.add_argument("--child")
     ap.add_argument("--cost-only", action="store_true", help="re-measure the cost, keep the saved validation")
+    ap.add_argument("--skip-cost", action="store_true", help="validation only (e.g. one format on more sequences)")
+    ap.add_argument("--stem", default="sensitivity", help="results file name in benchmarks/results (no suffix)")
     a = ap.parse_args()
     if a.child:
         return child(a.child, a.layers, a.n_calib, a.seq_len, a.batch)
@@ -149,7 +151,7 @@ def main() -> None:
     if a.layers:
         base += ["--layers", str(a.layers)]
     runs = []
-    for _ in range(2):
+    for _ in range(0 if a.skip_cost else 2):
         for mode in ("plain", "calibrate", "calibrate_int8", "calibrate_int8_curv"):
             out = subprocess.run(base + ["--child", mode], capture_output=True, text=True, check=True).stdout
             runs.append(json.loads(out.strip().splitlines()[-1]))
@@ -157,7 +159,7 @@ def main() -> None:
     def best(mode: str, key: str) -> float:
         return min(r[key] for r in runs if r["mode"] == mode)
 
-    res["cost"] = {"runs": runs,
+    res["cost"] = {} if a.skip_cost else {"runs": runs,
                    "time_ratio": best("calibrate", "wall_s") / best("plain", "wall_s"),
                    "peak_rss_ratio": best("calibrate", "peak_rss_mb") / best("plain", "peak_rss_mb"),
                    "time_ratio_int8_only": best("calibrate_int8", "wall_s") / best("plain", "wall_s"),
@@ -165,24 +167,27 @@ def main() -> None:
                    "time_ratio_int8_curvature": best("calibrate_int8_curv", "wall_s") / best("plain", "wall_s"),
                    "peak_rss_ratio_int8_curvature": best("calibrate_int8_curv", "peak_rss_mb") / best(
                        "plain", "peak_rss_mb")}
-    print("cost:", json.dumps({k: v for k, v in res["cost"].items() if k != "runs"}))
+    if res["cost"]:
+        print("cost:", json.dumps({k: v for k, v in res["cost"].items() if k != "runs"}))
 
     # -- accuracy of the prediction ---------------------------------------------------------------------
     formats = a.formats.split(",")
     if a.cost_only:  # keep the validation of the previous run, re-measure only the cost
-        res["validation"] = json.loads((RESULTS / "sensitivity.json").read_text())["validation"]
+        res["validation"] = json.loads((RESULTS / f"{a.stem}.json").read_text())["validation"]
     else:
         res["validation"] = validate(a, formats)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sensitivity.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / f"{a.stem}.json").write_text(json.dumps(res, indent=1))
     c = res["cost"]
+    cost_line = "Cost: not measured in this run." if not c else (
+        f"Calibration cost vs plain fwd+bwd with parameter gradients (same batches of {a.batch}, best of 2, "
+        f"separate processes): all 5 formats: time x{c['time_ratio']:.2f}, peak RSS "
+        f"x{c['peak_rss_ratio']:.2f}; int8 only: time x{c['time_ratio_int8_only']:.2f}, peak RSS "
+        f"x{c['peak_rss_ratio_int8_only']:.2f}; int8 + curvature (what `inc-ipamp run` on CPU does): time "
+        f"x{c.get('time_ratio_int8_curvature', float('nan')):.2f}, peak RSS "
+        f"x{c.get('peak_rss_ratio_int8_curvature', float('nan')):.2f}")
     lines = [f"# Sensitivity validation (SmolLM2-135M, layers={res['layers']}, {a.n_calib}x{a.seq_len} tokens)", "",
-             f"Calibration cost vs plain fwd+bwd with parameter gradients (same batches of {a.batch}, best of 2, "
-             f"separate processes): all {len(formats)} formats: time x{c['time_ratio']:.2f}, peak RSS "
-             f"x{c['peak_rss_ratio']:.2f}; int8 only: time x{c['time_ratio_int8_only']:.2f}, peak RSS "
-             f"x{c['peak_rss_ratio_int8_only']:.2f}; int8 + curvature (what `inc-ipamp run` on CPU does): time "
-             f"x{c.get('time_ratio_int8_curvature', float('nan')):.2f}, peak RSS "
-             f"x{c.get('peak_rss_ratio_int8_curvature', float('nan')):.2f}", "",
+             cost_line, "",
              "Per format and loss model: Spearman rho / median measured/predicted / fraction of assignments with "
              "measured/predicted in [0.5, 2]. `+shift`: noise + (Σ predicted mean shift)², the default with "
              "curvature; `auto`: the default noise model per format. guard25 = only the assignments whose every "
@@ -200,7 +205,7 @@ def main() -> None:
             if mname in s:
                 lines.append(f"| {fmt} | {mname} | {s['n_assignments']} | {cell(mname)} | {s['n_within_guard']} | "
                              f"{cell(mname + '_guard25')} |")
-    (RESULTS / "sensitivity.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{a.stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -4,9 +4,10 @@ For every quantizable op and operand we accumulate, in float64, the sums the Tay
 (METHOD.md): Σ(x⊙g)² (float noise), Σg² with real scales (integer noise) and, per candidate format,
 the empirical Σg²(Q_f(x)−x)². Activation operands are reduced inside tensor hooks, so nothing of size
 "activations" outlives a batch. Weight gradients are per sequence, computed by the hook from the output
-gradient (parameters stay ``requires_grad=False``, so autograd computes no .grad), and only Σ_n g_W² is
-kept: one weight-sized accumulator per Linear instead of per-format sums per sample. Sequences are
-batched (default 4) only to amortise the per-call cost of the hooks: every statistic stays per sequence.
+gradient (parameters stay ``requires_grad=False``, so autograd computes no .grad), and reduced block by
+block against the weight's rounding errors as they are made: per op only scalars are kept, no weight-sized
+buffer. Sequences are batched (default 4) only to amortise the per-call cost of the hooks: every statistic
+stays per sequence.
 
 The loss of sequence n is its mean next-token cross-entropy; each input gets a view alias so that the
 gradient a hook sees is that op's own share, not the sum over the q/k/v consumers of one tensor.
@@ -30,10 +31,6 @@ from .records import OperandStats, OpSensitivity, Sensitivity
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"]
-
-
-#: elements per chunk when reducing a weight: 256K float32 = 1 MiB, well inside a core's L2
-_CHUNK = 1 << 18
 
 
 def _sum(t: torch.Tensor) -> float:
@@ -64,31 +61,8 @@ def _first_order(x: torch.Tensor, g: torch.Tensor, fmt, reduce_dim: int):
 
 
 #: elements of one row block of a weight gradient (4 MiB float32): every sequence of a batch adds its square to the
-#: block while it sits in L3, instead of streaming a whole gradient through memory once per sequence
+#: block while it sits in L3, and the block is reduced against the weight's rounding errors right there
 _MM_CHUNK = 1 << 20
-
-
-def _add_sq_weight_grads(acc: torch.Tensor | None, gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``acc`` + Σ_n (∂L_n/∂W)² of a Linear, one gradient per leading index n of ``gy``/``x`` (per sequence, not
-    the square of the batch's sum). Done in row blocks: for lm_head (28M elements) whole per-sequence gradients
-    took 1.6x the time of one batched gradient, the blocked form takes 0.9x. A new ``acc`` starts from the first
-    square (no zero fill of a weight-sized buffer)."""
-    gy, x = _wide(gy), _wide(x)
-    gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
-    d_out, d_in = gy.shape[-1], x.shape[-1]
-    fresh = acc is None
-    if acc is None:
-        acc = torch.empty(d_out, d_in, dtype=torch.promote_types(gy.dtype, x.dtype))
-    rows = max(1, _MM_CHUNK // d_in)
-    for i in range(0, d_out, rows):
-        block = acc[i:i + rows]
-        for n in range(gy.shape[0]):
-            g = gy[n, :, i:i + rows].t() @ x[n]
-            if fresh and n == 0:
-                torch.mul(g, g, out=block)
-            else:
-                block.addcmul_(g, g)
-    return acc
 
 
 class _Collector:
@@ -100,8 +74,7 @@ class _Collector:
         self.rec = OpSensitivity(name=name, kind=kind)
         ops = ("x", "w") if kind == "linear" else ("a", "b")
         self.rec.operands = {o: OperandStats() for o in ops}
-        self.gw2: torch.Tensor | None = None
-        self.gw2c: torch.Tensor | None = None
+        self._w: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # weight and its scales per format
         self.state = state if state is not None else {"phase": "grad"}
         self.handles: list = []
 
@@ -181,55 +154,74 @@ class _Collector:
             if self.state["phase"] == "curvature":
                 # Sampled-label gradients are independent and zero-mean across sequences, so the square of the
                 # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one gradient, not one per sequence.
-                self.gw2c = _add_sq_weight_grads(self.gw2c, gy.reshape(1, -1, gy.shape[-1]),
-                                                 x.reshape(1, -1, x.shape[-1]))
-            else:  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²; non-finite values are caught on the total
-                self.gw2 = _add_sq_weight_grads(self.gw2, gy, x)
+                self._weight_sums(gy.reshape(1, -1, gy.shape[-1]), x.reshape(1, -1, x.shape[-1]), "curv")
+            else:  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
+                self._weight_sums(gy, x, "grad")
 
         out.register_hook(weight_grad)
 
-    # -- weight operand (from the accumulated Σ g_W²) --------------------------------------------------
-    def finish_weight(self, n_samples: int) -> None:
-        if self.kind != "linear" or self.gw2 is None:
-            return
+    # -- weight operand: reduced per batch, block by block; nothing weight-sized is kept ---------------
+    def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self._w is None:  # weights are fixed during calibration: one scale per format, once
+            w = _wide(linear_weight(self.mod))
+            self._w = w, {f.name: scale_of(w, f, -1) for f in self.formats}
+        return self._w
+
+    def _weight_sums(self, gy: torch.Tensor, x: torch.Tensor, kind: str) -> None:
+        """Add Σ_n g_W,n² (n = leading index of ``gy``/``x``) contracted with w², e_f² and the integer scales to the
+        weight operand's sums. Done in row blocks that stay in L3: the per-sequence gradients of a block are squared
+        and summed, then reduced against the weight's rounding errors at once. A weight-sized Σ g² accumulator per
+        Linear (540 MB on SmolLM2, twice with curvature) and the 4 passes of a whole lm_head gradient through
+        memory per sequence are gone; the price is re-rounding each weight block once per batch."""
         st = self.rec.operands["w"]
-        w = _wide(linear_weight(self.mod))
-        g2 = self.gw2
-        st.g2 = _sum(g2)
-        _check(self.name, "w", st.g2)
-        st.numel, st.amax = w.numel() * n_samples, float(w.abs().max())
-        # Whole-tensor scales, then the weight in row chunks that fit in L2: the ~10 element-wise passes per
-        # format over a 28M-element lm_head were memory-bound (3.2 s of a 7 s calibration on SmolLM2).
-        scales = {f.name: scale_of(w, f, -1) for f in self.formats}
-        acc = dict.fromkeys(["xg2", "x2"], 0.0)
-        per_f = {f.name: dict.fromkeys(["emp", "err2", "int_uniform"], 0.0) for f in self.formats}
-        rows = max(1, _CHUNK // max(1, w.shape[-1]))
+        w, scales = self._weight()
+        gy, x = _wide(gy), _wide(x)
+        gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+        rows = max(1, _MM_CHUNK // w.shape[1])
+        buf = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.promote_types(gy.dtype, x.dtype))
         for i in range(0, w.shape[0], rows):
-            w_c, g2_c = w[i:i + rows], g2[i:i + rows]
-            w2 = w_c * w_c
-            acc["xg2"] += _sum(w2 * g2_c)
-            acc["x2"] += _sum(w2)
+            w_c = w[i:i + rows]
+            g2 = buf[:w_c.shape[0]]
+            for n in range(gy.shape[0]):
+                g = gy[n, :, i:i + rows].t() @ x[n]
+                if n == 0:
+                    torch.mul(g, g, out=g2)
+                else:
+                    g2.addcmul_(g, g)
+            if kind == "grad":
+                st.g2 += _sum(g2)
+                st.xg2 += _sum(w_c * w_c * g2)
             for f in self.formats:
                 s = scales[f.name]
                 s_c = s[i:i + rows] if s.dim() else s
-                e2 = (quantize_with_scale(w_c, f, s_c) - w_c).pow_(2)
-                d = per_f[f.name]
-                d["err2"] += _sum(e2)
-                if self.gw2c is not None:  # diagonal: the per-sequence weight error is fixed, not resampled
-                    d["curv"] = d.get("curv", 0.0) + _sum(e2 * self.gw2c[i:i + rows])
-                d["emp"] += _sum(e2.mul_(g2_c))
+                ge2 = _sum((quantize_with_scale(w_c, f, s_c) - w_c).pow_(2).mul_(g2))
+                if kind == "curv":  # diagonal: the per-sequence weight error is fixed, not resampled
+                    st.curv[f.name] = st.curv.get(f.name, 0.0) + ge2
+                    continue
+                st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
                 if f.kind == "int":
-                    d["int_uniform"] += _sum(g2_c * (s_c * s_c / 12.0))
-        st.xg2, st.x2 = acc["xg2"], acc["x2"] * n_samples
-        for f in self.formats:
-            d = per_f[f.name]
-            st.emp[f.name], st.err2[f.name] = d["emp"], d["err2"] * n_samples
-            if f.kind == "int":
-                st.int_uniform[f.name] = d["int_uniform"]
-            if "curv" in d:
-                st.curv[f.name] = d["curv"]
-        self.gw2c = None
-        self.gw2 = None
+                    u = _sum(g2 * (s_c * s_c / 12.0))
+                    st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + u
+
+    def finish_weight(self, n_samples: int) -> None:
+        """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""
+        if self.kind != "linear" or self._w is None:
+            return
+        st = self.rec.operands["w"]
+        _check(self.name, "w", st.g2)
+        w, scales = self._w
+        st.numel, st.amax = w.numel() * n_samples, float(w.abs().max())
+        rows = max(1, _MM_CHUNK // w.shape[1])
+        x2, err2 = 0.0, dict.fromkeys(scales, 0.0)
+        for i in range(0, w.shape[0], rows):
+            w_c = w[i:i + rows]
+            x2 += _sum(w_c * w_c)
+            for f in self.formats:
+                s = scales[f.name]
+                err2[f.name] += _sum((quantize_with_scale(w_c, f, s[i:i + rows] if s.dim() else s) - w_c).pow_(2))
+        st.x2 = x2 * n_samples
+        st.err2 = {k: v * n_samples for k, v in err2.items()}
+        self._w = None
 
 
 def sequence_loss(model: nn.Module, ids: torch.Tensor, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
