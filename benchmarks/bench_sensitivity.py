@@ -136,7 +136,8 @@ def main() -> None:
     ap.add_argument("--formats", default="fp8_e4m3,fp8_e5m2,int8,int8_pc,bf16")
     ap.add_argument("--child")
     ap.add_argument("--cost-only", action="store_true", help="re-measure the cost, keep the saved validation")
-    ap.add_argument("--skip-cost", action="store_true", help="validation only (e.g. one format on more sequences)")
+    ap.add_argument("--skip-cost", action="store_true",
+                    help="validation only (keeps the stem's saved cost, if any), e.g. one format on more sequences")
     ap.add_argument("--stem", default="sensitivity", help="results file name in benchmarks/results (no suffix)")
     a = ap.parse_args()
     if a.child:
@@ -159,7 +160,9 @@ def main() -> None:
     def best(mode: str, key: str) -> float:
         return min(r[key] for r in runs if r["mode"] == mode)
 
-    res["cost"] = {} if a.skip_cost else {"runs": runs,
+    saved = RESULTS / f"{a.stem}.json"  # --skip-cost keeps the cost measured by an earlier run of this stem
+    res["cost"] = (json.loads(saved.read_text()).get("cost", {}) if saved.exists() else {}) if a.skip_cost else {
+                   "runs": runs,
                    "time_ratio": best("calibrate", "wall_s") / best("plain", "wall_s"),
                    "peak_rss_ratio": best("calibrate", "peak_rss_mb") / best("plain", "peak_rss_mb"),
                    "time_ratio_int8_only": best("calibrate_int8", "wall_s") / best("plain", "wall_s"),

@@ -65,6 +65,18 @@ def _first_order(x: torch.Tensor, g: torch.Tensor, fmt, reduce_dim: int):
 _MM_CHUNK = 1 << 20
 
 
+def _row_blocks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row blocks of a weight of about ``_MM_CHUNK`` elements each."""
+    rows = max(1, _MM_CHUNK // w.shape[1])
+    for i in range(0, w.shape[0], rows):
+        yield slice(i, i + rows), w[i:i + rows]
+
+
+def _block_err2(w_c: torch.Tensor, fmt, scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Squared rounding error of a row block of a weight in ``fmt`` (whole-weight ``scale``; per-row scales sliced)."""
+    return (quantize_with_scale(w_c, fmt, scale[rows] if scale.dim() else scale) - w_c).pow_(2)
+
+
 class _Collector:
     """Hooks and float64 accumulators for one op."""
 
@@ -177,13 +189,13 @@ class _Collector:
         w, scales = self._weight()
         gy, x = _wide(gy), _wide(x)
         gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
-        rows = max(1, _MM_CHUNK // w.shape[1])
-        buf = torch.empty(min(rows, w.shape[0]), w.shape[1], dtype=torch.promote_types(gy.dtype, x.dtype))
-        for i in range(0, w.shape[0], rows):
-            w_c = w[i:i + rows]
+        buf = None
+        for rows, w_c in _row_blocks(w):
+            if buf is None:  # the first block is the largest: one buffer for all
+                buf = torch.empty(w_c.shape, dtype=torch.promote_types(gy.dtype, x.dtype))
             g2 = buf[:w_c.shape[0]]
             for n in range(gy.shape[0]):
-                g = gy[n, :, i:i + rows].t() @ x[n]
+                g = gy[n, :, rows].t() @ x[n]
                 if n == 0:
                     torch.mul(g, g, out=g2)
                 else:
@@ -192,16 +204,15 @@ class _Collector:
                 st.g2 += _sum(g2)
                 st.xg2 += _sum(w_c * w_c * g2)
             for f in self.formats:
-                s = scales[f.name]
-                s_c = s[i:i + rows] if s.dim() else s
-                ge2 = _sum((quantize_with_scale(w_c, f, s_c) - w_c).pow_(2).mul_(g2))
+                ge2 = _sum(_block_err2(w_c, f, scales[f.name], rows).mul_(g2))
                 if kind == "curv":  # diagonal: the per-sequence weight error is fixed, not resampled
                     st.curv[f.name] = st.curv.get(f.name, 0.0) + ge2
                     continue
                 st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
                 if f.kind == "int":
-                    u = _sum(g2 * (s_c * s_c / 12.0))
-                    st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + u
+                    s = scales[f.name]
+                    s_c = s[rows] if s.dim() else s
+                    st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
 
     def finish_weight(self, n_samples: int) -> None:
         """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""
@@ -211,14 +222,11 @@ class _Collector:
         _check(self.name, "w", st.g2)
         w, scales = self._w
         st.numel, st.amax = w.numel() * n_samples, float(w.abs().max())
-        rows = max(1, _MM_CHUNK // w.shape[1])
         x2, err2 = 0.0, dict.fromkeys(scales, 0.0)
-        for i in range(0, w.shape[0], rows):
-            w_c = w[i:i + rows]
+        for rows, w_c in _row_blocks(w):
             x2 += _sum(w_c * w_c)
             for f in self.formats:
-                s = scales[f.name]
-                err2[f.name] += _sum((quantize_with_scale(w_c, f, s[i:i + rows] if s.dim() else s) - w_c).pow_(2))
+                err2[f.name] += _sum(_block_err2(w_c, f, scales[f.name], rows))
         st.x2 = x2 * n_samples
         st.err2 = {k: v * n_samples for k, v in err2.items()}
         self._w = None
