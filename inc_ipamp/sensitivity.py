@@ -72,9 +72,14 @@ def _row_blocks(w: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         yield slice(i, i + rows), w[i:i + rows]
 
 
+def _block_scale(scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """A row block's share of a whole-weight scale: per-row scales sliced, a per-tensor scale as is."""
+    return scale[rows] if scale.dim() else scale
+
+
 def _block_err2(w_c: torch.Tensor, fmt, scale: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Squared rounding error of a row block of a weight in ``fmt`` (whole-weight ``scale``; per-row scales sliced)."""
-    return (quantize_with_scale(w_c, fmt, scale[rows] if scale.dim() else scale) - w_c).pow_(2)
+    """Squared rounding error of a row block of a weight in ``fmt`` (``scale``: the whole weight's)."""
+    return (quantize_with_scale(w_c, fmt, _block_scale(scale, rows)) - w_c).pow_(2)
 
 
 class _Collector:
@@ -210,8 +215,7 @@ class _Collector:
                     continue
                 st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
                 if f.kind == "int":
-                    s = scales[f.name]
-                    s_c = s[rows] if s.dim() else s
+                    s_c = _block_scale(scales[f.name], rows)
                     st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
 
     def finish_weight(self, n_samples: int) -> None:
