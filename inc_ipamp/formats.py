@@ -61,6 +61,13 @@ class Format:
         """Integers and range-limited floats (FP8) are quantised under a max-abs scale; BF16 and the reference not."""
         return self.kind == "int" or (self.kind == "float" and self.max_value is not None)
 
+    @property
+    def inc_fp8_config(self) -> str | None:
+        """INC fp8_quant's ``fp8_config`` for an 8-bit float ("E4M3", "E5M2"); None for every other format."""
+        if self.kind == "float" and self.bits == 8:
+            return f"E{self.exponent_bits}M{self.mantissa_bits}"
+        return None
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -12,9 +12,10 @@ Which INC path runs on this CPU (read from the installed INC 3.10 and run here):
   and ``int8_pc``'s activations are per tensor).
   Only Linear modules are annotated: INT8 attention BGEMMs in a plan stay fp32 here (recorded in the notes).
 * FP8 plans -> ``FP8Config(use_qdq=True, scale_method="maxabs_pow2", hp_dtype="fp32")``: INC's fp8_quant runs on
-  CPU only in Q/DQ mode with a non-hardware scale method; per-op choice is the fp8 blocklist (``FP8Config`` has no
-  per-op local settings). ``quantize()`` with FP8Config crashes in INC 3.10 (it swaps the config for a JSON path),
-  so the MEASURE -> ``finalize_calibration`` -> QUANTIZE passes are driven here with ``prepare``/``convert``.
+  CPU only in Q/DQ mode with a non-hardware scale method; per-op choice is an allowlist of name regexes built by
+  ``export.fp8.fp8_settings`` (engine "inc"; ``FP8Config`` has no per-op local settings). ``quantize()`` with
+  FP8Config crashes in INC 3.10 (it swaps the config for a JSON path), so the MEASURE ->
+  ``finalize_calibration`` -> QUANTIZE passes are driven here with ``prepare``/``convert``.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from torch import nn
 from ..formats import get_format
 from ..io import load_json, save_json
 from ..records import Plan
-from .gaudi import ExportError, anchored
+from .fp8 import FP8_FORMATS as FP8
+from .fp8 import ExportError, fp8_settings
 
 log = logging.getLogger(__name__)
 
 CPU_PATHS = ("pt2e_dynamic_int8", "fp8_qdq", "none")
 INT8 = {"int8": "per_tensor", "int8_pc": "per_channel"}
-FP8 = {"fp8_e4m3": "E4M3", "fp8_e5m2": "E5M2"}
 #: CPU-legal scale method (``maxabs_hw`` needs Gaudi-aligned scales).
 CPU_FP8_SCALE_METHOD = "maxabs_pow2"
 
@@ -67,7 +68,7 @@ def _is_bgemm(op: str) -> bool:
 
 def inc_config_for_plan(plan: Plan, dump_stats_path: str | None = None, mode: str = "QUANTIZE"):
     """The INC 3.x config object for the plan (see the module docstring) and the notes on what differs."""
-    from neural_compressor.torch.quantization import DynamicQuantConfig, FP8Config
+    from neural_compressor.torch.quantization import DynamicQuantConfig
 
     path = cpu_path(plan)
     low = _low_ops(plan)
@@ -85,20 +86,15 @@ def inc_config_for_plan(plan: Plan, dump_stats_path: str | None = None, mode: st
                 cfg.set_local(op, DynamicQuantConfig(w_dtype="int8", w_sym=True, w_granularity=INT8[f],
                                                      act_dtype="uint8", act_sym=False, act_algo="minmax"))
         return cfg, notes
-    fp8 = {FP8[f] for f in low.values()}.pop()
-    keep = sorted(op for op, f in plan.assignment.items() if op not in low)
     bgemms = sorted(op for op in low if _is_bgemm(op))
     if bgemms:
         notes.append(f"{len(bgemms)} FP8 attention BGEMMs stay fp32: INC patches only Linear/Conv2d/EmbeddingBag "
                      "on CPU")
-    if "lm_head" not in plan.assignment:
-        keep.append("lm_head")
     if dump_stats_path is None:
         dump_stats_path = str(Path(tempfile.mkdtemp(prefix="inc_ipamp_fp8_")) / "measure")
-    cfg = FP8Config(mode=mode, observer="maxabs", scale_method=CPU_FP8_SCALE_METHOD, fp8_config=fp8, hp_dtype="fp32",
-                    use_qdq=True, allowlist={"types": ["Linear"], "names": []},
-                    blocklist={"types": [], "names": [anchored(op) for op in keep]}, dump_stats_path=dump_stats_path)
-    return cfg, notes
+    settings = fp8_settings(plan, "inc", mode, dump_stats_path=dump_stats_path, scale_method=CPU_FP8_SCALE_METHOD,
+                            hp_dtype="fp32", use_qdq=True)
+    return settings.config(), notes + settings.mapping.notes
 
 
 def export_cpu(plan: Plan, path: str | Path) -> Path:
