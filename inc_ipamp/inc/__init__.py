@@ -1,26 +1,29 @@
 """INC integration. Importing this module registers the ``ip_empirical_time`` config and algorithm with INC 3.x.
 
-Use either our one-call wrapper or INC's own API::
+INC's own API runs the whole method from its calibration hook (no frontier file needed)::
 
     import inc_ipamp.inc as ipamp_inc
-    q = ipamp_inc.autotune(model, eval_fn, "out/frontier.json", example_inputs=ids, tolerable_loss=0.01)
+    from neural_compressor.torch.quantization import autotune, TuningConfig
+    q = autotune(model, TuningConfig(config_set=[ipamp_inc.IPEmpiricalTimeConfig()], tolerable_loss=0.01), eval_fn,
+                 run_fn=calib_fn, example_inputs=(ids,))
+    q = ipamp_inc.autotune(model, eval_fn, run_fn=calib_fn, tolerable_loss=0.01)   # same, eval_fn checked
+    q = ipamp_inc.autotune(model, eval_fn, "out/frontier.json", example_inputs=ids)  # replay a CLI frontier
 
-    from neural_compressor.torch.quantization import autotune
-    q = autotune(model, ipamp_inc.tuning_config("out/frontier.json", tolerable_loss=0.01), eval_fn,
-                 example_inputs=ids)
+The INC 2.x API (``PostTrainingQuantConfig``) is ``inc_ipamp.inc2``, in an environment of its own.
 """
 
 from .hpu import GaudiUnavailableError, apply_hpu, require_gaudi
+from .method import MethodSettings, NoQuantizableOpsError, TuningSetupError, run_method
 from .strategy import (
     ALGO,
     IPEmpiricalTimeConfig,
     IPEmpiricalTimeSampler,
-    TuningSetupError,
     autotune,
     frontier_points,
     ip_empirical_time_entry,
     tuning_config,
 )
 
-__all__ = ["ALGO", "GaudiUnavailableError", "IPEmpiricalTimeConfig", "IPEmpiricalTimeSampler", "TuningSetupError",
-           "apply_hpu", "autotune", "frontier_points", "ip_empirical_time_entry", "require_gaudi", "tuning_config"]
+__all__ = ["ALGO", "GaudiUnavailableError", "IPEmpiricalTimeConfig", "IPEmpiricalTimeSampler", "MethodSettings",
+           "NoQuantizableOpsError", "TuningSetupError", "apply_hpu", "autotune", "frontier_points",
+           "ip_empirical_time_entry", "require_gaudi", "run_method", "tuning_config"]
