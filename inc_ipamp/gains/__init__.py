@@ -1,7 +1,8 @@
 """Per-group, per-configuration gains: ET (measured or replayed), TT (MACs × rates), M (weight bytes).
 
 Backends: ``cpu`` (real INT8 dynamic Linear; other paths real-but-slower or emulated, reported as measured),
-``cuda`` (FP8 via torch._scaled_mm on Hopper), ``hpu`` (INC fp8_quant on Gaudi), ``table`` (replay a file).
+``cuda`` (FP8 via torch._scaled_mm on Hopper; ``cuda-on-cpu`` runs that code on the CPU), ``hpu`` (INC fp8_quant
+on Gaudi), ``table`` (replay a file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from .cache import MeasurementCache, cache_key
 from .measure import METRICS, capture_module_inputs, enclosing_module, measure_gains, time_group_config
 from .theory import DEVICE_RATES, memory_gain, op_macs, theoretical_gain
 
-BACKENDS = ("cpu", "cuda", "hpu", "table")
+#: ``cuda-on-cpu``: the cuda backend's code placed on the CPU (real FP8 numerics, CPU timings), for CI.
+BACKENDS = ("cpu", "cuda", "cuda-on-cpu", "hpu", "table")
 
 
 def get_backend(name: str, table_path: str | Path | None = None) -> Backend:
@@ -27,6 +29,10 @@ def get_backend(name: str, table_path: str | Path | None = None) -> Backend:
         from .cuda import CudaBackend
 
         return CudaBackend()
+    if name == "cuda-on-cpu":
+        from .cuda import CudaBackend
+
+        return CudaBackend(device="cpu")
     if name == "hpu":
         from .hpu import HpuBackend
 

@@ -25,7 +25,7 @@ DEVICE_RATES: dict[str, dict[str, float]] = {
     "cpu": {"fp32": 1.0, "int8": 1.2, "int8_pc": 1.2, "bf16": 0.2, "fp8_e4m3": 0.5, "fp8_e5m2": 0.5,
             "int4_pc": 1.0},
 }
-BACKEND_DEVICE = {"cpu": "cpu", "cuda": "h100", "hpu": "gaudi2", "table": "gaudi2"}
+BACKEND_DEVICE = {"cpu": "cpu", "cuda": "h100", "cuda-on-cpu": "h100", "hpu": "gaudi2", "table": "gaudi2"}
 
 
 def rates_for(device: str | dict[str, float]) -> dict[str, float]:

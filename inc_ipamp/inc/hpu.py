@@ -35,17 +35,22 @@ def require_gaudi(what: str = "this step") -> None:
 
 
 def apply_hpu(model: torch.nn.Module, plan: Plan, run_fn: Callable | None = None, run_args: tuple = (),
-              example_inputs: Any = None, engine: str = "optimum-habana", stats_dir: str | Path | None = None):
-    """MEASURE (calibrate with ``run_fn(model, *run_args)`` or the example) then QUANTIZE, with the exported JSON."""
-    require_gaudi("FP8 quantization on Gaudi")
-    from neural_compressor.torch.quantization import FP8Config, convert, finalize_calibration, prepare
+              example_inputs: Any = None, engine: str = "inc", stats_dir: str | Path | None = None):
+    """MEASURE (calibrate with ``run_fn(model, *run_args)`` or the example) then QUANTIZE, in place.
 
-    from ..export.gaudi import export_gaudi
+    Settings from ``export.fp8.fp8_settings`` (the same translation as the exported JSON): ``engine="inc"`` for a
+    model with the plan's own (Hugging Face) module names, ``"optimum-habana"`` for a Gaudi-adapted one.
+    """
+    require_gaudi("FP8 quantization on Gaudi")
+    from neural_compressor.torch.quantization import convert, finalize_calibration, prepare
+
+    from ..export.fp8 import fp8_settings
 
     folder = Path(stats_dir) if stats_dir is not None else Path(tempfile.mkdtemp(prefix="inc_ipamp_hpu_"))
-    files = export_gaudi(plan, folder, engine=engine)
+    folder.mkdir(parents=True, exist_ok=True)
+    stats = str(folder.resolve() / "measure")
     model = model.to("hpu")
-    m = prepare(model, FP8Config.from_json_file(str(files["measure"])))
+    m = prepare(model, fp8_settings(plan, engine, "MEASURE", dump_stats_path=stats).config())
     with torch.no_grad():
         if run_fn is not None:
             run_fn(m, *run_args)
@@ -55,4 +60,4 @@ def apply_hpu(model: torch.nn.Module, plan: Plan, run_fn: Callable | None = None
         else:
             raise GaudiUnavailableError("FP8 MEASURE needs calibration: pass run_fn or example_inputs")
     finalize_calibration(m)
-    return convert(m, FP8Config.from_json_file(str(files["quant"])))
+    return convert(m, fp8_settings(plan, engine, "QUANTIZE", dump_stats_path=stats).config())
