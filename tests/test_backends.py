@@ -162,3 +162,40 @@ def test_hpu_set_up_runs_once_and_never_inside_timed_calls(tiny, monkeypatch):
     with be.apply(tiny, {Q: "fp8_e4m3"}):  # a sub-assignment reuses the converted op
         pass
     assert be.inc_passes == 1
+
+
+# -- roofline RT -------------------------------------------------------------------------------------------------
+def test_roofline_gain_by_hand_on_h100():
+    from inc_ipamp.gains.theory import roofline_gain, roofline_time
+
+    x, w = [1, 2048, 4096], [4096, 4096]
+    flops = 2 * 2048 * 4096 * 4096
+    # bf16: compute-bound, 68.7 GFLOP / 989.4 TFLOPS; fp8: 1978.9 TFLOPS vs (x, w in 1 byte, y in 2, cast of x 3)
+    t_bf16 = max(flops / 989.4e12, (2048 * 4096 * 2 + 4096 * 4096 * 2 + 2048 * 4096 * 2) / 3.35e12)
+    t_fp8 = max(flops / 1978.9e12, (2048 * 4096 + 4096 * 4096 + 2048 * 4096 * 2 + 2048 * 4096 * 3) / 3.35e12)
+    assert roofline_time("linear", [x, w], "bf16", "bf16", "h100") == pytest.approx(t_bf16)
+    assert roofline_gain("linear", [x, w], "bf16", "fp8_e4m3", "h100") == pytest.approx(t_bf16 - t_fp8)
+    # decode: one token, memory-bound: FP8 halves the weight traffic (H200's faster HBM shrinks the gain)
+    dec = roofline_gain("linear", [x, w], "bf16", "fp8_e4m3", "h100", phase="decode")
+    assert dec == pytest.approx((4096 * 4096 * 2 + 4096 * 2 + 4096 * 2 - (4096 * 4096 + 4096 + 4096 * 2 + 4096 * 3))
+                                / 3.35e12)
+    assert 0 < roofline_gain("linear", [x, w], "bf16", "fp8_e4m3", "h200", phase="decode") < dec
+    assert roofline_gain("linear", [x, w], "bf16", "bf16", "h100") == 0.0
+
+
+def test_roofline_devices_and_bgemm_decode():
+    from inc_ipamp.errors import IpampError
+    from inc_ipamp.gains.theory import ROOFLINE_DEVICES, phase_shapes, roofline_gain
+
+    assert set(ROOFLINE_DEVICES) == {"gaudi2", "gaudi3", "h100", "h200"}
+    assert all(d.source and d.mem_tb_s > 0 for d in ROOFLINE_DEVICES.values())
+    qk = [[1, 8, 512, 128], [1, 8, 128, 512]]
+    assert phase_shapes("bgemm", qk, "decode") == [[1, 8, 1, 128], [1, 8, 128, 512]]
+    # Gaudi 3 runs BF16 and FP8 at the same peak: a compute-bound prefill GEMM gains nothing there, Gaudi 2 does
+    big = [[1, 4096, 4096], [4096, 4096]]
+    assert roofline_gain("linear", big, "bf16", "fp8_e4m3", "gaudi3") <= 0 < roofline_gain(
+        "linear", big, "bf16", "fp8_e4m3", "gaudi2")
+    with pytest.raises(IpampError, match="no published peak"):
+        roofline_gain("linear", big, "bf16", "int8", "gaudi2")
+    with pytest.raises(IpampError, match="phase"):
+        roofline_gain("linear", big, "bf16", "fp8_e4m3", "h100", phase="train")
