@@ -3,4 +3,4 @@
 Importing the package registers the INC strategy ``ip_empirical_time`` when INC is installed.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

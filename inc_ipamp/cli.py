@@ -17,6 +17,8 @@ from pathlib import Path
 from . import __version__
 from .errors import IpampError
 
+log = logging.getLogger("inc_ipamp")
+
 STAGES = ("calibrate", "partition", "measure", "solve", "export", "evaluate", "report")
 
 DESCRIPTION = """\
@@ -49,7 +51,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="also estimate each op's mean loss shift (one more backward per batch; default on): the "
                         "loss MSE is then predicted as noise + shift², shifts adding over ops")
     g.add_argument("--calib-batch", type=int,
-                   help="sequences per calibration fwd+bwd (default 4; statistics stay per sequence)")
+                   help="sequences per calibration fwd+bwd (default 1; statistics stay per sequence; 4 is a little "
+                        "faster and needs ~2.5x the memory)")
     g.add_argument("--n-eval", type=int, help="held-out evaluation sequences (default 16)")
     g.add_argument("--seq-len", type=int, help="tokens per calibration/evaluation sequence (default 256)")
     g.add_argument("--no-lm-head", dest="include_lm_head", action="store_false", default=None,
@@ -83,6 +86,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     e.add_argument("--tasks", help="offline lm-eval accuracy tasks for `evaluate`, comma-separated: "
                                    "lee_next_sentence, wiki_last_word (needs the lm-eval package)")
     e.add_argument("--acc-limit", type=int, help="items per accuracy task (default 50; about 1 s each per plan)")
+    r = p.add_argument_group("machine")
+    r.add_argument("--threads", type=int,
+                   help="torch threads (default: the cores not already busy when the command starts, at least 1; "
+                        "on a shared CPU more threads than free cores make timings swing 15x)")
+    r.add_argument("--quick", action="store_true",
+                   help="a fast look at the whole model: 8 calibration and 8 evaluation sequences of 128 tokens, "
+                        "gains timed at 128 tokens with 7 repetitions (each can still be set explicitly)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -105,13 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what ``--quick`` changes (explicit options still win): whole model, fewer and shorter sequences, fewer reps
+QUICK = {"n_calib": 8, "n_eval": 8, "seq_len": 128, "gain_seq_len": 128, "reps": 7}
+
+
 def _settings(args: argparse.Namespace):
+    """Settings for this command: saved ones (if any), then --quick, then explicit options; validated."""
     from .pipeline import DEVICE_FORMATS, RunSettings
 
     out = Path(args.out)
     fresh = args.command in ("run", "calibrate") or not (out / "settings.json").exists()
     s = RunSettings() if fresh else RunSettings.load(out)
     names = {f.name for f in fields(RunSettings)}
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(s, k, v)
     for k, v in vars(args).items():
         if k in names and v is not None and k not in ("formats", "tasks"):
             setattr(s, k, v)
@@ -132,13 +150,18 @@ def _settings(args: argparse.Namespace):
         s.target_speedup = None
     if args.min_sqnr_db is not None and args.min_sqnr_db < 0:
         s.min_sqnr_db = None
-    from .formats import get_format
-
-    for f in s.formats:
-        get_format(f)
-    if len(s.formats) < 2:
-        raise IpampError("--formats needs a reference and at least one low-precision format, e.g. fp32,int8")
+    s.validate()
     return out, s
+
+
+def _writable(out: Path) -> None:
+    """Create the output folder or say in one sentence why it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IpampError(f"cannot create the output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise IpampError(f"the output folder {out} is not writable; choose another with --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,46 +186,159 @@ def main(argv: list[str] | None = None) -> int:
     except IpampError as e:
         print(f"inc-ipamp: error: {e}", file=sys.stderr)
         return 1
+    except PermissionError as e:
+        print(f"inc-ipamp: error: cannot write {e.filename}: permission denied; choose another --out", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("inc-ipamp: interrupted; finished stages and cached measurements are kept in the output folder",
               file=sys.stderr)
         return 130
 
 
+class _StageLog:
+    """Wall time and peak memory per stage: printed as a summary at the end and kept in ``stages.json``."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.rows: list[dict] = []
+
+    def __call__(self, name: str):
+        import contextlib
+        import time
+
+        from .runtime import machine_state, peak_rss_mb
+
+        @contextlib.contextmanager
+        def stage():
+            print(f"[{name}] started", flush=True)
+            t0, start = time.perf_counter(), machine_state()
+            yield
+            row = {"stage": name, "wall_s": round(time.perf_counter() - t0, 2),
+                   "peak_rss_mb": round(peak_rss_mb()), "machine_start": start, "machine_end": machine_state()}
+            self.rows.append(row)
+            print(f"[{name}] done in {row['wall_s']:.1f} s (peak memory so far {row['peak_rss_mb']} MiB)",
+                  flush=True)
+        return stage()
+
+    def summary(self) -> None:
+        if len(self.rows) < 2:
+            return
+        from .io import load_json, save_json
+
+        path = self.out / "stages.json"
+        old = load_json(path, "stage log") if path.exists() else []
+        save_json([*(old if isinstance(old, list) else []), *self.rows][-50:], path)
+        total = sum(r["wall_s"] for r in self.rows)
+        print("stage times: " + ", ".join(f"{r['stage']} {r['wall_s']:.0f} s" for r in self.rows)
+              + f"; total {total:.0f} s, peak memory {max(r['peak_rss_mb'] for r in self.rows)} MiB")
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3g} ms"
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline as P
+    from .runtime import OutputLock, set_threads
 
     out, s = _settings(args)
-    out.mkdir(parents=True, exist_ok=True)
-    s.save(out)
+    _writable(out)
     cmd = args.command
-    model = tok = None
-    if cmd in ("run", "calibrate", "partition", "measure", "evaluate") and not (cmd == "measure"
-                                                                                 and s.device == "table"):
-        model, tok = P.load(s)
-    if cmd in ("run", "calibrate"):
-        P.stage_calibrate(out, s, model, tok)
-    if cmd in ("run", "partition"):
-        P.stage_partition(out, s, model, tok)
-    if cmd in ("run", "measure"):
-        P.stage_measure(out, s, model, tok)
-    if cmd in ("run", "solve"):
-        plan, front = P.stage_solve(out, s)
-        print(f"plan: {len(plan.low_precision_ops())} of {len(plan.assignment)} ops in {s.formats[1]}, "
-              f"predicted loss MSE {plan.predicted_loss_mse:.3g}, predicted {s.metric} gain {plan.predicted_gain:.3g}")
-    if cmd in ("run", "export"):
-        files = P.stage_export(out, s)
-        print("exported: " + ", ".join(files))
-    if cmd in ("run", "evaluate"):
-        ev = P.stage_evaluate(out, s, model, tok)
-        ip = ev["plans"]["ip"]
-        speed = f", measured speedup {ip['measured_speedup']:.3f}x" if "measured_speedup" in ip else ""
-        print(f"evaluation: perplexity {ev['reference']['perplexity']:.2f} -> {ip['perplexity']:.2f}, "
-              f"loss MSE predicted {ip['predicted_loss_mse']:.3g} / measured {ip['measured_loss_mse']:.3g}{speed}")
-    if cmd in ("run", "report") or (cmd == "evaluate"):
-        print(f"report: {P.stage_report(out, s)}")
+    with OutputLock(out):
+        threads = set_threads(s.threads)
+        log.info("torch threads: %d%s", threads, "" if s.threads else " (the cores free at start; --threads to set)")
+        if s.layers is not None and cmd in ("run", "calibrate", "evaluate"):
+            print(f"WARNING: --layers {s.layers} keeps a prefix of the model: it is not a working language model "
+                  "(perplexity in the millions), so its losses, plans and speedups say nothing about the full "
+                  "model. Use --quick for a fast look at the whole model.", file=sys.stderr)
+        stage = _StageLog(out)
+        model = tok = None
+        if cmd in ("run", "calibrate", "partition", "measure", "evaluate") and not (cmd == "measure"
+                                                                                     and s.device == "table"):
+            with stage("load model"):
+                model, tok = P.load(s)
+        if cmd in ("run", "calibrate"):
+            with stage("calibrate"):
+                P.stage_calibrate(out, s, model, tok)
+            s.save(out)
+        if cmd in ("run", "partition"):
+            with stage("partition"):
+                P.stage_partition(out, s, model, tok)
+            s.save(out)
+        if cmd in ("run", "measure"):
+            with stage("measure"):
+                gains = P.stage_measure(out, s, model, tok)
+            s.save(out)
+            _print_quality(gains)
+        if cmd in ("run", "solve"):
+            with stage("solve"):
+                plan, front = P.stage_solve(out, s)
+            s.save(out)
+            _print_plan(plan, s)
+        if cmd in ("run", "export"):
+            with stage("export"):
+                files = P.stage_export(out, s)
+            s.save(out)
+            for k, v in files.items():
+                print(f"export {k}: " + (f"skipped ({v['skipped']})" if isinstance(v, dict) and "skipped" in v
+                                         else (", ".join(v.values()) if isinstance(v, dict) else str(v))))
+        if cmd in ("run", "evaluate"):
+            with stage("evaluate"):
+                ev = P.stage_evaluate(out, s, model, tok)
+            s.save(out)
+            _print_evaluation(ev)
+        if cmd in ("run", "report", "evaluate"):
+            with stage("report"):
+                path = P.stage_report(out, s)
+            s.save(out)
+            print(f"report: {path}")
+        stage.summary()
     print(f"artifacts in {out.resolve()}")
     return 0
+
+
+def _print_quality(gains) -> None:
+    q = gains.quality or {}
+    if q.get("flagged_configs"):
+        print(f"WARNING: {q['flagged_configs']} measured configuration(s) failed the quality checks (too noisy or "
+              f"measured while the machine changed speed) and are kept out of the plan; e.g. {q['flagged'][0]}",
+              file=sys.stderr)
+    if q and not q.get("consistent", True):
+        print(f"WARNING: the best gains of all groups add up to {_ms(q['sum_best_gain_s'])}, more than the whole "
+              f"reference prefill ({_ms(q['reference_prefill_s'])}): these measurements cannot be trusted. "
+              f"{_load_hint(q.get('machine_end', {}))}", file=sys.stderr)
+
+
+def _load_hint(state: dict) -> str:
+    if not state:
+        return ""
+    return (f"The 1-minute load average was {state.get('load_avg_1min')} on {state.get('cpus')} core(s) with "
+            f"{state.get('threads')} torch thread(s): rerun `inc-ipamp measure` when the machine is quieter, or with "
+            "--threads 1.")
+
+
+def _print_plan(plan, s) -> None:
+    ref_t = plan.solver.get("reference_time_s")
+    if plan.metric == "ET":
+        gain = _ms(plan.predicted_gain) + " less prefill time"
+        if ref_t:
+            gain += f" of {_ms(ref_t)} (predicted speedup {ref_t / max(ref_t - plan.predicted_gain, 1e-12):.3f}x)"
+    elif plan.metric == "TT":
+        gain = f"{_ms(plan.predicted_gain)} theoretical (MAC-count) time saved"
+    else:
+        gain = f"{plan.predicted_gain / 2**20:.4g} MiB of weights saved"
+    low = sorted({f for f in plan.assignment.values() if f != plan.reference_format})
+    print(f"plan: {len(plan.low_precision_ops())} of {len(plan.assignment)} ops in {', '.join(low) or '(none)'}, "
+          f"the rest {plan.reference_format}; predicted loss MSE {plan.predicted_loss_mse:.3g}; {gain}")
+
+
+def _print_evaluation(ev: dict) -> None:
+    ip = ev["plans"]["ip"]
+    print(f"evaluation: perplexity {ev['reference']['perplexity']:.2f} -> {ip['perplexity']:.2f}, loss MSE predicted "
+          f"{ip['predicted_loss_mse']:.3g} / measured {ip['measured_loss_mse']:.3g}")
+    v = ip.get("speed_check")
+    if v:
+        print(("" if v["ok"] else "WARNING: ") + v["message"], file=sys.stdout if v["ok"] else sys.stderr)
 
 
 if __name__ == "__main__":

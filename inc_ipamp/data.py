@@ -95,7 +95,15 @@ def text_file_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    docs = [d.strip() for d in re.split(r"\n\s*\n", path.read_text(encoding="utf-8", errors="replace"))]
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path} is not UTF-8 text (invalid byte {raw[e.start:e.start + 1]!r} at offset "
+                        f"{e.start}); give a plain text file, documents separated by blank lines") from None
+    if "\x00" in text:
+        raise DataError(f"data file {path} contains NUL bytes: it looks binary, not text")
+    docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
     docs = [d for d in docs if d]
     if not docs:
         raise DataError(f"data file {path} contains no text")

@@ -110,6 +110,34 @@ def resolve_model(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def _check_hub_id(name: str) -> None:
+    """Fail in seconds when ``name`` is neither a local folder nor a reachable/cached hub model.
+
+    Without this a mistyped local folder (``models/smol``, which reads like a hub id) made transformers retry
+    the hub for ~25 s and print every warning twice before failing.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on it
+        return
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: loads offline
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    hint = f"no local folder {name!r} exists and it is not in the Hugging Face cache"
+    if offline:
+        raise ModelLoadError(f"{hint} (HF_HUB_OFFLINE is set, so the hub was not asked)")
+    from huggingface_hub import model_info
+    from huggingface_hub.utils import RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"{hint}, and the hub has no model of that name (a mistyped path?)") from None
+    except Exception as e:  # noqa: BLE001 - httpx/requests/OS errors differ by version: all mean "unreachable"
+        raise ModelLoadError(f"{hint}, and the hub could not be reached ({type(e).__name__}); check the path, or "
+                             "download the model first") from None
+
+
 def load_model(name_or_path: str | None = DEFAULT_MODEL, num_layers: int | None = None,
                dtype: torch.dtype = torch.float32):
     """Load (model, tokenizer) in eval mode; ``num_layers`` keeps only the first N decoder layers
@@ -120,6 +148,8 @@ def load_model(name_or_path: str | None = DEFAULT_MODEL, num_layers: int | None 
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.strip("/").split("/", 2)[-1]
     if looks_local and not Path(path).expanduser().exists():
         raise ModelLoadError(f"model path does not exist: {path}")
+    if not looks_local and not Path(path).expanduser().exists():
+        _check_hub_id(path)
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:

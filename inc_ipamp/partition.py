@@ -255,7 +255,8 @@ def cut_groups(h: nx.DiGraph, ops_in_order: list[str]) -> list[list[str]]:
 
 
 # -- signatures -----------------------------------------------------------------------------------------
-def _suffix(op: str) -> str:
+def suffix(op: str) -> str:
+    """An op's name below its decoder layer (``self_attn.q_proj``): what makes two layers' groups comparable."""
     layer = decoder_layer_index(op)
     if layer is None:
         return op
@@ -302,7 +303,7 @@ def group_signature(model: nn.Module, ops: list[str], kinds: dict[str, str],
     desc = []
     for op in ops:
         w = list(linear_weight(mods[op]).shape) if kinds[op] == "linear" else []
-        desc.append([_suffix(op), kinds[op], w, shapes.get(op, [])])
+        desc.append([suffix(op), kinds[op], w, shapes.get(op, [])])
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from .errors import ArtifactError
+from .errors import ArtifactError, IpampError
 from .io import load_json, save_json
 
 log = logging.getLogger(__name__)
@@ -31,8 +30,9 @@ class RunSettings:
     layers: int | None = None
     data: str | None = None
     n_calib: int = 16
-    #: sequences per calibration fwd+bwd (statistics stay per sequence; larger = faster, more memory)
-    calib_batch: int = 4
+    #: sequences per calibration fwd+bwd (statistics stay per sequence; larger = somewhat faster, more memory:
+    #: on SmolLM2 at 256 tokens peak RSS 1.9 GB with 1, 2.8 GB with 2, 4.7 GB with 4)
+    calib_batch: int = 1
     #: second backward with sampled labels: predicts each op's mean loss shift, which adds linearly over ops
     #: (without it, INT8 plans measured ~5x their predicted loss MSE on SmolLM2; benchmarks/results/sensitivity.md)
     curvature: bool = True
@@ -61,6 +61,39 @@ class RunSettings:
     #: offline lm-eval accuracy tasks for the evaluate stage (inc_ipamp.tasks; empty = perplexity only)
     tasks: list[str] = field(default_factory=list)
     acc_limit: int | None = 50
+    #: torch threads (None: the cores not busy when each command starts; see runtime.free_cores)
+    threads: int | None = None
+
+    def validate(self) -> None:
+        """Refuse impossible values before anything is saved or computed (a rejected --beta used to be saved
+        and then broke every later command)."""
+        import math
+
+        from .formats import get_format
+
+        def positive(name: str, low: int = 1) -> None:
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < low):
+                raise IpampError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v}")
+
+        for name in ("n_calib", "n_eval", "calib_batch", "batch", "layers", "span", "acc_limit", "threads"):
+            positive(name)
+        positive("seq_len", 2)
+        positive("gain_seq_len", 2)
+        positive("reps", 3)  # a confidence interval needs a few repetitions
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta >= 0):
+            raise IpampError(f"--beta is a loss-RMSE budget relative to the mean loss (>= 0, e.g. 0.05), "
+                             f"got {self.beta}")
+        if self.target_speedup is not None and not (math.isfinite(self.target_speedup) and self.target_speedup > 1):
+            raise IpampError(f"--target-speedup is a factor > 1 (1.1 = 10% faster), got {self.target_speedup}")
+        if self.target_speedup is not None and self.metric != "ET":
+            raise IpampError("--target-speedup needs measured time gains (--metric ET)")
+        for f in self.formats:
+            get_format(f)
+        if len(self.formats) < 2:
+            raise IpampError("--formats needs a reference and at least one low-precision format, e.g. fp32,int8")
+        if self.device == "table" and not self.table:
+            raise IpampError("--device table replays gains measured elsewhere: give the file with --table")
 
     def save(self, out: Path) -> None:
         save_json(asdict(self), out / "settings.json")
@@ -121,6 +154,29 @@ def stage_partition(out: Path, settings: RunSettings, model=None, tok=None):
     return part
 
 
+def digest(path: Path) -> str:
+    """Content hash of a stage file: a later stage records the hashes of its inputs to detect stale mixes."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _inputs(out: Path, *names: str) -> dict[str, str]:
+    return {n: digest(out / n) for n in names}
+
+
+def check_fresh(out: Path, what: str, recorded: dict[str, str] | None) -> None:
+    """Refuse ``what`` when a file it was made from has changed since (e.g. a plan solved before a re-measure)."""
+    for name, h in (recorded or {}).items():
+        if (out / name).exists() and digest(out / name) != h:
+            raise ArtifactError(f"{what} was made from an older {name} (it has changed since); rerun "
+                                f"`inc-ipamp {_RERUN.get(what, 'run')} --out {out}` so that they match")
+
+
+#: the command that rebuilds each artifact from its (changed) inputs
+_RERUN = {"plan.json": "solve", "frontier.json": "solve", "evaluation.json": "evaluate", "gains.json": "measure"}
+
+
 def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
     from .gains import measure_gains
     from .records import Partition
@@ -131,6 +187,7 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
     gains = measure_gains(model, part, settings.formats, backend=settings.device, batch=settings.batch,
                           seq_len=settings.gain_seq_len, reps=settings.reps, cache_path=out / "gain_cache.jsonl",
                           table_path=settings.table, span=settings.span)
+    gains.inputs = _inputs(out, "partition.json")
     gains.save(out / "gains.json")
     return gains
 
@@ -138,28 +195,63 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
 def stage_solve(out: Path, settings: RunSettings):
     from .records import Gains, Partition, Sensitivity
     from .report import plot_frontier
-    from .solver import BudgetSpecError, frontier, save_frontier, solve
+    from .solver import frontier, save_frontier, solve
 
     sens = Sensitivity.load(out / "sensitivity.json")
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")
+    check_fresh(out, "gains.json", gains.inputs)
+    if list(gains.formats) != list(settings.formats):
+        raise ArtifactError(
+            f"gains.json was measured for {','.join(gains.formats)}, not {','.join(settings.formats)}: to plan in "
+            f"{','.join(settings.formats)}, rerun `inc-ipamp measure --formats {','.join(settings.formats)}` (and "
+            "calibrate, if those formats were not calibrated)")
+    missing = [f for f in settings.formats[1:] if f not in sens.formats]
+    if missing:
+        raise ArtifactError(f"sensitivity.json was calibrated for {','.join(sens.formats)}, not {','.join(missing)}: "
+                            f"rerun `inc-ipamp calibrate --formats {','.join(settings.formats)}`")
+    q = gains.quality or {}
+    if settings.metric == "ET" and q and not q.get("consistent", True):
+        raise ArtifactError(
+            f"the measured gains cannot be trusted: the best gains of all groups add up to "
+            f"{q['sum_best_gain_s'] * 1e3:.4g} ms, more than the whole reference prefill "
+            f"({q['reference_prefill_s'] * 1e3:.4g} ms); load average {q.get('machine_end', {}).get('load_avg_1min')}"
+            f" on {q.get('machine_end', {}).get('cpus')} core(s) with {q.get('machine_end', {}).get('threads')} "
+            "thread(s). Rerun `inc-ipamp measure` on a quieter machine or with --threads 1")
+    inputs = _inputs(out, "sensitivity.json", "partition.json", "gains.json")
     t0 = time.perf_counter()
     guard = {"noise": settings.noise, "min_sqnr_db": settings.min_sqnr_db}
     front = frontier(sens, part, gains, metric=settings.metric, **guard)
     log.info("frontier: %d distinct points in %.2f s", len(front), time.perf_counter() - t0)
-    save_frontier(front, out / "frontier.json")
-    plot_frontier(front, out / "frontier.png")
     if settings.target_speedup is not None:
-        if not settings.target_speedup > 1:
-            raise BudgetSpecError(f"--target-speedup is a factor > 1 (1.1 = 10% faster), got {settings.target_speedup}")
-        # The solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S.
-        plan = solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup,
-                     **guard)
+        plan = _solve_speedup(sens, part, gains, settings, guard)
     else:
         plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard)
     plan.model = settings.model
+    plan.inputs = inputs
+    save_frontier(front, out / "frontier.json", inputs=inputs)
+    plot_frontier(front, out / "frontier.png", chosen=plan)
     plan.save(out / "plan.json")
     return plan, front
+
+
+def _solve_speedup(sens, part, gains, settings: RunSettings, guard: dict[str, Any]):
+    """``--target-speedup S``: least loss for a predicted S-fold faster prefill, or say the fastest reachable."""
+    from .errors import InfeasibleBudgetError
+    from .solver import build_instance, solve
+
+    inst = build_instance(sens, part, gains, settings.metric, shift=True, **guard)
+    ref_t = gains.reference_time_s
+    if not ref_t:
+        raise ArtifactError("--target-speedup needs the measured reference prefill time; rerun `inc-ipamp measure`")
+    best = inst.max_gain()
+    reachable = ref_t / max(ref_t - best, 1e-12)
+    if 1 - 1 / settings.target_speedup > best / ref_t:
+        raise InfeasibleBudgetError(
+            f"a {settings.target_speedup:g}x prefill speedup is out of reach: the largest predicted speedup with these "
+            f"measurements is {reachable:.3f}x (every group in its fastest trusted config, whatever the loss)")
+    # The solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S.
+    return solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup, **guard)
 
 
 def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
@@ -167,6 +259,7 @@ def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
     from .records import Plan
 
     plan = Plan.load(out / "plan.json")
+    check_fresh(out, "plan.json", plan.inputs)
     files: dict[str, Any] = {}
     # A plan made for one device may use formats another cannot run (INT8 on Gaudi FP8): record why, go on.
     for engine in ("optimum-habana", "vllm-gaudi"):
@@ -185,47 +278,109 @@ def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
 
 def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> dict[str, Any]:
     """Measured loss MSE (fake-quant, calibration data), perplexity (held-out), and the measured
-    end-to-end prefill speedup with the device's real kernels; baselines at the same budget."""
+    end-to-end prefill speedup with the device's real kernels; baselines at the same budget.
+
+    The plan's measured speedup is checked against its prediction (``speed_check``): when it falls outside the
+    combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
+    """
     from .baselines import baseline
     from .evaluate import measured_loss_mse, perplexity, sequence_losses
     from .records import Gains, Partition, Plan, Sensitivity
+    from .runtime import Progress, machine_state
 
     if model is None:
         model, tok = load(settings)
     plan = Plan.load(out / "plan.json")
+    check_fresh(out, "plan.json", plan.inputs)
     sens = Sensitivity.load(out / "sensitivity.json")
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")
+    state_start = machine_state()
     cal = blocks(tok, settings, "calibration")
     ev = blocks(tok, settings, "evaluation")
-    ref_losses = sequence_losses(model, cal)
     plans = {"ip": plan}
     if plan.beta is not None:
         for name in ("random", "prefix", "sqnr"):
             plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
                                    seed=settings.seed, noise=settings.noise, min_sqnr_db=settings.min_sqnr_db)
+    timing = _timer(model, settings)
+    steps = 2 + len(plans) * (2 + (timing is not None) + bool(settings.tasks))
+    bar = Progress(steps, "evaluate (reference, then per plan: loss, perplexity, timing)", unit="step")
+    ref_losses = sequence_losses(model, cal)
+    bar.update()
+
     def acc(assignment: dict[str, str] | None) -> dict[str, Any]:
         from .tasks import accuracy
 
         return {t: accuracy(model, tok, assignment, task=t, limit=settings.acc_limit) for t in settings.tasks}
 
     result: dict[str, Any] = {"reference": {"perplexity": perplexity(model, ev)}, "plans": {}}
+    bar.update()
     if settings.tasks:
         result["reference"]["accuracy"] = acc(None)
-    timing = _timer(model, settings)
-    for name, p in tqdm(plans.items(), desc="evaluate plans (loss, perplexity, timing)", unit="plan"):
+    for name, p in plans.items():
         row = {"n_low_precision_ops": len(p.low_precision_ops()), "predicted_loss_mse": p.predicted_loss_mse,
-               "measured_loss_mse": measured_loss_mse(model, cal, p.assignment, ref_losses),
-               "perplexity": perplexity(model, ev, p.assignment), "predicted_gain": p.predicted_gain}
+               "measured_loss_mse": measured_loss_mse(model, cal, p.assignment, ref_losses)}
+        bar.update()
+        row["perplexity"] = perplexity(model, ev, p.assignment)
+        row["predicted_gain"] = p.predicted_gain
+        row["predicted_gain_ci"] = predicted_gain_ci(p, gains, part)
+        bar.update()
         if settings.tasks:
             row["accuracy"] = acc(p.assignment)
+            bar.update()
         if timing is not None:
             row.update(timing(p.assignment))
+            bar.update()
         result["plans"][name] = row
+    bar.close()
+    result["machine_start"], result["machine_end"] = state_start, machine_state()
+    check = speed_check(result["plans"]["ip"], gains, result["machine_end"]) if timing is not None else None
+    if check:
+        result["plans"]["ip"]["speed_check"] = check
     plan.measured = result["plans"]["ip"]
     plan.save(out / "plan.json")
+    result["inputs"] = _inputs(out, "plan.json", "gains.json")
     save_json(result, out / "evaluation.json")
     return result
+
+
+def predicted_gain_ci(plan, gains, partition) -> float | None:
+    """95% half-width of a plan's predicted ET gain: the chosen configs' CIs added in quadrature."""
+    total = 0.0
+    for g in partition.groups:
+        gg = gains.groups.get(g.name)
+        if gg is None or not gg.ci.get("ET"):
+            return None
+        cfg = [plan.assignment.get(op, gains.formats[0]) for op in g.ops]
+        if cfg in gg.configs:
+            total += gg.ci["ET"][gg.configs.index(cfg)] ** 2
+    return total ** 0.5
+
+
+def speed_check(row: dict[str, Any], gains, machine: dict[str, Any]) -> dict[str, Any] | None:
+    """Does the measured end-to-end gain agree with the predicted one within their combined CIs?"""
+    if "measured_gain_s" not in row or gains.reference_time_s is None:
+        return None
+    pred, meas = row["predicted_gain"], row["measured_gain_s"]
+    tol = ((row.get("predicted_gain_ci") or 0.0) ** 2 + row.get("measured_gain_ci_s", 0.0) ** 2) ** 0.5
+    # a few % of the prefill is the end-to-end error the group sum is known to carry (README, bench_gains)
+    tol = max(tol, 0.03 * row["reference_prefill_s"])
+    ok = abs(meas - pred) <= tol
+    t_ref = row["reference_prefill_s"]
+    pred_speedup = t_ref / max(t_ref - pred, 1e-12)
+    msg = (f"measured prefill speedup {row['measured_speedup']:.3f}x vs predicted {pred_speedup:.3f}x (gain "
+           f"{meas * 1e3:.3g} vs {pred * 1e3:.3g} ms, tolerance ±{tol * 1e3:.2g} ms)")
+    if ok:
+        msg += ": within tolerance"
+    else:
+        msg += (f": the plan did NOT deliver its predicted speed. Likely cause: the machine's load changed between "
+                f"measuring and evaluating (load average now {machine.get('load_avg_1min')} on {machine.get('cpus')}"
+                f" core(s), {machine.get('threads')} torch thread(s); at measurement: "
+                f"{(gains.quality or {}).get('machine_end', {}).get('load_avg_1min', '?')}). Rerun `inc-ipamp "
+                "measure` and `evaluate` on a quiet machine, or with --threads 1")
+    return {"ok": ok, "measured_gain_s": meas, "predicted_gain_s": pred, "tolerance_s": tol,
+            "measured_speedup": row["measured_speedup"], "predicted_speedup": pred_speedup, "message": msg}
 
 
 def _timer(model, settings: RunSettings):
@@ -255,13 +410,26 @@ def _timer(model, settings: RunSettings):
 
 def stage_report(out: Path, settings: RunSettings) -> Path:
     from .records import Gains, Partition, Plan, Sensitivity
-    from .report import write_report
+    from .report import plot_frontier, write_report
     from .solver import load_frontier
 
-    ev = load_json(out / "evaluation.json", "evaluation") if (out / "evaluation.json").exists() else None
+    plan = Plan.load(out / "plan.json")
+    check_fresh(out, "plan.json", plan.inputs)
+    ev = None
+    if (out / "evaluation.json").exists():
+        ev = load_json(out / "evaluation.json", "evaluation")
+        if not isinstance(ev, dict) or "plans" not in ev:
+            raise ArtifactError(f"{out / 'evaluation.json'} is not an evaluation record; rerun `inc-ipamp evaluate`")
+        try:
+            check_fresh(out, "evaluation.json", ev.get("inputs"))
+        except ArtifactError as e:
+            log.warning("%s; the report leaves the measured section out", e)
+            ev = None
     front = load_frontier(out / "frontier.json") if (out / "frontier.json").exists() else None
     path = out / "report.md"
-    write_report(path, Plan.load(out / "plan.json"), Sensitivity.load(out / "sensitivity.json"),
-                 Partition.load(out / "partition.json"), Gains.load(out / "gains.json"), frontier=front,
-                 measured=ev)
+    gains = Gains.load(out / "gains.json")
+    write_report(path, plan, Sensitivity.load(out / "sensitivity.json"), Partition.load(out / "partition.json"),
+                 gains, frontier=front, measured=ev)
+    if front:
+        plot_frontier(front, out / "frontier.png", chosen=plan, evaluation=ev)
     return path

@@ -18,6 +18,32 @@ from .io import load_json, save_json
 NOISE_MODELS = ("auto", "uniform", "empirical", "coherent")
 
 
+def check_finite(obj: Any, where: str) -> None:
+    """Raise ArtifactError naming the first NaN/inf number anywhere in ``obj`` (nested dicts/lists).
+
+    Why: one NaN in a shift sum made HiGHS spin for good, one in Σx² silently switched an op's SQNR guard off.
+    """
+    import math
+
+    stack: list[tuple[str, Any]] = [(where, obj)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ArtifactError(f"{path} is {v}: the file holds a non-finite number; rerun the stage that wrote it")
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}", x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+
+
+def _record(path: str | Path, kind: str) -> dict[str, Any]:
+    """Load a stage file and check it is the right record: a JSON object whose ``record`` is ``kind``."""
+    d = load_json(path, kind)
+    if not isinstance(d, dict) or d.pop("record", None) != kind:
+        raise ArtifactError(f"{path} is not a {kind} record; rerun the stage that writes it")
+    return d
+
+
 def auto_noise(fmt: str) -> str:
     """The noise model that validated best for a format (benchmarks/results/sensitivity.md on SmolLM2-135M).
 
@@ -158,13 +184,14 @@ class Sensitivity:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Sensitivity:
+        check_finite({k: v for k, v in d.items() if k != "wall_s"}, "sensitivity")
         try:
             ops = {}
             for name, o in d["ops"].items():
                 operands = {k: OperandStats(**v) for k, v in o["operands"].items()}
                 ops[name] = OpSensitivity(**{**o, "operands": operands})
             return cls(**{**d, "ops": ops})
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"not a sensitivity record ({e})") from None
 
     def save(self, path: str | Path) -> Path:
@@ -172,10 +199,7 @@ class Sensitivity:
 
     @classmethod
     def load(cls, path: str | Path) -> Sensitivity:
-        d = load_json(path, "sensitivity")
-        if d.pop("record", None) != "sensitivity":
-            raise ArtifactError(f"{path} is not a sensitivity record")
-        return cls.from_json(d)
+        return cls.from_json(_record(path, "sensitivity"))
 
 
 @dataclass
@@ -208,19 +232,19 @@ class Partition:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Partition:
         try:
-            return cls(**{**d, "groups": [Group(**g) for g in d["groups"]]})
+            part = cls(**{**d, "groups": [Group(**g) for g in d["groups"]]})
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"not a partition record ({e})") from None
+        if not all(isinstance(g.ops, list) and g.ops and all(isinstance(o, str) for o in g.ops) for g in part.groups):
+            raise ArtifactError("not a partition record (a group without a list of op names)")
+        return part
 
     def save(self, path: str | Path) -> Path:
         return save_json({"record": "partition", **self.to_json()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Partition:
-        d = load_json(path, "partition")
-        if d.pop("record", None) != "partition":
-            raise ArtifactError(f"{path} is not a partition record")
-        return cls.from_json(d)
+        return cls.from_json(_record(path, "partition"))
 
 
 @dataclass
@@ -234,6 +258,12 @@ class GroupGains:
     gains: dict[str, list[float]]
     ci: dict[str, list[float]] = field(default_factory=dict)
     source: dict[str, str] = field(default_factory=dict)  # metric -> "measured:cpu", "replayed:<file>", …
+    #: metric -> per config "" (trustworthy) or why its measurement failed the quality checks; the solver
+    #: never picks a flagged config (gains/measure.py "quality checks")
+    flags: dict[str, list[str]] = field(default_factory=dict)
+
+    def usable(self, metric: str, i: int) -> bool:
+        return not (self.flags.get(metric) or [""] * (i + 1))[i]
 
 
 @dataclass
@@ -247,26 +277,35 @@ class Gains:
     groups: dict[str, GroupGains]
     timed_runs: int = 0
     notes: list[str] = field(default_factory=list)
+    #: how far the measurement can be trusted: machine state (threads, load) at start and end, flagged configs,
+    #: Σ best group gains vs the reference prefill (``consistent``: the former is below the latter)
+    quality: dict[str, Any] = field(default_factory=dict)
+    #: content hashes of the files this record was made from (pipeline.digest), to refuse stale mixes
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Gains:
+        check_finite({k: v for k, v in d.items() if k != "quality"}, "gains")
         try:
-            return cls(**{**d, "groups": {k: GroupGains(**v) for k, v in d["groups"].items()}})
-        except (KeyError, TypeError) as e:
+            g = cls(**{**d, "groups": {k: GroupGains(**v) for k, v in d["groups"].items()}})
+        except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"not a gains record ({e})") from None
+        for gg in g.groups.values():
+            for m, vals in gg.gains.items():
+                if len(vals) != len(gg.configs):
+                    raise ArtifactError(f"gains record: group {gg.group} has {len(vals)} {m} values for "
+                                        f"{len(gg.configs)} configs")
+        return g
 
     def save(self, path: str | Path) -> Path:
         return save_json({"record": "gains", **self.to_json()}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Gains:
-        d = load_json(path, "gains")
-        if d.pop("record", None) != "gains":
-            raise ArtifactError(f"{path} is not a gains record")
-        return cls.from_json(d)
+        return cls.from_json(_record(path, "gains"))
 
 
 @dataclass
@@ -283,6 +322,8 @@ class Plan:
     budget_loss_mse: float | None = None
     solver: dict[str, Any] = field(default_factory=dict)
     measured: dict[str, Any] = field(default_factory=dict)
+    #: content hashes of the files this plan was solved from (pipeline.digest), to refuse stale mixes
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def low_precision_ops(self) -> list[str]:
         return [op for op, f in self.assignment.items() if f != self.reference_format]
@@ -292,6 +333,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
+        check_finite({k: v for k, v in d.items() if k not in ("measured", "solver")}, "plan")
         try:
             return cls(**d)
         except TypeError as e:
@@ -302,7 +344,4 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        d = load_json(path, "plan")
-        if d.pop("record", None) != "plan":
-            raise ArtifactError(f"{path} is not a plan record")
-        return cls.from_json(d)
+        return cls.from_json(_record(path, "plan"))

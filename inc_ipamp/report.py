@@ -47,8 +47,11 @@ def plot_frontier(
     measured_points: list[dict[str, Any]] | list[tuple[float, float]] | None = None,
     baselines: dict[str, Plan] | None = None,
     title: str | None = None,
+    chosen: Plan | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> Path:
-    """Predicted loss MSE vs gain along the frontier; measured points (``gain``, ``loss_mse``) overlaid."""
+    """Predicted loss MSE vs gain along the frontier, the chosen plan marked; with ``evaluation`` (evaluation.json)
+    every evaluated plan (ours and the baselines) is drawn at its predicted and at its measured position."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,22 +59,33 @@ def plot_frontier(
 
     g, loss, metric = _points(frontier_json_or_points)
     label, scale = _UNITS.get(metric, (metric or "gain", 1.0))
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.8, 4.6), dpi=110)
     # A gain in (g_i, g_{i+1}] costs at least loss_{i+1}: the "pre" step is the achievable boundary.
     ax.step([x * scale for x in g], loss, where="pre", color="C0", alpha=0.4)
-    ax.plot([x * scale for x in g], loss, "o", color="C0", label=f"IP-{metric} frontier (predicted)")
+    ax.plot([x * scale for x in g], loss, "o", color="C0", ms=4, label=f"IP-{metric} frontier (predicted)")
+    if chosen is not None:
+        ax.plot([chosen.predicted_gain * scale], [chosen.predicted_loss_mse], "*", color="C1", ms=14,
+                label="chosen plan (predicted)")
     if measured_points:
         mg, ml, _ = _points(measured_points)
         ax.plot([x * scale for x in mg], ml, "s", mfc="none", color="C3", label="measured")
     for i, (name, p) in enumerate((baselines or {}).items()):
         ax.plot([p.predicted_gain * scale], [p.predicted_loss_mse], "^", color=f"C{(i + 4) % 10}", label=name)
-    if any(v > 0 for v in loss) and min((v for v in loss if v > 0), default=1) > 0:
+    for i, (name, row) in enumerate(((evaluation or {}).get("plans") or {}).items()):
+        color = "C1" if name == "ip" else f"C{(i + 4) % 10}"
+        if name != "ip":
+            ax.plot([row["predicted_gain"] * scale], [row["predicted_loss_mse"]], "^", color=color,
+                    label=f"{name} (predicted)")
+        if "measured_gain_s" in row and metric == "ET":
+            ax.plot([row["measured_gain_s"] * scale], [row["measured_loss_mse"]], "s", mfc="none", color=color, ms=8,
+                    label=f"{'chosen plan' if name == 'ip' else name} (measured)")
+    if any(v > 0 for v in loss):
         ax.set_yscale("symlog", linthresh=min(v for v in loss if v > 0))
     ax.set_xlabel(label)
-    ax.set_ylabel("loss MSE (predicted)")
-    ax.set_title(title or "Loss MSE vs gain (Pareto frontier)")
+    ax.set_ylabel("loss MSE")
+    ax.set_title(title or "Loss MSE vs gain: frontier, chosen plan, baselines")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,33 +98,61 @@ def group_explanations(
     plan: Plan, sensitivity: Sensitivity, partition: Partition, gains: Gains, noise: str | None = None
 ) -> list[dict[str, Any]]:
     """Per group: chosen config, its noise loss MSE and share of the plan's noise total, its mean loss shift
-    (shifts add over groups and are squared once for the plan), chosen vs best gain."""
+    (shifts add over groups and are squared once for the plan), chosen vs best gain, and why.
+
+    "Why" tells the three reasons apart: the SQNR guard excluded every low-precision config of an op (not a
+    trade-off: such configs never enter the IP), the measurement of a config failed its quality checks, or the
+    IP judged the loss not worth the gain.
+    """
     from .solver import build_instance
 
     noise = noise or plan.solver.get("noise", "empirical")
-    inst = build_instance(sensitivity, partition, gains, plan.metric, noise)
-    total = sum(
-        g.loss[g.configs.index(tuple(plan.assignment[op] for op in g.ops))] for g in inst.groups
-    )
+    guard = plan.solver.get("min_sqnr_db")
+    m = plan.metric
+    inst = build_instance(sensitivity, partition, gains, m, noise)  # every config: the guard is explained below
+    ref = inst.reference_format
+    total = sum(g.loss[g.configs.index(tuple(plan.assignment.get(op, ref) for op in g.ops))] for g in inst.groups)
     rows = []
     for g in inst.groups:
-        cfg = tuple(plan.assignment.get(op, inst.reference_format) for op in g.ops)
+        gg = gains.groups[g.name]
+        cfg = tuple(plan.assignment.get(op, ref) for op in g.ops)
         c = g.configs.index(cfg)
-        gains_m = g.gain[plan.metric]
-        best_c = max(range(len(gains_m)), key=gains_m.__getitem__)
-        lossy = [ci for ci in range(len(g.configs)) if ci != g.ref_index]
-        cheapest = min(lossy, key=lambda ci: g.loss[ci]) if lossy else None
-        n_low = sum(f != inst.reference_format for f in cfg)
+        gains_m = g.gain[m]
+        guarded = {}
+        if guard is not None:
+            for op in g.ops:
+                for f in sorted({f for cf in g.configs for f in cf} - {ref}):
+                    if op in sensitivity.ops and sensitivity.sqnr_db(op, f) < guard:
+                        guarded[op] = (f, sensitivity.sqnr_db(op, f))
+        allowed = [ci for ci, cf in enumerate(g.configs)
+                   if not any(f != ref and op in guarded for op, f in zip(g.ops, cf, strict=True))
+                   and gg.usable(m, gg.configs.index(list(cf)))]
+        best_c = max(allowed or [g.ref_index], key=gains_m.__getitem__)
+        flagged = sum(1 for i in range(len(gg.configs)) if not gg.usable(m, i))
+        n_low = sum(f != ref for f in cfg)
+        notes = []
+        if guarded:
+            notes.append("below the " + f"{guard:g} dB SQNR guard (excluded, not traded off): " + ", ".join(
+                f"{op.rsplit('.', 1)[-1]} {f} {db:.1f} dB" for op, (f, db) in guarded.items()))
+        if flagged:
+            notes.append(f"{flagged} config(s) kept out: their timing failed the quality checks")
+        lossy = [ci for ci in allowed if ci != g.ref_index]
         if n_low == 0:
-            if max(gains_m) <= 0:
-                why = "no config of this group is faster than the reference"
+            if not lossy:
+                why = "no low-precision config is allowed"
+            elif max(gains_m[ci] for ci in lossy) <= 0:
+                why = "no allowed config is faster than the reference"
             else:
-                why = (f"kept at reference: its least lossy low-precision config costs "
-                       f"{g.loss[cheapest]:.3g} loss MSE for {gains_m[cheapest]:.3g} gain")
+                cheapest = min(lossy, key=lambda ci: g.loss[ci])
+                why = (f"kept at reference: the budget does not cover its least lossy config "
+                       f"({g.loss[cheapest]:.3g} loss MSE for {_fmt_gain(gains_m[cheapest], m)})")
         elif c == best_c:
-            why = "takes its best-gain config: the budget allows it"
+            why = "takes its best allowed config: the budget covers it"
         else:
-            why = f"partly quantized: the best-gain config would add {g.loss[best_c] - g.loss[c]:.3g} loss MSE"
+            why = (f"partly quantized: its best allowed config would add {g.loss[best_c] - g.loss[c]:.3g} loss MSE "
+                   f"for {_fmt_gain(gains_m[best_c] - gains_m[c], m)} more")
+        if notes:
+            why += "; " + "; ".join(notes)
         rows.append({
             "group": g.name,
             "ops": dict(zip(g.ops, cfg, strict=True)),
@@ -131,6 +173,44 @@ def _fmt_gain(x: float, metric: str) -> str:
     return f"{x * scale:.4g} {unit}"
 
 
+def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
+    """evaluation.json as tables: reference, then every plan (ours first) with predicted and measured columns."""
+    ref = measured.get("reference", {})
+    lines = ["", "## Measured (evaluation.json)", "", f"- Reference perplexity (held-out text): "
+             f"{ref.get('perplexity', float('nan')):.4g}"]
+    for task, a in (ref.get("accuracy") or {}).items():
+        lines.append(f"- Reference accuracy {task}: {a.get('acc', float('nan')):.3f} (n={a.get('n')})")
+    ms = measured.get("machine_end") or {}
+    if ms:
+        lines.append(f"- Machine during evaluation: {ms.get('threads')} torch thread(s), {ms.get('cpus')} core(s), "
+                     f"1-min load average {ms.get('load_avg_1min')}")
+    plans = measured.get("plans") or {}
+    timed = any("measured_speedup" in r for r in plans.values())
+    head = "| plan | low-precision ops | loss MSE predicted | loss MSE measured | perplexity |"
+    sep = "|---|---|---|---|---|"
+    if timed:
+        head += " gain predicted | gain measured (±CI) | speedup measured |"
+        sep += "---|---|---|"
+    lines += ["", "Loss MSE on the calibration sequences (fake-quantised); perplexity on held-out text; gains end to "
+              "end with the device's real kernels, reference and plan interleaved. The baselines are greedy per-op "
+              "orders at the same loss budget (Random, Prefix = network order, SQNR = highest SQNR first).", "",
+              head, sep]
+    for name, r in plans.items():
+        row = (f"| {'IP-' + m if name == 'ip' else name} | {r.get('n_low_precision_ops')} | "
+               f"{r.get('predicted_loss_mse', float('nan')):.3g} | {r.get('measured_loss_mse', float('nan')):.3g} | "
+               f"{r.get('perplexity', float('nan')):.4g} |")
+        if timed:
+            ci = r.get("predicted_gain_ci")
+            row += (f" {_fmt_gain(r.get('predicted_gain', 0.0), m)}" + (f" ±{ci * 1e3:.2g}" if ci else "") + " | "
+                    + (f"{r['measured_gain_s'] * 1e3:.3g} ms ±{r['measured_gain_ci_s'] * 1e3:.2g} | "
+                       f"{r['measured_speedup']:.3f}x |" if "measured_gain_s" in r else "- | - |"))
+        lines.append(row)
+    check = (plans.get("ip") or {}).get("speed_check")
+    if check:
+        lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
+    return lines
+
+
 def write_report(
     path: str | Path,
     plan: Plan,
@@ -141,37 +221,58 @@ def write_report(
     measured: dict[str, Any] | None = None,
     baselines: dict[str, Plan] | None = None,
 ) -> Path:
-    """Markdown report: the plan's totals, per-group reasons, the frontier and baselines at the same budget."""
+    """Markdown report: the plan's totals, the measurement's trustworthiness, measured results with the baselines,
+    per-group reasons and the frontier."""
     m = plan.metric
     rows = group_explanations(plan, sensitivity, partition, gains)
     s = plan.solver
+    ref_t = gains.reference_time_s
+    guard = s.get("min_sqnr_db")
+    n_guarded = sum(1 for op in plan.assignment if op in sensitivity.ops and guard is not None
+                    and any(sensitivity.sqnr_db(op, f) < guard for f in gains.formats[1:]))
+    gain_line = f"- Predicted gain: {_fmt_gain(plan.predicted_gain, m)}"
+    if m == "ET" and ref_t:
+        gain_line += (f" of a {ref_t * 1e3:.4g} ms reference prefill (predicted speedup "
+                      f"{ref_t / max(ref_t - plan.predicted_gain, 1e-12):.3f}x)")
     lines = [
         f"# Mixed-precision plan for `{plan.model}`",
         "",
         f"- Objective: maximise **{m}** gain ({_UNITS.get(m, (m, 1))[0]}), reference format `{plan.reference_format}`",
-        f"- Budget: β = {plan.beta}, loss MSE ≤ {plan.budget_loss_mse}" if plan.beta is not None
-        else f"- Budget: least loss MSE for a gain ≥ {s.get('target_gain')}",
+        f"- Budget: β = {plan.beta}, loss MSE ≤ {plan.budget_loss_mse:.4g}" if plan.beta is not None
+        and plan.budget_loss_mse is not None
+        else f"- Budget: least loss MSE for a gain ≥ {_fmt_gain(s.get('target_gain') or 0.0, m)}",
         f"- Predicted loss MSE: {plan.predicted_loss_mse:.4g} (mean reference loss {sensitivity.mean_loss:.4g}; "
         f"β-equivalent {s.get('beta_equivalent') or 0:.4g})"
         + (f" = noise {s.get('predicted_noise_mse', 0):.4g} + shift² ({s['predicted_shift']:.4g})²"
            if s.get("predicted_shift") is not None else " (first-order noise only: calibrated without curvature)"),
-        f"- Predicted gain: {_fmt_gain(plan.predicted_gain, m)}"
-        + (f" of a {gains.reference_time_s * 1e3:.4g} ms reference prefill" if m == "ET" and gains.reference_time_s
-           else ""),
-        f"- Low-precision ops: {len(plan.low_precision_ops())} of {len(plan.assignment)}",
+        gain_line,
+        f"- Low-precision ops: {len(plan.low_precision_ops())} of {len(plan.assignment)}"
+        + (f"; the SQNR guard ({guard:g} dB) keeps {n_guarded} ops out of at least one format"
+           if guard is not None else ""),
         f"- Solver: status {s.get('status')}, termination {s.get('termination')}, gap {s.get('gap')}, "
         f"{(s.get('wall_s') or 0):.3g} s",
     ]
     if s.get("note"):
         lines.append(f"- Note: {s['note']}")
+    q = gains.quality or {}
+    if q:
+        st = q.get("machine_end", {})
+        lines += ["", "## How far the time measurements can be trusted", "",
+                  f"- Measured on `{gains.device}`; load average {q.get('machine_start', {}).get('load_avg_1min')} at "
+                  f"start, {st.get('load_avg_1min')} at end, on {st.get('cpus')} core(s)"
+                  + (" — **the machine was loaded by other work**" if q.get("loaded") else ""),
+                  f"- Configs that failed the quality checks (kept out of every plan): {q.get('flagged_configs', 0)}"]
+        lines += [f"  - {f}" for f in q.get("flagged", [])[:10]]
+        lines.append(f"- Σ best group gains {q.get('sum_best_gain_s', 0) * 1e3:.4g} ms vs reference prefill "
+                     f"{q.get('reference_prefill_s', 0) * 1e3:.4g} ms: "
+                     + ("consistent" if q.get("consistent", True) else "**inconsistent (not trustworthy)**"))
     if measured:
-        lines += ["", "## Measured", "", "| quantity | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in measured.items()]
+        lines += _measured_section(measured, m)
     lines += [
         "", "## Per group", "",
         "noise = the group's noise loss MSE (these add); share = its part of the plan's noise total; shift = its "
-        "predicted mean loss change (these add, then the total is squared); best gain = the best any config of the "
-        "group gives.", "",
+        "predicted mean loss change (these add, then the total is squared); best gain = the best config the guard "
+        "and the quality checks allow.", "",
         "| group | formats per op | noise | share | shift | gain | best gain | why |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -185,10 +286,10 @@ def write_report(
         lines += ["", "## Pareto frontier (predicted)", "", "| β | loss MSE | gain | low-precision ops |",
                   "|---|---|---|---|"]
         for p in frontier:
-            lines.append(f"| {p.beta if p.beta is not None else '-'} | {p.predicted_loss_mse:.4g} | "
+            lines.append(f"| {f'{p.beta:.4g}' if p.beta is not None else '-'} | {p.predicted_loss_mse:.4g} | "
                          f"{_fmt_gain(p.predicted_gain, p.metric)} | {len(p.low_precision_ops())} |")
     if baselines:
-        lines += ["", "## Baselines at the same budget", "",
+        lines += ["", "## Baselines at the same budget (predicted)", "",
                   "Greedy per-op orders, scored on the same group gain tables as the IP.", "",
                   "| method | loss MSE | gain | low-precision ops |", "|---|---|---|---|",
                   f"| IP-{m} | {plan.predicted_loss_mse:.4g} | {_fmt_gain(plan.predicted_gain, m)} | "

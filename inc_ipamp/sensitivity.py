@@ -133,7 +133,10 @@ class _Collector:
         if not t.requires_grad:
             return t
         alias = t.view_as(t)
-        alias.register_hook(lambda g, x=alias: self._reduce(operand, x, g, reduce_dim))
+        # The hook must not hold ``alias`` itself: tensor -> grad_fn -> hook -> tensor is a cycle through C++ that
+        # Python's gc cannot see, so every batch's activations leaked (8.4 GB peak RSS on the default run).
+        x = t.detach()
+        alias.register_hook(lambda g: self._reduce(operand, x, g, reduce_dim))
         return alias
 
     def attach(self) -> None:
@@ -297,11 +300,9 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     n, loss_sum, seq_len = 0, 0.0, 0
     t0 = time.perf_counter()
     try:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        from .runtime import Progress
 
-            bar = tqdm(desc="calibrate (fwd+bwd)", unit="seq", total=_len(blocks))
+        bar = Progress(_len(blocks), "calibrate (fwd+bwd)", unit="seq", enabled=progress)
         for batch in rebatch(blocks, batch_size):
             # A leaf that requires grad makes every activation downstream require grad, so the
             # hooks see gradients while no parameter gradient is ever computed or stored.
@@ -321,14 +322,14 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                     _ce(logits, sampled).sum().backward()
                 finally:
                     state["phase"] = "grad"
-            del logits
             loss_sum += float(loss.detach().sum())
+            # the graph (and through its hooks every op's saved input) lives as long as ``loss`` does: drop it
+            # before the next batch builds its own, or two batches' activations are held at once
+            del logits, loss, embeds
             n += batch.shape[0]
             seq_len = batch.shape[1]
-            if bar is not None:
-                bar.update(batch.shape[0])
-        if bar is not None:
-            bar.close()
+            bar.update(batch.shape[0])
+        bar.close()
     finally:
         for c in cols:
             c.detach()

@@ -158,6 +158,8 @@ def build_instance(
                 raise ArtifactError(f"group {grp.name}: config {cfg} does not match its {len(grp.ops)} ops")
             if any(f != ref and op in unreached for op, f in zip(grp.ops, cfg, strict=True)):
                 continue
+            if not gg.usable(metric, i):  # its measurement failed the quality checks: never in a plan
+                continue
             if min_sqnr_db is not None and any(
                     f != ref and sensitivity.sqnr_db(op, f) < min_sqnr_db for op, f in zip(grp.ops, cfg, strict=True)):
                 continue
@@ -423,6 +425,7 @@ def plan_from_choice(
     info["predicted_shift"] = shift if inst.uses_shift else None
     info["predicted_noise_mse"] = loss - shift**2
     info["min_sqnr_db"] = inst.min_sqnr_db
+    info["reference_time_s"] = inst.reference_time_s
     info["beta_equivalent"] = math.sqrt(loss) / inst.mean_loss if inst.mean_loss > 0 else None
     return Plan(
         model=inst.model,
@@ -602,6 +605,6 @@ def save_frontier(plans: list[Plan], path: str | Path, **meta: Any) -> Path:
 
 def load_frontier(path: str | Path) -> list[Plan]:
     d = load_json(path, "frontier")
-    if d.get("record") != "frontier" or "points" not in d:
+    if not isinstance(d, dict) or d.get("record") != "frontier" or not isinstance(d.get("points"), list):
         raise ArtifactError(f"{path} is not a frontier record")
     return [Plan.from_json(p) for p in d["points"]]

@@ -10,11 +10,17 @@ the full model; on CPU that under-stated INT8's gain by ~30% (benchmarks/results
 timed run calls the group's sub-graph in *every* layer of its signature (``span``) back to back and the
 gain is divided by their number: the same weights stream from memory as in a prefill, and layer-to-layer
 differences average out instead of being copied 30 times.
+
+Every measured config passes quality checks (``check_quality``: CI width vs gain and reference time, the
+reference time against its siblings') or is re-measured with twice the repetitions; what still fails is flagged
+in the record and never enters a plan. The record also carries the machine state (threads, load) at start and
+end and whether the best gains of all groups add up to less than the whole prefill, as they must.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,14 +33,18 @@ from ..errors import IpampError
 from ..formats import get_format
 from ..models import model_fingerprint
 from ..ops import install_attention
-from ..partition import _suffix, default_example_ids, first_calls, list_ops
+from ..partition import default_example_ids, first_calls, list_ops, suffix
 from ..records import Gains, Group, GroupGains, Partition
-from .base import Backend, gain_stats, paired_times, time_prefill
+from .base import Backend, gain_stats, paired_times, prime, time_prefill
 from .cache import MeasurementCache, cache_key
 from .theory import BACKEND_DEVICE, capture_op_shapes, memory_gain, rates_for, theoretical_gain
 
 log = logging.getLogger(__name__)
 METRICS = ("ET", "TT", "M")
+#: quality checks on one measured configuration (see ``check_quality``)
+MAX_REL_CI = 0.05  # CI half-width of a gain may exceed half the gain only while it stays below 5% of t_ref
+MAX_REF_DRIFT = 0.25  # a config's reference time may differ this much from its signature's median
+RETRIES = 2  # re-measurements (each with twice the repetitions) before a config is flagged
 
 
 def enclosing_module(ops: Sequence[str]) -> str:
@@ -74,6 +84,8 @@ def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group
                 return [m.get_submodule(e)(*a, **k) for e, a, k in calls]
         return fn
 
+    prime(backend, model, assignment)
+
     t_ref, t_cfg = paired_times(run({}), run(assignment), reps, warmup, backend.synchronize)
     r = gain_stats(t_ref, t_cfg)
     n = len(calls)
@@ -85,14 +97,15 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                   cache_path: str | Path | None = None, table_path: str | Path | None = None,
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
-                  span: int | None = None) -> Gains:
+                  span: int | None = None, retries: int = RETRIES) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
     TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes.
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
-    representative alone, hot in cache).
+    representative alone, hot in cache). ``retries``: re-measurements of a config that fails ``check_quality``
+    (each with twice the repetitions) before it is flagged; 0 flags without re-measuring.
     """
     from . import get_backend
 
@@ -140,6 +153,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
 
     timed_runs = 0
     reference_time = None
+    quality: dict[str, Any] = {}
     if "ET" in metrics:
         if be.name == "table":
             for g in partition.groups:
@@ -149,20 +163,45 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                 groups[g.name].ci["ET"] = [v[1] for v in vals]
                 groups[g.name].source["ET"] = f"replayed:{be.path}"
         else:
-            timed_runs, reference_time = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
+            timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
-                                                     reference_reps or max(5, reps // 2), span)
+                                                     reference_reps or max(5, reps // 2), span, retries)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
-                 timed_runs, notes)
+                 timed_runs, notes, quality)
+
+
+def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
+    """"" if a measured config can be trusted, else why not.
+
+    * noisy: the gain's CI is wider than half the gain *and* wider than ``MAX_REL_CI`` of the reference time
+      (a small gain with a small CI is a reliable "about nothing"; a CI of 30 ms on a 6 ms sub-graph is not);
+    * reference drift: its reference time differs from the other configs of its signature by more than
+      ``MAX_REF_DRIFT`` — the machine changed speed during this measurement (on a shared CPU one {q,k} config
+      was timed at t_ref 58.8 ms against 5-6 ms for its siblings, and the solver put that outlier in 30 layers);
+    * non-finite or non-positive times.
+    """
+    t_ref, gain, ci = rec.get("t_ref_s"), rec.get("gain_s"), rec.get("ci_s")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (t_ref, gain, ci)) or t_ref <= 0:
+        return "non-finite or non-positive time"
+    if ci > 0.5 * abs(gain) and ci > MAX_REL_CI * t_ref:
+        return f"noisy: CI ±{ci * 1e3:.3g} ms on a gain of {gain * 1e3:.3g} ms (t_ref {t_ref * 1e3:.3g} ms)"
+    if ref_median and abs(t_ref / ref_median - 1) > MAX_REF_DRIFT:
+        return (f"reference drift: t_ref {t_ref * 1e3:.3g} ms vs {ref_median * 1e3:.3g} ms for the other configs "
+                "of its signature")
+    return ""
 
 
 def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: Backend, ids: torch.Tensor,
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
                 reuse: bool, progress: bool, notes: list[str], reference_reps: int,
-                span: int | None = None) -> tuple[int, float]:
-    from tqdm.auto import tqdm
+                span: int | None = None, retries: int = RETRIES) -> tuple[int, float, dict[str, Any]]:
+    """Time every config of every signature, check each measurement, re-measure what fails (module docstring)."""
+    import statistics
 
+    from ..runtime import Progress, loaded, machine_state
+
+    state_start = machine_state()
     cache = MeasurementCache(cache_path)
     if cache.skipped:
         notes.append(f"measurement cache: skipped {cache.skipped} corrupt line(s)")
@@ -172,52 +211,106 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     if span is not None and span < 1:
         raise IpampError(f"span must be >= 1 (got {span})")
     timed_with = {k: v[: span or len(v)] for k, v in members.items()}
-    reps_of = {k: v[0] for k, v in members.items()}
+    representative = {k: v[0] for k, v in members.items()}
     encl = {enclosing_module(g.ops) for v in timed_with.values() for g in v}
     inputs = capture_module_inputs(model, sorted(encl), ids)
     base: dict[str, Any] = dict(model=model_fingerprint(model), device=be.device_string(), batch=int(ids.shape[0]),
                                 seq_len=int(ids.shape[1]), code=__version__, backend=be.version)
     ref = formats[0]
-    timed = reused = 0
-    measured: dict[str, tuple[list[float], list[float], str]] = {}
-    todo = [(k, g, c) for k, g in reps_of.items() for c in g.configs(formats) if any(f != ref for f in c)]
-    bar = tqdm(todo, desc="timing group configs", disable=not progress, leave=False)
-    for k, g, c in bar:
+    counts = {"timed": 0, "reused": 0, "remeasured": 0}
+    todo = [(k, g, c) for k, g in representative.items() for c in g.configs(formats) if any(f != ref for f in c)]
+    recs: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
+    keys: dict[tuple[str, tuple[str, ...]], str] = {}
+
+    def measure(k: str, g: Group, c: tuple[str, ...], n_reps: int) -> dict[str, Any]:
         together = timed_with[k]
-        key = cache_key(signature=g.signature, ops=[_suffix(o) for o in g.ops], config=list(c), span=len(together),
-                        **base)
-        rec = cache.get(key)
-        if rec is None:
-            e = enclosing_module(g.ops)
-            r = time_group_config(model, be, together, c,
-                                  [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], reps, warmup)
-            timed += 2 * reps * len(together)
-            rec = {"group": g.name, "signature": g.signature, "config": list(c), "module": e, **r}
-            cache.put(key, rec)
-        else:
-            reused += 1
-        gains, cis, _ = measured.setdefault(k, ([], [], g.name))
-        gains.append(rec["gain_s"])
-        cis.append(rec["ci_s"])
+        r = time_group_config(model, be, together, c,
+                              [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], n_reps, warmup)
+        counts["timed"] += 2 * n_reps * len(together)
+        return {"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops),
+                **r}
+
+    with Progress(len(todo), "measure: timing group configs", unit="config", enabled=progress) as bar:
+        for k, g, c in todo:
+            key = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
+                            span=len(timed_with[k]), **base)
+            keys[(k, c)] = key
+            rec = cache.get(key)
+            if rec is not None and not rec.get("flag"):
+                counts["reused"] += 1
+            else:
+                rec = measure(k, g, c, reps)
+                # a first check against the configs measured so far; drift is re-checked once all are in
+                prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
+                med = statistics.median(prior) if len(prior) >= 2 else None
+                n_reps = reps
+                for _ in range(retries):
+                    if not check_quality(rec, med):
+                        break
+                    n_reps *= 2
+                    counts["remeasured"] += 1
+                    rec = measure(k, g, c, n_reps)
+                rec["flag"] = check_quality(rec, med)
+                cache.put(key, rec)
+            recs[(k, c)] = rec
+            bar.update()
+    # reference drift over the whole signature, now that every config is in
+    for k in representative:
+        mine = {c: r for (kk, c), r in recs.items() if kk == k}
+        if len(mine) < 3:
+            continue
+        med = statistics.median(r["t_ref_s"] for r in mine.values())
+        for c, rec in mine.items():
+            if rec.get("flag") or not check_quality(rec, med):
+                continue
+            if not retries:
+                rec["flag"] = check_quality(rec, med)
+                continue
+            g = representative[k]
+            again = measure(k, g, c, 2 * reps)
+            counts["remeasured"] += 1
+            again["flag"] = check_quality(again, med)
+            recs[(k, c)] = again
+            cache.put(keys[(k, c)], again)
+    flagged = []
     for g in partition.groups:
         k = g.signature if reuse else g.name
-        gains, cis, rep_name = measured.get(k, ([], [], g.name))
-        it_g, it_c = iter(gains), iter(cis)
-        et, ci = [], []
+        rep_name = representative[k].name
+        et, ci, flags = [], [], []
         for c in g.configs(formats):
-            low = any(f != ref for f in c)
-            et.append(next(it_g) if low else 0.0)
-            ci.append(next(it_c) if low else 0.0)
+            rec = recs.get((k, tuple(c))) if any(f != ref for f in c) else None
+            et.append(rec["gain_s"] if rec else 0.0)
+            ci.append(rec["ci_s"] if rec else 0.0)
+            flags.append(rec.get("flag", "") if rec else "")
+            if rec and rec.get("flag") and g.name == rep_name:
+                flagged.append(f"{g.name} {'+'.join(c)}: {rec['flag']}")
         groups[g.name].gains["ET"] = et
         groups[g.name].ci["ET"] = ci
+        groups[g.name].flags["ET"] = flags
         n_t = len(timed_with[k])
         how = (f", mean over {n_t} groups of its signature" if n_t > 1 else "") + (
             "" if rep_name == g.name else f", reused from {rep_name} (same signature)")
         groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {enclosing_module(g.ops) or '<model>'}{how}"
     spans = sorted({len(v) for v in timed_with.values()})
-    notes.append(f"ET: {len(reps_of)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
-                 f"group(s) of its signature per run; {timed} timed sub-graph calls ({reps} reps x 2, interleaved, "
-                 f"{warmup} warm-up pairs), "
-                 f"{reused} config(s) taken from the cache")
-    ref_t = time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)
-    return timed, float(ref_t["median_s"])
+    notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
+                 f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls ({reps} reps x 2, "
+                 f"interleaved, {warmup} warm-up pairs), {counts['reused']} config(s) taken from the cache, "
+                 f"{counts['remeasured']} re-measurement(s) after a failed quality check")
+    ref_t = float(time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)["median_s"])
+    best = 0.0
+    for gg in groups.values():
+        ok = [x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i)]
+        best += max([0.0, *ok])
+    state_end = machine_state()
+    quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
+               "flagged": flagged, "sum_best_gain_s": best, "reference_prefill_s": ref_t,
+               "consistent": best < ref_t, "loaded": loaded(state_start) or loaded(state_end)}
+    if flagged:
+        log.warning("%d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s); "
+                    "load %.2f on %d cores with %d threads", len(flagged), len(todo), flagged[0],
+                    state_end["load_avg_1min"], state_end["cpus"], state_end["threads"])
+    if not quality["consistent"]:
+        log.warning("the measured gains are not self-consistent: the best gains of all groups add up to %.4g s, more "
+                    "than the whole reference prefill (%.4g s); the machine was %s", best, ref_t,
+                    "loaded" if quality["loaded"] else "probably disturbed")
+    return counts["timed"], ref_t, quality
