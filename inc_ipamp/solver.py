@@ -207,6 +207,18 @@ def _memory_gain(inst: Instance, sens: Sensitivity | None, g: GroupChoices) -> l
 # --------------------------------------------------------------------------------------------------
 # The Pyomo model
 # --------------------------------------------------------------------------------------------------
+def _interruptible(opt: Any) -> None:
+    """Let Ctrl-C stop HiGHS: Pyomo calls highspy's blocking ``run()``, which never returns to Python to see the
+    signal (a NaN in a stage file once made it spin for good, deaf to Ctrl-C); highspy's ``solve()`` runs the same
+    C++ solve in a thread and turns Ctrl-C into a cancel. Once per solver object."""
+    hm = getattr(opt, "_solver_model", None)
+    if hm is None or getattr(hm, "_ipamp_interruptible", False) or not hasattr(hm, "HandleKeyboardInterrupt"):
+        return
+    hm.HandleKeyboardInterrupt = True
+    hm.run = hm.solve
+    hm._ipamp_interruptible = True
+
+
 class GroupChoiceIP:
     """The multiple-choice knapsack, built once; budgets are mutable Params, solved by persistent HiGHS."""
 
@@ -279,6 +291,8 @@ class GroupChoiceIP:
         self.opt.config.time_limit = float(time_limit_s)
         self.opt.config.solver_options = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
         self._ub = {k: 1 for k in idx}
+        self.opt.set_instance(m)  # creates HiGHS's model now, so that even the first solve is interruptible
+        _interruptible(self.opt)
 
     def _restrict(self, eps_max: float | None) -> None:
         """Forbid single configs whose own noise exceeds the whole budget (noise terms are ≥ 0, so this cuts
