@@ -58,14 +58,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-lm-head", dest="include_lm_head", action="store_false", default=None,
                    help="keep lm_head in high precision (not a candidate)")
     d = p.add_argument_group("device and search")
-    d.add_argument("--device", choices=["cpu", "cuda", "hpu", "table"],
+    d.add_argument("--device", choices=["cpu", "cuda", "cuda-on-cpu", "hpu", "table"],
                    help="where gains are measured: cpu (INT8 vs FP32, runs here), cuda (FP8 on Hopper), "
+                        "cuda-on-cpu (the cuda backend's FP8 code placed on this CPU: real numerics, CPU timings), "
                         "hpu (FP8 on Gaudi), table (replay --table); default cpu")
     d.add_argument("--table", help="gains file (JSON/CSV) measured elsewhere, for --device table")
     d.add_argument("--formats", help="reference,low format(s) for the search, e.g. fp32,int8 or bf16,fp8_e4m3 "
                                      "(default from --device)")
-    d.add_argument("--metric", choices=["ET", "TT", "M"],
-                   help="gain to maximise: ET measured time, TT theoretical time (MACs), M memory (default ET)")
+    d.add_argument("--metric", choices=["ET", "TT", "RT", "M"],
+                   help="gain to maximise: ET measured time, TT theoretical time (MACs), RT roofline time on "
+                        "--rt-device, M memory (default ET)")
+    d.add_argument("--rt-device", choices=["gaudi2", "gaudi3", "h100", "h200"],
+                   help="device whose datasheet peaks and bandwidth give the RT metric (default: the --device's "
+                        "accelerator; needed on cpu)")
     d.add_argument("--beta", type=float, help="loss budget: predicted loss RMSE <= beta * mean loss (default 0.05)")
     d.add_argument("--target-speedup", type=float,
                    help="instead of --beta: least loss MSE predicted to reach this prefill speedup "
@@ -325,6 +330,8 @@ def _print_plan(plan, s) -> None:
             gain += f" of {_ms(ref_t)} (predicted speedup {ref_t / max(ref_t - plan.predicted_gain, 1e-12):.3f}x)"
     elif plan.metric == "TT":
         gain = f"{_ms(plan.predicted_gain)} theoretical (MAC-count) time saved"
+    elif plan.metric == "RT":
+        gain = f"{_ms(plan.predicted_gain)} roofline time saved on {s.rt_device or 'the device'}"
     else:
         gain = f"{plan.predicted_gain / 2**20:.4g} MiB of weights saved"
     low = sorted({f for f in plan.assignment.values() if f != plan.reference_format})

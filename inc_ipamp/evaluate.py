@@ -58,7 +58,8 @@ def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Modu
 @torch.no_grad()
 def sequence_losses(model: nn.Module, blocks: Iterable[torch.Tensor]) -> torch.Tensor:
     """Per-sequence mean cross-entropy over all blocks (float64 vector)."""
-    out = [sequence_loss(model, ids if ids.dim() == 2 else ids[None]).double() for ids in blocks]
+    dev = next(model.parameters()).device  # the model may live on the measuring device (cuda, hpu)
+    out = [sequence_loss(model, (ids if ids.dim() == 2 else ids[None]).to(dev)).double().cpu() for ids in blocks]
     return torch.cat(out)
 
 

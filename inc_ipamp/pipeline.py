@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 #: Reference and low-precision format of each target device (DESIGN.md: on this CPU the fast real
 #: low-precision path is dynamic INT8 via fbgemm; Gaudi/Hopper run FP8-E4M3 against BF16).
 DEVICE_FORMATS = {"cpu": ("fp32", "int8"), "cuda": ("bf16", "fp8_e4m3"), "hpu": ("bf16", "fp8_e4m3"),
-                  "table": ("bf16", "fp8_e4m3")}
+                  "table": ("bf16", "fp8_e4m3"),
+                  # the cuda backend's code on the CPU (CI): fp32 reference, bf16 matmuls are 6x slower there
+                  "cuda-on-cpu": ("fp32", "fp8_e4m3")}
 
 
 @dataclass
@@ -63,6 +65,8 @@ class RunSettings:
     acc_limit: int | None = 50
     #: torch threads (None: the cores not busy when each command starts; see runtime.free_cores)
     threads: int | None = None
+    #: device whose datasheet roofline gives the RT metric (None: the backend's own accelerator; none for cpu)
+    rt_device: str | None = None
 
     def validate(self) -> None:
         """Refuse impossible values before anything is saved or computed (a rejected --beta used to be saved
@@ -86,6 +90,12 @@ class RunSettings:
                              f"got {self.beta}")
         if self.target_speedup is not None and not (math.isfinite(self.target_speedup) and self.target_speedup > 1):
             raise IpampError(f"--target-speedup is a factor > 1 (1.1 = 10% faster), got {self.target_speedup}")
+        if self.metric == "RT" and self.rt_device is None and self.device == "cpu":
+            raise IpampError("--metric RT needs the device whose roofline to use: --rt-device gaudi2|gaudi3|h100|h200")
+        if self.rt_device is not None:
+            from .gains.theory import roofline_device
+
+            roofline_device(self.rt_device)
         if self.target_speedup is not None and self.metric != "ET":
             raise IpampError("--target-speedup needs measured time gains (--metric ET)")
         for f in self.formats:
@@ -186,7 +196,7 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
         model, tok = load(settings)
     gains = measure_gains(model, part, settings.formats, backend=settings.device, batch=settings.batch,
                           seq_len=settings.gain_seq_len, reps=settings.reps, cache_path=out / "gain_cache.jsonl",
-                          table_path=settings.table, span=settings.span)
+                          table_path=settings.table, span=settings.span, roofline=settings.rt_device)
     gains.inputs = _inputs(out, "partition.json")
     gains.save(out / "gains.json")
     return gains
@@ -303,7 +313,7 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         for name in ("random", "prefix", "sqnr"):
             plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
                                    seed=settings.seed, noise=settings.noise, min_sqnr_db=settings.min_sqnr_db)
-    timing = _timer(model, settings)
+    timing = _timer(model, settings)  # puts the model on the timing device, in the reference format
     steps = 2 + len(plans) * (2 + (timing is not None) + bool(settings.tasks))
     bar = Progress(steps, "evaluate (reference, then per plan: loss, perplexity, timing)", unit="step")
     ref_losses = sequence_losses(model, cal)
@@ -396,6 +406,7 @@ def _timer(model, settings: RunSettings):
     except DeviceUnavailableError as e:
         log.warning("no end-to-end timing: %s", e)
         return None
+    backend.prepare(model, settings.formats[0])  # model, inputs and outputs on one device from here on
     g = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(0, model.config.vocab_size, (settings.batch, settings.gain_seq_len), generator=g)
 

@@ -38,7 +38,9 @@ def _points(src: str | Path | Points) -> tuple[list[float], list[float], str]:
 
 
 _UNITS = {"ET": ("ms saved per prefill (ET: empirical time gain)", 1e3),
-          "TT": ("ms saved (TT: theoretical time gain)", 1e3), "M": ("MiB of weights saved (M)", 1 / 2**20)}
+          "TT": ("ms saved (TT: theoretical time gain)", 1e3),
+          "RT": ("ms saved (RT: roofline time gain on a named device)", 1e3),
+          "M": ("MiB of weights saved (M)", 1 / 2**20)}
 
 
 def plot_frontier(

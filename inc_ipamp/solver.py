@@ -31,10 +31,10 @@ from pyomo.contrib.solver.solvers.highs import Highs
 
 from .errors import ArtifactError, InfeasibleBudgetError, IpampError
 from .formats import get_format
+from .gains.measure import METRICS
 from .io import load_json, save_json
 from .records import NOISE_MODELS, Gains, Partition, Plan, Sensitivity
 
-METRICS = ("ET", "TT", "M")
 #: Relative MIP gap asked of HiGHS (its default, 1e-4, is loose enough to lose a whole small group).
 MIP_REL_GAP = 1e-7
 #: Relative slack when a phase-2 solve pins the phase-1 optimum (tolerates HiGHS's feasibility tolerance).

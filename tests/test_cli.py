@@ -106,3 +106,19 @@ def test_corrupt_artifact_is_a_clear_error(run_dir, tmp_path, capsys):
     rc = main(["solve", "--out", str(work)])
     err = capsys.readouterr().err
     assert rc == 1 and "gains.json" in err and "Traceback" not in err
+
+
+def test_full_run_through_the_cuda_backend_code_on_cpu(tmp_path):
+    """Issue 11: `run --device cuda-on-cpu` executes the cuda backend's FP8 path (torch._scaled_mm) end to end in
+    CI; the plan's formats, the gains' kernel paths and the evaluation's timing all come from that backend."""
+    out = tmp_path / "cuda"
+    assert main(["run", "--out", str(out), "--device", "cuda-on-cpu", *QUICK, "--threads", "1"]) == 0
+    gains = json.loads((out / "gains.json").read_text())
+    assert gains["formats"] == ["fp32", "fp8_e4m3"]
+    assert any("_scaled_mm" in n for n in gains["notes"]), gains["notes"]
+    assert any("RT" in g["gains"] for g in gains["groups"].values())  # roofline of the backend's device (h100)
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert ev["plans"]["ip"]["measured_prefill_s"] > 0 and "speed_check" in ev["plans"]["ip"]
+    assert main(["solve", "--out", str(out), "--metric", "RT"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["metric"] == "RT" and plan["predicted_gain"] >= 0

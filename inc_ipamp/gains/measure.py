@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,14 +38,27 @@ from ..partition import default_example_ids, first_calls, list_ops, suffix
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, prime, time_prefill
 from .cache import MeasurementCache, cache_key
-from .theory import BACKEND_DEVICE, capture_op_shapes, memory_gain, rates_for, theoretical_gain
+from .theory import (
+    BACKEND_DEVICE,
+    ROOFLINE_DEVICES,
+    capture_op_shapes,
+    memory_gain,
+    rates_for,
+    roofline_device,
+    roofline_gain,
+    theoretical_gain,
+)
 
 log = logging.getLogger(__name__)
-METRICS = ("ET", "TT", "M")
+#: ET measured time, TT MACs x rate table, RT roofline of a named device (datasheet peaks), M weight bytes
+METRICS = ("ET", "TT", "RT", "M")
 #: quality checks on one measured configuration (see ``check_quality``)
 MAX_REL_CI = 0.05  # CI half-width of a gain may exceed half the gain only while it stays below 5% of t_ref
 MAX_REF_DRIFT = 0.25  # a config's reference time may differ this much from its signature's median
-RETRIES = 2  # re-measurements (each with twice the repetitions) before a config is flagged
+RETRIES = 1  # re-measurements (each with twice the repetitions) before a config is flagged
+#: re-measuring stops (what fails is flagged at once) when it has cost this fraction of the first measurements:
+#: on a badly overloaded machine most configs fail, and re-measuring all of them tripled the stage's time
+REMEASURE_BUDGET = 0.5
 
 
 def enclosing_module(ops: Sequence[str]) -> str:
@@ -97,11 +111,13 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                   cache_path: str | Path | None = None, table_path: str | Path | None = None,
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
-                  span: int | None = None, retries: int = RETRIES) -> Gains:
+                  span: int | None = None, retries: int = RETRIES, roofline: str | None = None) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
-    TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes.
+    TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes;
+    RT is the roofline gain on ``roofline`` (a name in ``theory.ROOFLINE_DEVICES``; default: the backend's device,
+    none for cpu) at the measured prefill shapes, left out with a note where that device has no peak for a format.
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
     representative alone, hot in cache). ``retries``: re-measurements of a config that fails ``check_quality``
@@ -137,10 +153,23 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     rate_device = device_rates if device_rates is not None else BACKEND_DEVICE.get(be.name, "cpu")
     rates = rates_for(rate_device) if "TT" in metrics else {}
 
+    rt_device = roofline if roofline is not None else BACKEND_DEVICE.get(be.name)
+    if "RT" in metrics and rt_device is not None:
+        if roofline is None and rt_device not in ROOFLINE_DEVICES:
+            rt_device = None  # the backend's own device (cpu) has no datasheet roofline
+        else:
+            missing = [f for f in formats if f not in roofline_device(rt_device).peak_tflops]
+            if missing:
+                notes.append(f"RT left out: {rt_device} has no published peak for {', '.join(missing)}")
+                rt_device = None
     groups: dict[str, GroupGains] = {}
     for g in partition.groups:
         cfgs = g.configs(formats)
         gg = GroupGains(g.name, [list(c) for c in cfgs], {}, {}, {})
+        if "RT" in metrics and rt_device is not None:
+            gg.gains["RT"] = [sum(roofline_gain(kinds[op], shapes[op], ref, f, rt_device)
+                                  for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
+            gg.source["RT"] = f"roofline: max(FLOPs/peak, bytes/bandwidth) on {rt_device} (datasheet figures)"
         if "TT" in metrics:
             gg.gains["TT"] = [sum(theoretical_gain(kinds[op], shapes[op], ref, f, rates)
                                   for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
@@ -222,13 +251,20 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     recs: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     keys: dict[tuple[str, tuple[str, ...]], str] = {}
 
-    def measure(k: str, g: Group, c: tuple[str, ...], n_reps: int) -> dict[str, Any]:
+    spent = {"first": 0.0, "again": 0.0}
+
+    def measure(k: str, g: Group, c: tuple[str, ...], n_reps: int, again: bool = False) -> dict[str, Any]:
         together = timed_with[k]
+        t0 = time.perf_counter()
         r = time_group_config(model, be, together, c,
                               [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], n_reps, warmup)
+        spent["again" if again else "first"] += time.perf_counter() - t0
         counts["timed"] += 2 * n_reps * len(together)
         return {"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops),
                 **r}
+
+    def affordable() -> bool:
+        return spent["again"] <= REMEASURE_BUDGET * spent["first"]
 
     with Progress(len(todo), "measure: timing group configs", unit="config", enabled=progress) as bar:
         for k, g, c in todo:
@@ -245,11 +281,11 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                 med = statistics.median(prior) if len(prior) >= 2 else None
                 n_reps = reps
                 for _ in range(retries):
-                    if not check_quality(rec, med):
+                    if not check_quality(rec, med) or not affordable():
                         break
                     n_reps *= 2
                     counts["remeasured"] += 1
-                    rec = measure(k, g, c, n_reps)
+                    rec = measure(k, g, c, n_reps, again=True)
                 rec["flag"] = check_quality(rec, med)
                 cache.put(key, rec)
             recs[(k, c)] = rec
@@ -263,11 +299,11 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         for c, rec in mine.items():
             if rec.get("flag") or not check_quality(rec, med):
                 continue
-            if not retries:
+            if not retries or not affordable():
                 rec["flag"] = check_quality(rec, med)
                 continue
             g = representative[k]
-            again = measure(k, g, c, 2 * reps)
+            again = measure(k, g, c, 2 * reps, again=True)
             counts["remeasured"] += 1
             again["flag"] = check_quality(again, med)
             recs[(k, c)] = again
@@ -295,7 +331,9 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
                  f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls ({reps} reps x 2, "
                  f"interleaved, {warmup} warm-up pairs), {counts['reused']} config(s) taken from the cache, "
-                 f"{counts['remeasured']} re-measurement(s) after a failed quality check")
+                 f"{counts['remeasured']} re-measurement(s) after a failed quality check"
+                 + ("" if affordable() else f" (re-measuring stopped at its budget of {REMEASURE_BUDGET:.0%} of the "
+                                            "first measurements' time: later failures were flagged at once)"))
     ref_t = float(time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)["median_s"])
     best = 0.0
     for gg in groups.values():
