@@ -217,11 +217,16 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
     ``placement`` names that rule in the workspace key.
     """
     from .. import pipeline
+    from ..ops import is_linear
     from ..sensitivity import calibrate
     from ..solver import load_frontier
 
     if not batches:
         raise TuningSetupError("no calibration batches")
+    ok = placeable or (lambda op: not _is_bgemm(op))
+    if not any(ok(n) for n, m in model.named_modules() if is_linear(m)):
+        raise NoQuantizableOpsError(f"{type(model).__name__} has no Linear layer that INC's {placement} path can "
+                                    "quantize")
     root = Path(workspace_root) if workspace_root is not None else default_workspace_root()
     t0 = time.perf_counter()
     key = workspace_key(model, batches, settings, placement)
@@ -250,7 +255,6 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
         phases["calibrate_s"] = time.perf_counter() - t
         t = time.perf_counter()
         part = pipeline.stage_partition(ws, rs, work)
-        ok = placeable or (lambda op: not _is_bgemm(op))
         pattern = re.compile(settings.op_filter) if settings.op_filter else None
         unplaced = sorted(op for g in part.groups for op in g.ops if not ok(op))
         filtered = sorted(op for g in part.groups for op in g.ops if ok(op) and pattern and not pattern.search(op))
@@ -343,3 +347,30 @@ def write_selected(ws: Path, plan: Plan, unplaced: list[str], extra: dict[str, A
     except (IpampError, OSError, KeyError, ValueError) as e:  # the plan and config are what users deploy
         log.warning("no report for the selected point: %s", e)
     return out
+
+
+# -- what the returned model measures ---------------------------------------------------------------------
+@torch.no_grad()
+def compare_with_fp32(quantized: nn.Module, reference: nn.Module, text: torch.Tensor, prefill_ids: torch.Tensor,
+                      reps: int = 9, warmup: int = 2) -> dict[str, float]:
+    """Measured prefill speedup (interleaved timing, medians) and mean next-token loss of the model INC returned
+    vs the fp32 model on held-out ``text`` ((n, T) token ids); ``quantized`` may be INC 2.x's wrapper (``.model``)."""
+    from ..gains.base import gain_stats, paired_times
+
+    q = quantized.model if type(quantized).__name__.startswith("PyTorch") else quantized  # INC 2.x: PyTorchFXModel
+
+    def loss(m: nn.Module) -> float:
+        vals = []
+        for ids in text:
+            o = m(ids[None])
+            lg = o.logits if hasattr(o, "logits") else o[0]
+            vals.append(float(torch.nn.functional.cross_entropy(lg[0, :-1], ids[1:])))
+        return sum(vals) / len(vals)
+
+    t_ref, t_q = paired_times(lambda: reference(prefill_ids), lambda: q(prefill_ids), reps, warmup)
+    st = gain_stats(t_ref, t_q)
+    lq, lr = loss(q), loss(reference)
+    return {"prefill_fp32_s": st["t_ref_s"], "prefill_quantized_s": st["t_cfg_s"],
+            "prefill_speedup": st["t_ref_s"] / st["t_cfg_s"], "prefill_gain_ci_s": st["ci_s"],
+            "loss_fp32": lr, "loss_quantized": lq, "loss_delta": lq - lr, "perplexity_fp32": math.exp(lr),
+            "perplexity_quantized": math.exp(lq)}

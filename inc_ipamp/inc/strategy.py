@@ -304,7 +304,7 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
         ids = example[0] if isinstance(example, (tuple, list)) else example
         if ids is None:
             ids = _example[cfg.session or ""]
-        q = apply_cpu(model, plan, [ids], inplace=True) if plan.low_precision_ops() else model
+        q = apply_cpu(model, plan, [ids], inplace=True, reuse_export=True) if plan.low_precision_ops() else model
         out = write_selected(res.workspace, plan, res.unplaced,
                              {"rank": cfg.rank, "inc_path": PLACEMENT,
                               "note": "the point of the last model INC built; autotune returns that model"})
