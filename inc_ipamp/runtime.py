@@ -35,14 +35,25 @@ def load_average() -> float:
         return 0.0
 
 
-def free_cores(load: float | None = None, cpus: int | None = None) -> int:
-    """Cores not busy with other work: the core count minus the runnable processes already there, at least 1.
+def runnable_others() -> int:
+    """Processes runnable right now besides this one (/proc/loadavg's 4th field; 0 where there is none)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, IndexError, ValueError):
+        return 0
 
-    Called before this process starts computing, so the load is other jobs' (a fraction below .5 rounds away).
+
+def free_cores(load: float | None = None, cpus: int | None = None) -> int:
+    """Cores not busy with other work: the core count minus what other jobs use, at least 1.
+
+    "What other jobs use" is the larger of the 1-minute load average (called before this process starts
+    computing, so it is other jobs'; a fraction below .5 rounds away) and the processes runnable right now: a job
+    started seconds ago barely moves the average yet already takes a core.
     """
     cpus = cpu_count() if cpus is None else cpus
-    load = load_average() if load is None else load
-    return max(1, min(cpus, cpus - int(load + 0.5)))
+    busy = max(int((load_average() if load is None else load) + 0.5), runnable_others() if load is None else 0)
+    return max(1, min(cpus, cpus - busy))
 
 
 def set_threads(threads: int | None) -> int:

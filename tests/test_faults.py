@@ -175,3 +175,13 @@ def test_solver_is_interruptible_and_time_limited(done) -> None:
 def test_truncated_model_warns(done, capsys) -> None:
     assert main(["evaluate", "--out", str(done)]) == 0
     assert "not a working language model" in capsys.readouterr().err
+
+
+def test_quick_is_the_whole_model_with_smaller_settings(tmp_path) -> None:
+    """`--quick` must not truncate the model (a prefix's numbers are meaningless); explicit options still win."""
+    from inc_ipamp.cli import QUICK, _settings, build_parser
+
+    args = build_parser().parse_args(["run", "--out", str(tmp_path), "--quick", "--reps", "9"])
+    _, s = _settings(args)
+    assert s.layers is None and s.reps == 9
+    assert all(getattr(s, k) == v for k, v in QUICK.items() if k != "reps")
