@@ -248,7 +248,8 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
     try:
         t = time.perf_counter()
         formats = [f for f in settings.formats[1:]]
-        sens = calibrate(work, batches, formats, include_lm_head=settings.include_lm_head, model_name=str(name),
+        rows = [r for b in batches for r in b.split(1)]  # one item per sequence (progress counts); rebatched inside
+        sens = calibrate(work, rows, formats, include_lm_head=settings.include_lm_head, model_name=str(name),
                          batch_size=settings.calib_batch, curvature=settings.curvature,
                          data_source=f"INC calibration data ({sum(int(b.shape[0]) for b in batches)} sequences)")
         sens.save(ws / "sensitivity.json")

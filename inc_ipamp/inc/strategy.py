@@ -381,7 +381,12 @@ def autotune(model: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], float]
         return s
 
     cfg = tuning_config(frontier, tolerable_loss, max_trials, device, workspace, **options)
-    q = inc_autotune(model, cfg, checked, run_fn=run_fn, run_args=run_args, example_inputs=example_inputs)
+    try:
+        q = inc_autotune(model, cfg, checked, run_fn=run_fn, run_args=run_args, example_inputs=example_inputs)
+    finally:
+        from ..export.cpu import _EXPORTED
+
+        _EXPORTED.clear()  # the cached export holds a copy of the weights; the tuning loop is over
     ws = getattr(q, "ipamp_workspace", None)
     if ws is not None:
         base = scores[0]
