@@ -130,7 +130,9 @@ def group_explanations(
                    if not any(f != ref and op in guarded for op, f in zip(g.ops, cf, strict=True))
                    and gg.usable(m, gg.configs.index(list(cf)))]
         best_c = max(allowed or [g.ref_index], key=gains_m.__getitem__)
-        flagged = sum(1 for i in range(len(gg.configs)) if not gg.usable(m, i))
+        flags = gg.flags.get(m) or []
+        emulated = sum(1 for f in flags if f.startswith("no real kernel"))
+        flagged = sum(1 for f in flags if f) - emulated
         n_low = sum(f != ref for f in cfg)
         notes = []
         if guarded:
@@ -138,6 +140,8 @@ def group_explanations(
                 f"{op.rsplit('.', 1)[-1]} {f} {db:.1f} dB" for op, (f, db) in guarded.items()))
         if flagged:
             notes.append(f"{flagged} config(s) kept out: their timing failed the quality checks")
+        if emulated:
+            notes.append(f"{emulated} config(s) kept out: this device has no real kernel for them (emulated only)")
         lossy = [ci for ci in allowed if ci != g.ref_index]
         if n_low == 0:
             if not lossy:

@@ -20,7 +20,8 @@ from inc_ipamp.records import Gains
 
 FORMATS = ["fp32", "int8"]
 # retries=0: no adaptive re-measurement, so the numbers of timed runs below are exact (test_quality covers it)
-FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retries=0)
+# measure_emulated: time the emulated INT8 BGEMM configs too, so every config of the tiny model is timed
+FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retries=0, measure_emulated=True)
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def test_reference_drift_is_caught_across_siblings(tiny, monkeypatch) -> None:
     """One {q,k,v,qk,av} config timed while the machine slowed down (t_ref 10x its siblings')."""
     model, part = tiny
     att = next(g for g in part.groups if len(g.ops) == 5)
-    bad = ("fp32", "fp32", "fp32", "int8", "int8")
+    bad = ("int8", "fp32", "int8", "fp32", "fp32")
     calls: list = []
     monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({bad: [_rec(30.4, 2.0, t_ref_ms=58.8)]}, calls))
     g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
@@ -103,7 +103,8 @@ def test_reference_drift_is_caught_across_siblings(tiny, monkeypatch) -> None:
     gg = g.groups[att.name]
     assert gg.flags["ET"][gg.configs.index(list(bad))].startswith("reference drift")
     assert sum(1 for c, _ in calls if c == bad) >= 2  # re-measured before being flagged
-    assert all(f == "" for i, f in enumerate(gg.flags["ET"]) if i != gg.configs.index(list(bad)))
+    others = [f for i, f in enumerate(gg.flags["ET"]) if i != gg.configs.index(list(bad))]
+    assert all(f == "" or f.startswith("no real kernel") for f in others)  # the siblings stay usable
 
 
 def test_inconsistent_gains_are_refused_by_solve(tiny, monkeypatch, tmp_path) -> None:
@@ -145,7 +146,26 @@ def test_setup_time_never_enters_a_gain(tiny) -> None:
     inputs = measure_mod.capture_module_inputs(model, ["model.layers.0.mlp"], ids)
     be = _SlowSetupBackend()
     r = time_group_config(model, be, [mlp], ["int8", "int8"], [inputs["model.layers.0.mlp"]], reps=3, warmup=0)
-    assert abs(r["gain_s"]) < 0.02 and r["t_cfg_s"] < 0.1  # 2 conversions x 0.2 s would show as -0.4 s
+    # 2 conversions x 0.2 s inside the timed calls would show as a gain of -0.4 s; scheduling noise on a loaded
+    # machine stays far below 0.15 s for this sub-millisecond sub-graph
+    assert abs(r["gain_s"]) < 0.15 and r["t_cfg_s"] < 0.15
     be2 = _SlowSetupBackend()
     e2e = compare_prefill(model, ids, be2, {op: "int8" for op in mlp.ops}, reps=3, warmup=0)
-    assert abs(e2e["gain_s"]) < 0.02
+    assert abs(e2e["gain_s"]) < 0.15
+
+
+def test_emulated_only_configs_are_not_timed_and_never_planned(tiny, monkeypatch) -> None:
+    """INT8 attention BGEMMs have no real CPU kernel (quantize-dequantize around fp32) and no deployment path runs
+    them in INT8: they are flagged, not timed, so the measurement is cheaper and no plan claims them."""
+    model, part = tiny
+    calls: list = []
+    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({}, calls))
+    g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
+                      metrics=("ET",))
+    att = next(x for x in part.groups if len(x.ops) == 5)
+    gg = g.groups[att.name]
+    bgemm_int8 = [i for i, c in enumerate(gg.configs) if "int8" in c[3:]]
+    assert len(bgemm_int8) == 24 and all(gg.flags["ET"][i].startswith("no real kernel") for i in bgemm_int8)
+    timed = {c for c, _ in calls}
+    assert all(c[3:] == ("fp32", "fp32") for c in timed if len(c) == 5) and len(calls) == 37 - 24
+    assert any("emulates" in n for n in g.notes) and g.quality["flagged_configs"] == 0

@@ -111,13 +111,17 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                   cache_path: str | Path | None = None, table_path: str | Path | None = None,
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
-                  span: int | None = None, retries: int = RETRIES, roofline: str | None = None) -> Gains:
+                  span: int | None = None, retries: int = RETRIES, roofline: str | None = None,
+                  measure_emulated: bool = False) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
     TT uses ``device_rates`` ({format: TFLOPS} or a device name, default per backend); M counts weight bytes;
     RT is the roofline gain on ``roofline`` (a name in ``theory.ROOFLINE_DEVICES``; default: the backend's device,
     none for cpu) at the measured prefill shapes, left out with a note where that device has no peak for a format.
+    Configs that put an op in a format the backend can only emulate (quantize-dequantize around the reference
+    kernel, e.g. INT8 attention BGEMMs on CPU, which no deployment path runs in INT8) are not timed but flagged,
+    so no plan contains them; ``measure_emulated=True`` times them anyway (for studies of emulation cost).
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
     representative alone, hot in cache). ``retries``: re-measurements of a config that fails ``check_quality``
@@ -194,7 +198,8 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
         else:
             timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
-                                                     reference_reps or max(5, reps // 2), span, retries)
+                                                     reference_reps or max(5, reps // 2), span, retries,
+                                                     measure_emulated)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
                  timed_runs, notes, quality)
@@ -221,10 +226,41 @@ def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
     return ""
 
 
+EMULATED = "no real kernel"
+
+
+def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, Group],
+                      formats: list[str]) -> dict[tuple[str, tuple[str, ...]], str]:
+    """(signature, config) -> why, for configs with an op the backend would only emulate.
+
+    Decided by the module the backend really builds (its ``path``), not by a table of beliefs. Backends with their
+    own ``apply`` (hpu: INC converts whole ops) are trusted to refuse what they cannot run.
+    """
+    from ..ops import Matmul
+
+    if type(be).apply is not Backend.apply:
+        return {}
+    ref = formats[0]
+    mods = dict(model.named_modules())
+    out: dict[tuple[str, tuple[str, ...]], str] = {}
+    for k, g in representative.items():
+        for c in g.configs(formats):
+            for op, f in zip(g.ops, c, strict=True):
+                if f == ref:
+                    continue
+                kind = "bgemm" if isinstance(mods[op], Matmul) else "linear"
+                path = getattr(be._converted_module(mods[op], kind, f), "path", "")
+                if "emulated" in path:
+                    out[(k, tuple(c))] = f"{EMULATED}: {kind} in {f} is {path} on {be.name}"
+                    break
+    return out
+
+
 def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: Backend, ids: torch.Tensor,
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
                 reuse: bool, progress: bool, notes: list[str], reference_reps: int,
-                span: int | None = None, retries: int = RETRIES) -> tuple[int, float, dict[str, Any]]:
+                span: int | None = None, retries: int = RETRIES,
+                measure_emulated: bool = False) -> tuple[int, float, dict[str, Any]]:
     """Time every config of every signature, check each measurement, re-measure what fails (module docstring)."""
     import statistics
 
@@ -266,6 +302,14 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     def affordable() -> bool:
         return spent["again"] <= REMEASURE_BUDGET * spent["first"]
 
+    emulated = {} if measure_emulated else _emulated_configs(model, be, representative, formats)
+    if emulated:
+        notes.append(f"ET: {len(emulated)} config(s) not timed and kept out of plans: they need a kernel the "
+                     f"{be.name} backend only emulates ({'; '.join(sorted(set(emulated.values())))})")
+    for (k, c), why in emulated.items():
+        recs[(k, c)] = {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why}
+    todo = [(k, g, c) for k, g, c in todo if (k, c) not in emulated]
+
     with Progress(len(todo), "measure: timing group configs", unit="config", enabled=progress) as bar:
         for k, g, c in todo:
             key = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
@@ -292,7 +336,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
             bar.update()
     # reference drift over the whole signature, now that every config is in
     for k in representative:
-        mine = {c: r for (kk, c), r in recs.items() if kk == k}
+        mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
         if len(mine) < 3:
             continue
         med = statistics.median(r["t_ref_s"] for r in mine.values())
@@ -318,7 +362,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
             et.append(rec["gain_s"] if rec else 0.0)
             ci.append(rec["ci_s"] if rec else 0.0)
             flags.append(rec.get("flag", "") if rec else "")
-            if rec and rec.get("flag") and g.name == rep_name:
+            if rec and rec.get("flag") and g.name == rep_name and (k, tuple(c)) not in emulated:
                 flagged.append(f"{g.name} {'+'.join(c)}: {rec['flag']}")
         groups[g.name].gains["ET"] = et
         groups[g.name].ci["ET"] = ci
