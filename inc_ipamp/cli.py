@@ -81,11 +81,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--min-sqnr-db", type=float,
                    help="never put an op in a format whose input SQNR is below this (default 25 dB): the loss "
                         "prediction is first order and underestimates large rounding errors; <0 disables")
-    d.add_argument("--reps", type=int, help="timed repetitions per measurement (default 15)")
+    d.add_argument("--reps", type=int,
+                   help="timed repetitions per measurement (default 10; a noisy one is re-measured with twice as many)")
     d.add_argument("--span", type=int,
                    help="groups of one signature (e.g. the 30 layers' MLPs) called back to back in each timed run "
                         "(default all, so weights come from memory as in a prefill; 1 = one group, hot in cache)")
-    d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 256)")
+    d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 128)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--tasks", help="offline lm-eval accuracy tasks for `evaluate`, comma-separated: "
@@ -97,7 +98,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "on a shared CPU more threads than free cores make timings swing 15x)")
     r.add_argument("--quick", action="store_true",
                    help="a fast look at the whole model: 8 calibration and 8 evaluation sequences of 128 tokens, "
-                        "gains timed at 128 tokens with 7 repetitions (each can still be set explicitly)")
+                        "gains timed at 64 tokens with 7 repetitions (each can still be set explicitly)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: what ``--quick`` changes (explicit options still win): whole model, fewer and shorter sequences, fewer reps
-QUICK = {"n_calib": 8, "n_eval": 8, "seq_len": 128, "gain_seq_len": 128, "reps": 7}
+QUICK = {"n_calib": 8, "n_eval": 8, "seq_len": 128, "gain_seq_len": 64, "reps": 7}
 
 
 def _settings(args: argparse.Namespace):
