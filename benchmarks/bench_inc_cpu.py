@@ -5,8 +5,15 @@ load from other jobs hits every row alike; ratios = best fp32-eager time / best 
   fp32 eager | fp32 eager on a deep copy (control) | fp32 torch.compile (the fair reference for compiled INT8)
   INC PT2E dynamic INT8 (DynamicQuantConfig + per-op set_local): Q/DQ graph eager, and torch.compile'd
   INC FP8 Q/DQ (FP8Config use_qdq=True, maxabs_pow2, per-op blocklist), eager
+  torch.ao dynamic INT8 (the ``cpu`` gain backend's kernels, what INC 2.x's dynamic path builds), eager
 The plan: ``--plan plan.json`` (an INT8 plan from `inc-ipamp solve --device cpu`), else every decoder Linear in
 INT8 and lm_head fp32 (the most aggressive CPU point); the FP8 row uses the same ops in fp8_e4m3.
+
+Accuracy on real held-out text (``--acc-seqs`` x ``--seq-len`` tokens of the evaluation split), for the plan and for
+the same plan without ``down_proj``: mean next-token loss, max and mean |Δlogit| vs fp32 of INC's PT2E INT8,
+torch.ao dynamic INT8 and our fake-quant (``evaluate.fake_quant``, per-tensor max-abs), plus each Linear family's
+smallest per-tensor INT8 input SQNR on that text. This separates a bug in how the INC config is built (INC far
+off the other INT8 implementations of the same plan) from the plan's own INT8 error (all three alike).
 
     python benchmarks/bench_inc_cpu.py --layers 30 --seq-len 256 --reps 9
 """
@@ -18,7 +25,10 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +38,11 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 
+from inc_ipamp.data import load_blocks  # noqa: E402
+from inc_ipamp.evaluate import fake_quant  # noqa: E402
 from inc_ipamp.export.cpu import apply_cpu, cpu_path  # noqa: E402
+from inc_ipamp.formats import quantize  # noqa: E402
+from inc_ipamp.gains import get_backend  # noqa: E402
 from inc_ipamp.models import load_model  # noqa: E402
 from inc_ipamp.records import Plan  # noqa: E402
 
@@ -49,6 +63,73 @@ def logits(out) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def without(plan: Plan, family: str) -> Plan:
+    return Plan(plan.model, {op: ("fp32" if family in op else f) for op, f in plan.assignment.items()},
+                plan.reference_format, plan.metric, plan.beta, plan.predicted_loss_mse, plan.predicted_gain)
+
+
+def machine_state() -> dict:
+    """Commit, command and load: the conditions the numbers were measured under."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    dirty = git("status", "--porcelain", "--", "benchmarks/bench_inc_cpu.py", "inc_ipamp")
+    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes_in_inc_ipamp_or_bench": bool(dirty),
+            "command": "python " + shlex.join(sys.argv), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+
+
+@torch.no_grad()
+def accuracy(model, q8, plan: Plan, text: torch.Tensor) -> dict:
+    """Loss and |Δlogit| vs fp32 on real text for INC's PT2E INT8 (``q8``), torch.ao dynamic INT8 and fake-quant."""
+    ref = [logits(model(ids[None])) for ids in text]
+
+    def row(fn) -> dict:
+        outs = [logits(fn(ids[None])) for ids in text]
+        loss = statistics.fmean(torch.nn.functional.cross_entropy(o[0, :-1], ids[1:]).item()
+                                for o, ids in zip(outs, text, strict=True))
+        d = torch.cat([(o - r).abs().flatten() for o, r in zip(outs, ref, strict=True)])
+        return {"loss": loss, "max_abs_dlogit": float(d.max()), "mean_abs_dlogit": float(d.mean())}
+
+    out = {"fp32": row(model), "INC PT2E dynamic int8": row(q8)}
+    be = get_backend("cpu")
+    with be.apply(model, plan.assignment) as m:
+        out["torch.ao dynamic int8"] = row(m)
+    with fake_quant(model, plan.assignment) as m:
+        out["fake-quant int8 (per-tensor max-abs)"] = row(m)
+    return out
+
+
+@torch.no_grad()
+def input_sqnr(model, text: torch.Tensor) -> dict[str, float]:
+    """Smallest per-tensor INT8 input SQNR (dB) of each decoder Linear family over the text's sequences."""
+    worst: dict[str, float] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            fam = name.rsplit(".", 1)[-1]
+
+            def hook(_m, args, fam=fam):
+                x = args[0].float()
+                err = (quantize(x, "int8") - x).pow(2).sum().clamp_min(1e-30)
+                db = float(10 * torch.log10(x.pow(2).sum() / err))
+                worst[fam] = min(worst.get(fam, float("inf")), db)
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    try:
+        for ids in text:
+            model(ids[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return dict(sorted(worst.items()))
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,10 +138,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--plan", default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (minutes on 2 cores)")
+    ap.add_argument("--acc-seqs", type=int, default=4, help="held-out text sequences for the accuracy section")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default=str(OUT / "inc_cpu"))
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    state = machine_state()
 
-    model, _ = load_model("default", num_layers=a.layers)
+    model, tok = load_model("default", num_layers=a.layers)
     model.config.use_cache = False
     ids = torch.randint(0, model.config.vocab_size, (1, a.seq_len), generator=torch.Generator().manual_seed(0))
     plan = Plan.load(a.plan) if a.plan else default_plan(model, "int8")
@@ -90,6 +176,12 @@ def main() -> None:
     t0 = time.perf_counter()
     fp8 = apply_cpu(model, as_fp8(plan), [ids])
     add("INC FP8 QDQ (maxabs_pow2) eager", fp8, time.perf_counter() - t0, "FP8Config use_qdq=True, blocklist per op")
+    be = get_backend("cpu")
+    ao = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    ao_ctx = be.apply(ao, plan.assignment)
+    ao_model = ao_ctx.__enter__()  # left applied for the timing rounds
+    add("torch.ao dynamic int8 eager", ao_model, time.perf_counter() - t0, "the cpu gain backend's kernels")
     if not a.no_compile:
         from torch._inductor import config as inductor_config
 
@@ -116,10 +208,27 @@ def main() -> None:
         rows["INC PT2E dynamic int8 + torch.compile"]["speedup_vs_fp32_compiled"] = \
             min(times["fp32 torch.compile"]) / min(times["INC PT2E dynamic int8 + torch.compile"])
 
+    ao_ctx.__exit__(None, None, None)
+    calls.clear()
+    del fp8, ao, ao_model
+
+    # accuracy on real held-out text: the plan, and the plan without down_proj
+    text = load_blocks(tok, "evaluation", a.acc_seqs, a.seq_len).ids
+    acc = {"plan": accuracy(model, q8, plan, text)}
+    del q8
+    guarded = without(plan, "down_proj")
+    q8g = apply_cpu(model, guarded, [text[:1]], dynamic=False)
+    acc["plan without down_proj"] = accuracy(model, q8g, guarded, text)
+    del q8g
+    sqnr = input_sqnr(model, text)
+
     result = {"model": "default (SmolLM2-135M)", "layers": a.layers, "batch": 1, "seq_len": a.seq_len, "reps": a.reps,
               "plan": a.plan or "all decoder Linear INT8, lm_head fp32", "n_low_precision_ops": n_low,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-              "rows": rows}
+              "machine": state, "rows": rows, "accuracy_text": {"sequences": a.acc_seqs, "seq_len": a.seq_len,
+                                                                  "source": "gensim wiki, evaluation split",
+                                                                  "plans": acc},
+              "int8_input_sqnr_db_min_by_family": sqnr}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
@@ -136,8 +245,42 @@ def main() -> None:
         lines.append(f"| {k} | {r['best_s']:.3f} | {r['median_s']:.3f} | {r['speedup_vs_fp32_eager']:.2f} | "
                      f"{r['speedup_vs_fp32_eager_median']:.2f} | {'' if vc is None else f'{vc:.2f}'} | "
                      f"{r['build_s']} | {r['first_call_s']} | {r['max_abs_logit_diff_vs_fp32']:.3g} |")
+    lines += ["", f"Run: commit {state['commit']} (uncommitted changes in inc_ipamp/ or this script: "
+              f"{state['uncommitted_changes_in_inc_ipamp_or_bench']}), `{state['command']}`, {state['date_utc']} UTC, "
+              f"load average {state['load_avg_1_5_15']} on {state['cpus']} CPUs, {state['torch_threads']} torch "
+              f"threads, torch {state['torch']}. Max |Δlogit| above is on random token ids."]
+    lines += accuracy_lines(acc, sqnr, a.acc_seqs, a.seq_len)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def accuracy_lines(acc: dict, sqnr: dict[str, float], n: int, seq: int) -> list[str]:
+    """The accuracy table and the sentences that read it (every number and comparison from this run)."""
+    lines = ["", f"## Accuracy on real text ({n} x {seq} held-out tokens, gensim wiki evaluation split)", "",
+             "| plan | path | loss | Δloss vs fp32 | max abs Δlogit | mean abs Δlogit |", "|---|---|---|---|---|---|"]
+    for pname, rows in acc.items():
+        base = rows["fp32"]["loss"]
+        for path, r in rows.items():
+            lines.append(f"| {pname} | {path} | {r['loss']:.4f} | {r['loss'] - base:+.4f} | "
+                         f"{r['max_abs_dlogit']:.3g} | {r['mean_abs_dlogit']:.3g} |")
+    lines += ["", "Smallest per-tensor INT8 input SQNR per decoder Linear family on this text (dB): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in sqnr.items()) + "."]
+    p, g = acc["plan"], acc["plan without down_proj"]
+
+    def d(rows, k):
+        return rows[k]["loss"] - rows["fp32"]["loss"]
+
+    inc, ao, fq = "INC PT2E dynamic int8", "torch.ao dynamic int8", "fake-quant int8 (per-tensor max-abs)"
+    others = max(d(p, ao), d(p, fq))
+    verdict = ("no larger than" if d(p, inc) <= others else "larger than")
+    worst = min(sqnr, key=sqnr.get) if sqnr else "?"
+    lines += ["", f"On the plan, INC's PT2E INT8 raised the loss by {d(p, inc):+.4f}, which is {verdict} the other two "
+              f"INT8 implementations of the same plan ({d(p, ao):+.4f} torch.ao, {d(p, fq):+.4f} fake-quant); "
+              f"its max |Δlogit| was {p[inc]['max_abs_dlogit']:.3g} vs {p[ao]['max_abs_dlogit']:.3g} and "
+              f"{p[fq]['max_abs_dlogit']:.3g}. Without down_proj (the family with the smallest input SQNR here: "
+              f"{worst}, {sqnr.get(worst, float('nan')):.1f} dB) INC's Δloss was {d(g, inc):+.4f} and its max "
+              f"|Δlogit| {g[inc]['max_abs_dlogit']:.3g}."]
+    return lines
 
 
 if __name__ == "__main__":
