@@ -197,7 +197,8 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
     if timed:
         head += " gain predicted | gain measured (±CI) | speedup measured |"
         sep += "---|---|---|"
-    lines += ["", "Loss MSE on the calibration sequences (fake-quantised); perplexity on held-out text; gains end to "
+    lines += ["", f"Loss MSE and perplexity on held-out text ({measured.get('loss_data', 'evaluation split')}; "
+              "fake-quantised, out of sample: not the calibration sequences); gains end to "
               "end with the device's real kernels, reference and plan interleaved. The baselines are greedy per-op "
               "orders at the same loss budget (Random, Prefix = network order, SQNR = highest SQNR first).", "",
               head, sep]
