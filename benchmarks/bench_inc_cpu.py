@@ -72,8 +72,8 @@ def machine_state() -> dict:
     """Commit, command and load: the conditions the numbers were measured under."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
-                                  check=True).stdout.strip()
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent.parent, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
 
