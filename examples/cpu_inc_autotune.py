@@ -29,6 +29,7 @@ from neural_compressor.torch.quantization import TuningConfig, autotune
 
 import inc_ipamp.inc as ipamp_inc  # registers the ip_empirical_time config and algorithm with INC
 from inc_ipamp.data import load_blocks
+from inc_ipamp.inc.method import compare_with_fp32
 from inc_ipamp.models import load_model
 
 
@@ -78,16 +79,18 @@ def main() -> None:
         print("no frontier point met the tolerance")
         return
     plan = q.ipamp_plan
+    got = ipamp_inc.quantized_ops(q)
     print(f"autotune: {wall:.0f} s; accepted point {q.ipamp_point}: {len(plan.low_precision_ops())} INT8 ops of "
           f"{len(plan.assignment)}, predicted gain {plan.predicted_gain * 1e3:.2f} ms, loss MSE "
-          f"{plan.predicted_loss_mse:.3g}")
+          f"{plan.predicted_loss_mse:.3g}; INT8 Linears in INC's graph: {len(got)} "
+          f"({'exactly the plan' if got == set(plan.low_precision_ops()) else 'DIFFERENT from the plan'})")
     ws = getattr(q, "ipamp_workspace", None)
     if ws is not None:
         print("phases (s):", json.loads((Path(ws) / "phases.json").read_text()))
         print("trials:", json.loads((Path(ws) / "trials.json").read_text())["trials"])
         print("files:", sorted(str(p) for p in (Path(ws) / "selected").iterdir()))
     ref = load_model("default")[0]
-    r = ipamp_inc.method.compare_with_fp32(q, ref, ev, ev[:1])
+    r = compare_with_fp32(q, ref, ev, ev[:1])
     print(f"returned model vs fp32 (1 x {a.seq_len} prefill, {torch.get_num_threads()} thread(s), eager): speedup "
           f"{r['prefill_speedup']:.3f}x ({r['prefill_fp32_s'] * 1e3:.0f} -> {r['prefill_quantized_s'] * 1e3:.0f} ms); "
           f"held-out loss {r['loss_fp32']:.4f} -> {r['loss_quantized']:.4f} ({r['loss_delta']:+.4f})")

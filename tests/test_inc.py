@@ -157,12 +157,6 @@ def full(small_model):
     return model, run_fn, ev
 
 
-def _inc_quantized_linears(q) -> set[str]:
-    """Linear modules whose weight reaches the linear op through a dequantize node in INC's PT2E graph."""
-    return {list(n.meta["nn_module_stack"].values())[-1][0] for n in q.graph.nodes
-            if "linear" in str(n.target) and "dequantize" in str(getattr(n.args[1], "target", ""))}
-
-
 def test_autotune_runs_the_whole_method_from_run_fn_then_reuses_it(full, tmp_path):
     from inc_ipamp.io import load_json
 
@@ -197,7 +191,7 @@ def test_autotune_runs_the_whole_method_from_run_fn_then_reuses_it(full, tmp_pat
     assert q.ipamp_point == expect
     plan = q.ipamp_plan
     assert plan.low_precision_ops() and Plan.load(ws / "selected" / "plan.json").assignment == plan.assignment
-    assert _inc_quantized_linears(q) == set(plan.low_precision_ops())  # exactly the accepted plan's ops
+    assert ipamp_inc.quantized_ops(q) == set(plan.low_precision_ops())  # exactly the accepted plan's ops
     acc = load_json(ws / "selected" / "accepted.json")
     assert acc["within_tolerance"] and acc["rank"] == expect and acc["accepted_score"] >= acc["threshold"]
     cfg = load_json(ws / "selected" / "inc_config.json")

@@ -21,9 +21,10 @@ from .strategy import (
     autotune,
     frontier_points,
     ip_empirical_time_entry,
+    quantized_ops,
     tuning_config,
 )
 
 __all__ = ["ALGO", "GaudiUnavailableError", "IPEmpiricalTimeConfig", "IPEmpiricalTimeSampler", "MethodSettings",
            "NoQuantizableOpsError", "TuningSetupError", "apply_hpu", "autotune", "frontier_points",
-           "ip_empirical_time_entry", "require_gaudi", "run_method", "tuning_config"]
+           "ip_empirical_time_entry", "quantized_ops", "require_gaudi", "run_method", "tuning_config"]

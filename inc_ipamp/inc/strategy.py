@@ -338,6 +338,14 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
     return q
 
 
+def quantized_ops(q: torch.nn.Module) -> set[str]:
+    """Linear modules whose weight reaches the linear op through a dequantize node in INC's PT2E graph (the ops
+    the returned model actually runs in INT8), by their original module names."""
+    return {list(n.meta["nn_module_stack"].values())[-1][0] for n in q.graph.nodes
+            if "linear" in str(n.target) and len(n.args) > 1
+            and "dequantize" in str(getattr(n.args[1], "target", ""))}
+
+
 def tuning_config(frontier: str | Path | None = None, tolerable_loss: float = 0.01, max_trials: int = 100,
                   device: str = "auto", workspace: str | Path | None = None, **options: Any) -> TuningConfig:
     """INC TuningConfig trying every frontier point, most aggressive first (no frontier: the method runs in the
