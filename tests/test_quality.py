@@ -169,3 +169,21 @@ def test_emulated_only_configs_are_not_timed_and_never_planned(tiny, monkeypatch
     timed = {c for c, _ in calls}
     assert all(c[3:] == ("fp32", "fp32") for c in timed if len(c) == 5) and len(calls) == 37 - 24
     assert any("emulates" in n for n in g.notes) and g.quality["flagged_configs"] == 0
+
+
+def test_speed_check_compares_fractions_not_milliseconds() -> None:
+    """A machine twice as slow at evaluation doubles every time: the plan still delivers (seen on a shared CPU);
+    a plan that saves half what was predicted does not, and the check says so with the load."""
+    from types import SimpleNamespace
+
+    from inc_ipamp.pipeline import speed_check
+
+    gains = SimpleNamespace(reference_time_s=0.478, quality={"machine_end": {"load_avg_1min": 2.2}})
+    machine = {"load_avg_1min": 3.0, "cpus": 2, "threads": 1}
+    slower = {"predicted_gain": 0.153, "predicted_gain_ci": 0.01, "reference_prefill_s": 1.05,
+              "measured_gain_s": 0.339, "measured_gain_ci_s": 0.02, "measured_speedup": 1.0 / (1 - 0.339 / 1.05)}
+    ok = speed_check(slower, gains, machine)
+    assert ok["ok"] and "speed changed" in ok["message"]
+    miss = {**slower, "reference_prefill_s": 0.48, "measured_gain_s": 0.07, "measured_speedup": 0.48 / 0.41}
+    bad = speed_check(miss, gains, machine)
+    assert not bad["ok"] and "did NOT deliver" in bad["message"] and "load average now 3.0" in bad["message"]
