@@ -343,6 +343,8 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
                "measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
                "perplexity": math.exp(float(q.mean())), "predicted_gain": p.predicted_gain,
                "predicted_gain_ci": predicted_gain_ci(p, gains, part)}
+        if name != "ip" and p.low_precision_ops() == plan.low_precision_ops():
+            row["same_plan_as_ip"] = True  # e.g. a budget that admits every allowed op: differences are noise
         bar.update()
         if settings.tasks:
             row["accuracy"] = acc(p.assignment)

@@ -203,7 +203,8 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
               "orders at the same loss budget (Random, Prefix = network order, SQNR = highest SQNR first).", "",
               head, sep]
     for name, r in plans.items():
-        row = (f"| {'IP-' + m if name == 'ip' else name} | {r.get('n_low_precision_ops')} | "
+        label = "IP-" + m if name == "ip" else name + (" (same plan as IP)" if r.get("same_plan_as_ip") else "")
+        row = (f"| {label} | {r.get('n_low_precision_ops')} | "
                f"{r.get('predicted_loss_mse', float('nan')):.3g} | {r.get('measured_loss_mse', float('nan')):.3g} | "
                f"{r.get('perplexity', float('nan')):.4g} |")
         if timed:
@@ -212,6 +213,9 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
                     + (f"{r['measured_gain_s'] * 1e3:.3g} ms ±{r['measured_gain_ci_s'] * 1e3:.2g} | "
                        f"{r['measured_speedup']:.3f}x |" if "measured_gain_s" in r else "- | - |"))
         lines.append(row)
+    if sum(1 for r in plans.values() if r.get("same_plan_as_ip")) and timed:
+        lines += ["", "Rows marked *same plan as IP* run exactly the IP's plan (the budget admits every allowed op): "
+                  "their spread in measured gain is this machine's run-to-run noise."]
     check = (plans.get("ip") or {}).get("speed_check")
     if check:
         lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
