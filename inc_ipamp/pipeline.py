@@ -281,6 +281,9 @@ def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
                                                                             engine=engine).items()}
         except ExportError as e:
             files[f"gaudi:{engine}"] = {"skipped": str(e)}
+            folder = out / "export" / engine
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # no empty folder that looks like an export
     try:
         files["cpu"] = str(export_cpu(plan, out / "export" / "cpu" / "inc_config.json"))
     except ExportError as e:
@@ -471,5 +474,5 @@ def stage_report(out: Path, settings: RunSettings) -> Path:
     write_report(path, plan, Sensitivity.load(out / "sensitivity.json"), Partition.load(out / "partition.json"),
                  gains, frontier=front, measured=ev)
     if front:
-        plot_frontier(front, out / "frontier.png", chosen=plan, evaluation=ev)
+        plot_frontier(front, out / "frontier.png", chosen=plan, evaluation=ev, reference_time_s=gains.reference_time_s)
     return path

@@ -51,9 +51,14 @@ def plot_frontier(
     title: str | None = None,
     chosen: Plan | None = None,
     evaluation: dict[str, Any] | None = None,
+    reference_time_s: float | None = None,
 ) -> Path:
     """Predicted loss MSE vs gain along the frontier, the chosen plan marked; with ``evaluation`` (evaluation.json)
-    every evaluated plan (ours and the baselines) is drawn at its predicted and at its measured position."""
+    every evaluated plan (ours and the baselines) is drawn at its predicted and at its measured position.
+
+    Measured ET gains are drawn as the fraction of the prefill they saved times ``reference_time_s`` (the reference
+    prefill when the gains were measured): a machine that ran at another speed during evaluation would otherwise
+    shift every measured point away from the predictions it is compared with."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,7 +84,10 @@ def plot_frontier(
             ax.plot([row["predicted_gain"] * scale], [row["predicted_loss_mse"]], "^", color=color,
                     label=f"{name} (predicted)")
         if "measured_gain_s" in row and metric == "ET":
-            ax.plot([row["measured_gain_s"] * scale], [row["measured_loss_mse"]], "s", mfc="none", color=color, ms=8,
+            x = row["measured_gain_s"]
+            if reference_time_s and row.get("reference_prefill_s"):
+                x = x / row["reference_prefill_s"] * reference_time_s
+            ax.plot([x * scale], [row["measured_loss_mse"]], "s", mfc="none", color=color, ms=8,
                     label=f"{'chosen plan' if name == 'ip' else name} (measured)")
     if any(v > 0 for v in loss):
         ax.set_yscale("symlog", linthresh=min(v for v in loss if v > 0))
