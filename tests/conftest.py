@@ -36,3 +36,15 @@ def small_sensitivity(small_model, calib_blocks):
     from inc_ipamp.sensitivity import calibrate
 
     return calibrate(small_model[0], calib_blocks, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """A fresh 2-layer random Llama per test module (hidden 64, 4/2 GQA heads, vocab 256, seed 0): the real model's
+    structure (attention groups, signatures, lm_head) in milliseconds, for tests of the machinery, not of numbers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256)
+    return LlamaForCausalLM(cfg).eval()

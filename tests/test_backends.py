@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from inc_ipamp.errors import DeviceUnavailableError
 from inc_ipamp.formats import get_format, quantize
@@ -24,13 +23,9 @@ DOWN = "model.layers.1.mlp.down_proj"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    model = LlamaForCausalLM(cfg).eval()
-    install_attention(model)
-    return model
+def tiny(tiny_llama):
+    install_attention(tiny_llama)
+    return tiny_llama
 
 
 class CpuQdqHpuBackend(HpuBackend):

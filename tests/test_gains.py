@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import inc_ipamp.gains.measure as measure_mod
 from inc_ipamp.errors import ArtifactError, DeviceUnavailableError, IpampError
@@ -25,12 +24,8 @@ FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retri
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    model = LlamaForCausalLM(cfg).eval()
-    return model, partition_model(model)
+def tiny(tiny_llama):
+    return tiny_llama, partition_model(tiny_llama)
 
 
 def test_cpu_apply_swaps_and_restores(tiny) -> None:

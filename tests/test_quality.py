@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import inc_ipamp.gains.measure as measure_mod
 from inc_ipamp.gains import measure_gains
@@ -21,12 +20,8 @@ FORMATS = ["fp32", "int8"]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256)
-    model = LlamaForCausalLM(cfg).eval()
-    return model, partition_model(model)
+def tiny(tiny_llama):
+    return tiny_llama, partition_model(tiny_llama)
 
 
 def _rec(gain_ms: float, ci_ms: float, t_ref_ms: float = 10.0, reps: int = 4) -> dict:
