@@ -316,7 +316,9 @@ class GroupChoiceIP:
             obj.activate() if name == sense else obj.deactivate()
         t0 = time.perf_counter()
         res, rounds = self.opt.solve(m), 1
-        while self.shift and self._add_cuts(res, sense) and rounds < MAX_CUT_ROUNDS:
+        # a cut added is always followed by a re-solve (the solution it cut off is never returned); at the round
+        # limit the last solution may still violate the budget: the callers check the exact loss (fail closed)
+        while self.shift and rounds < MAX_CUT_ROUNDS and self._add_cuts(res, sense):
             res, rounds = self.opt.solve(m), rounds + 1
         wall = time.perf_counter() - t0
         inc, bnd = res.incumbent_objective, res.objective_bound
@@ -377,6 +379,9 @@ class GroupChoiceIP:
         choice, info = self._solve("max_gain")
         if choice is None:
             return None, info
+        if not self._within(choice, eps_max):
+            info["termination"] = f"budget not certified after {info.get('cut_rounds')} cut rounds"
+            return None, info
         best = self.gain_of(choice)
         self.set_budgets(eps_max=eps_max, gain_min=best - _PIN_SLACK * max(abs(best), self.gain_scale), mem_min=mem_min)
         choice2, info2 = self._solve("min_noise" if self.shift else "min_loss")
@@ -387,6 +392,10 @@ class GroupChoiceIP:
         ):
             choice = choice2
         return choice, info
+
+    def _within(self, choice: list[int], eps_max: float) -> bool:
+        """The exact predicted loss of ``choice`` is within ``eps_max`` (up to HiGHS's relative tolerance)."""
+        return self.loss_of(choice) <= eps_max * (1 + 1e-6) + 1e-300
 
     def minimise_loss(self, gain_min: float, mem_min: float | None = None) -> tuple[list[int] | None, dict[str, Any]]:
         """Dual, phase 1: least loss s.t. gain ≥ target; phase 2: most gain at that loss (stay on the frontier)."""
@@ -494,9 +503,10 @@ def solve(
             eps_max = 0.0
         choice, info = ip.maximise_gain(eps_max, mem_min)
         if choice is None:
-            raise _infeasible(
-                ip, f"no configuration meets the memory budget of {memory_budget_bytes:.4g} bytes within a loss-MSE "
-                f"budget of {eps_max:.4g} (beta={beta})", info)
+            what = (f"no configuration meets the memory budget of {memory_budget_bytes:.4g} bytes within a loss-MSE "
+                    f"budget of {eps_max:.4g} (beta={beta})" if memory_budget_bytes is not None else
+                    f"no configuration could be certified within the loss-MSE budget of {eps_max:.4g} (beta={beta})")
+            raise _infeasible(ip, what, info)
         if eps_max >= inst.max_loss():
             info["note"] = "the loss budget is not binding: every op may take its most aggressive format"
         elif beta == 0:
@@ -600,15 +610,24 @@ def frontier(
     inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
     ip = GroupChoiceIP(inst, None, time_limit_s)
     betas = default_betas(inst) if betas is None else list(betas)
-    plans = []
+    plans, uncertified = [], []
     for b in sorted(betas):
         if not (b >= 0 and math.isfinite(b)):
             raise BudgetSpecError(f"every beta must be a finite number ≥ 0, got {b}")
         eps_max = (b * inst.mean_loss) ** 2
         choice, info = ip.maximise_gain(eps_max)
-        if choice is None:  # cannot happen with the reference config allowed; say so loudly if it does
-            raise _infeasible(ip, f"the solver found no configuration for beta={b}", info)
+        if choice is None:  # a point whose budget could not be certified is left out, never returned over budget
+            uncertified.append(b)
+            continue
         plans.append(plan_from_choice(inst, choice, b, eps_max, info))
+    if uncertified:
+        import logging
+
+        betas_txt = ", ".join(f"{b:.3g}" for b in uncertified)
+        logging.getLogger(__name__).warning("frontier: %d beta point(s) left out, their loss budget could not be "
+                                            "certified: %s", len(uncertified), betas_txt)
+    if not plans:
+        raise InfeasibleBudgetError("the solver could not certify any frontier point within its loss budget")
     return pareto_filter(plans)
 
 

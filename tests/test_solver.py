@@ -320,3 +320,24 @@ def test_plot_and_report(records, tmp_path):
     assert sum(r["loss_share_pct"] for r in rows) == pytest.approx(100.0)
     assert sum(r["loss_mse"] for r in rows) == pytest.approx(plan.predicted_loss_mse)
     assert all(r["gain"] <= r["best_gain"] for r in rows)
+
+
+def test_a_plan_over_its_budget_is_never_returned(records, monkeypatch):
+    """Issue 13 (fail closed): the cutting-plane loop may stop at its round limit with a solution that violates the
+    shift² budget; solve must then refuse, not return it."""
+    import inc_ipamp.solver as solver_mod
+    from inc_ipamp.errors import InfeasibleBudgetError
+
+    sens, part, gains = _with_shifts(records)
+    monkeypatch.setattr(solver_mod, "MAX_CUT_ROUNDS", 1)  # no cut at all: the first relaxation is returned as is
+    refused = 0
+    for beta in (0.3, 0.6, 1.0, 1.5, 2.5):
+        eps = (beta * sens.mean_loss) ** 2
+        try:
+            plan = solve(sens, part, gains, beta=beta)
+        except InfeasibleBudgetError as e:
+            assert "certified" in str(e)
+            refused += 1
+            continue
+        assert plan.predicted_loss_mse <= eps * (1 + 1e-6)
+    assert refused >= 1  # some relaxations violated the budget: without the check they were returned
