@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import IpampError
 from ..io import load_json, save_json
+from ..pipeline import RunSettings
 from ..records import Plan
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class NoQuantizableOpsError(TuningSetupError):
     """The model has no op that both we and INC's path can put in low precision."""
 
 
+#: the CLI's defaults are the method's defaults
+_D = RunSettings()
+
+
 @dataclass
 class MethodSettings:
     """What the in-INC method needs beyond the model and the calibration batches (all part of the workspace key).
@@ -57,17 +62,17 @@ class MethodSettings:
 
     device: str = "cpu"
     formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
-    calib_batch: int = 4
-    curvature: bool = True
-    include_lm_head: bool = True
-    noise: str = "auto"
-    min_sqnr_db: float | None = 25.0
-    metric: str = "ET"
-    beta: float | None = 0.05
-    batch: int = 1
-    gain_seq_len: int = 256
-    reps: int = 15
-    span: int | None = None
+    calib_batch: int = _D.calib_batch
+    curvature: bool = _D.curvature
+    include_lm_head: bool = _D.include_lm_head
+    noise: str = _D.noise
+    min_sqnr_db: float | None = _D.min_sqnr_db
+    metric: str = _D.metric
+    beta: float | None = _D.beta
+    batch: int = _D.batch
+    gain_seq_len: int = _D.gain_seq_len
+    reps: int = _D.reps
+    span: int | None = _D.span
     op_filter: str | None = None
     max_calib: int | None = None
 
@@ -82,9 +87,7 @@ class MethodSettings:
         kwargs.pop("workspace", None)
         return cls(**kwargs)
 
-    def run_settings(self, model_name: str):
-        from ..pipeline import RunSettings
-
+    def run_settings(self, model_name: str) -> RunSettings:
         return RunSettings(model=model_name, device=self.device, formats=list(self.formats),
                            calib_batch=self.calib_batch, curvature=self.curvature, include_lm_head=self.include_lm_head,
                            noise=self.noise, min_sqnr_db=self.min_sqnr_db, metric=self.metric, beta=self.beta,
