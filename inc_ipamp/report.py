@@ -222,8 +222,8 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
                        f"{r['measured_speedup']:.3f}x |" if "measured_gain_s" in r else "- | - |"))
         lines.append(row)
     if sum(1 for r in plans.values() if r.get("same_plan_as_ip")) and timed:
-        lines += ["", "Rows marked *same plan as IP* run exactly the IP's plan (the budget admits every allowed op): "
-                  "their spread in measured gain is this machine's run-to-run noise."]
+        lines += ["", "Rows marked *same plan as IP* are exactly the IP's plan (the budget admits every allowed op), "
+                  "measured once; a tighter --beta tells the methods apart."]
     check = (plans.get("ip") or {}).get("speed_check")
     if check:
         lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
