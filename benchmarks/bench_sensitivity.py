@@ -106,7 +106,7 @@ def validate(a: argparse.Namespace, formats: list[str]) -> dict:
             with fake_quant(model, asg):
                 d = sequence_losses(model, blocks) - ref
             row = {"name": name, "n_ops": len(asg), "measured": float((d**2).mean()),
-                   "measured_shift": float(d.mean()), "predicted_shift": sum(sens.bias(o, fmt) for o in asg),
+                   "measured_shift": float(d.mean()), "predicted_shift": sum(sens.shift(o, fmt) for o in asg),
                    "min_sqnr_db": min(sens.sqnr_db(o, fmt) for o in asg)}
             for noise in NOISES:
                 row[noise] = sens.predict(asg, noise, shift=False)

@@ -92,7 +92,7 @@ def baseline(
             skipped.append(op)
             continue
         term = sensitivity.term(op, low, noise)
-        b = sensitivity.bias(op, low) if use_shift else 0.0
+        b = sensitivity.shift(op, low) if use_shift else 0.0
         if noise_mse + term + (shift + b) ** 2 > eps_max:  # the IP's own loss model: noise adds, shifts add
             skipped.append(op)
             continue
@@ -115,17 +115,3 @@ def baseline(
         "rule": "skip an op that would exceed the budget and continue",
     }
     return plan_from_choice(inst, choice, beta, eps_max, info)
-
-
-def baselines(
-    sensitivity: Sensitivity,
-    partition: Partition,
-    gains: Gains,
-    beta: float,
-    metric: str = "ET",
-    seed: int = 0,
-    noise: str = "empirical",
-    names: tuple[str, ...] = BASELINES,
-) -> dict[str, Plan]:
-    """All baselines at one β (convenience for the CLI and the report)."""
-    return {n: baseline(n, sensitivity, partition, gains, beta, metric, seed, noise) for n in names}

@@ -61,7 +61,6 @@ class RunSettings:
     #: groups of one signature timed together per run (None: all layers, as their weights stream in a prefill)
     span: int | None = None
     table: str | None = None
-    engine: str = "optimum-habana"
     seed: int = 0
     #: offline lm-eval accuracy tasks for the evaluate stage (inc_ipamp.tasks; empty = perplexity only)
     tasks: list[str] = field(default_factory=list)
@@ -114,6 +113,9 @@ class RunSettings:
     @classmethod
     def load(cls, out: Path) -> RunSettings:
         d = load_json(out / "settings.json", "settings")
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{out / 'settings.json'} is not a settings file; delete it and rerun")
+        d.pop("engine", None)  # written by 0.1 (unused: exports are made for every engine)
         try:
             return cls(**d)
         except TypeError as e:

@@ -137,17 +137,17 @@ class Sensitivity:
 
     def predict(self, assignment: dict[str, str], noise: str = "empirical", shift: bool = True) -> float:
         """Predicted loss MSE of a per-op format assignment (missing ops = reference): the noise terms add,
-        the mean shifts (``bias``, if calibrated with curvature) add before squaring."""
+        the mean shifts (``shift``, if calibrated with curvature) add before squaring."""
         mse = sum(self.term(op, f, noise) for op, f in assignment.items())
         if shift:
-            mse += sum(self.bias(op, f) for op, f in assignment.items()) ** 2
+            mse += sum(self.shift(op, f) for op, f in assignment.items()) ** 2
         return mse
 
     @property
     def has_curvature(self) -> bool:
         return any(st.curv for o in self.ops.values() for st in o.operands.values())
 
-    def bias(self, op: str, fmt: str) -> float:
+    def shift(self, op: str, fmt: str) -> float:
         """Predicted mean loss shift of op ``op`` in ``fmt`` (signed): the mean first-order change E_n[g·e] plus
         the second-order ½·E[eᵀHe], H the Gauss-Newton Hessian of the per-sequence mean loss estimated from
         sampled-label gradients (E[ĝĝᵀ] = H/T'). 0 without curvature calibration (``has_curvature``)."""
@@ -173,10 +173,6 @@ class Sensitivity:
     @property
     def op_names(self) -> list[str]:
         return list(self.ops)
-
-    @property
-    def reference_loss(self) -> float:
-        return self.mean_loss
 
     # -- io ---------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -222,9 +218,6 @@ class Partition:
     method: str  # "torch.export" | "dataflow"
     groups: list[Group]
     notes: list[str] = field(default_factory=list)
-
-    def group_of(self) -> dict[str, str]:
-        return {op: g.name for g in self.groups for op in g.ops}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -167,7 +167,7 @@ def build_instance(
                 ref_index = len(configs)
             configs.append(cfg)
             loss.append(sum(_op_term(sensitivity, op, f, ref, noise) for op, f in zip(grp.ops, cfg, strict=True)))
-            shifts.append(sum(sensitivity.bias(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
+            shifts.append(sum(sensitivity.shift(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
                           if use_shift else 0.0)
             for m, vals in gg.gains.items():
                 gain[m].append(float(vals[i]))
@@ -421,11 +421,6 @@ class GroupChoiceIP:
     def gain_of(self, choice: list[int], metric: str | None = None) -> float:
         mt = metric or self.inst.metric
         return sum(g.gain[mt][c] for g, c in zip(self.inst.groups, choice, strict=True))
-
-    def memory_of(self, choice: list[int]) -> float | None:
-        if not self.mem:
-            return None
-        return sum(row[c] for row, c in zip(self.mem, choice, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -248,10 +248,10 @@ def test_curvature_predicts_the_mean_shift_of_a_large_int8_plan(small_model, cal
     with fake_quant(model, plan):
         d = sequence_losses(model, calib_blocks) - ref
     measured_mse, measured_shift = float((d**2).mean()), float(d.mean())
-    shift = sum(s.bias(o, f) for o, f in plan.items())
+    shift = sum(s.shift(o, f) for o, f in plan.items())
     assert measured_shift > 0 and 0.5 < measured_shift / shift < 2
     assert measured_mse / s.predict(plan, "auto", shift=False) > 2  # first order alone: under-predicted
     assert 0.5 < measured_mse / s.predict(plan, "auto") < 2
     # a record without curvature predicts no shift, whatever its first-order sums say
     plain = calibrate(model, list(calib_blocks)[:1], ["int8"], progress=False)
-    assert not plain.has_curvature and plain.bias("lm_head", "int8") == 0.0
+    assert not plain.has_curvature and plain.shift("lm_head", "int8") == 0.0

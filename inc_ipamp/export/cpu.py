@@ -115,10 +115,6 @@ def load_cpu_config(path: str | Path):
     return cls.from_dict(d["config"])
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compile: bool = False,
               inplace: bool = False, dynamic: bool = True, reuse_export: bool = False) -> nn.Module:
     """Quantize ``model`` with INC's CPU path for ``plan``; ``calib`` = token-id batches (1, seq) for calibration.
