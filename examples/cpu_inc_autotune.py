@@ -3,7 +3,8 @@
 No frontier file and no CLI run first: the first trial records the batches ``run_fn`` feeds the model, then
 calibrates, partitions, measures the INT8 gains on this CPU and solves the Pareto frontier (in a workspace named by a
 content hash of model, data and settings: run the script twice and the second call reuses it); INC then quantizes
-the frontier points most aggressive first with its PT2E dynamic INT8 path, scores each with ``eval_fn`` and keeps
+the frontier points most aggressive first (``--cpu-kernels``: torch.ao dynamic INT8 Linears, the kernels the gains were
+measured with, by default; ``pt2e``: INC 3.x's own PT2E dynamic INT8 graph), scores each with ``eval_fn`` and keeps
 the first within ``--tolerable-loss``. The accepted point's plan, INC config and report land in
 ``<workspace>/selected/``; the script then measures the returned model's prefill time and loss against fp32.
 
@@ -12,8 +13,8 @@ the first within ``--tolerable-loss``. The accepted point's plan, INC config and
     .venv/bin/python examples/cpu_inc_autotune.py --frontier ipamp_out/frontier.json         # replay a CLI run
 
 On this CPU, INC's PT2E INT8 graph runs Q/DQ in eager mode and is slower than fp32 (benchmarks/results/
-inc_cpu.md); the fast CPU path is torch.ao's dynamic INT8, which INC's 2.x API builds
-(examples/inc2_post_training_quant.py).
+inc_native.md, inc_cpu.md); the fast CPU path is torch.ao's dynamic INT8 (also what INC's 2.x API builds,
+examples/inc2_post_training_quant.py), hence the default.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--workspace", default="ipamp_inc3_workspace")
     ap.add_argument("--frontier", help="replay a frontier.json from `inc-ipamp solve` instead")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cpu-kernels", choices=["torch.ao", "pt2e"], default="torch.ao",
+                    help="how INT8 points are applied: torch.ao dynamic INT8 Linears (measured kernels) or INC's PT2E")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -68,7 +71,7 @@ def main() -> None:
         print(f"  eval: point {getattr(m, 'ipamp_point', 'fp32')}: loss {loss:.4f}, exp(-loss) {math.exp(-loss):.5f}")
         return math.exp(-loss)
 
-    options = {"reps": a.reps, "gain_seq_len": a.seq_len, "op_filter": a.op_filter}
+    options = {"reps": a.reps, "gain_seq_len": a.seq_len, "op_filter": a.op_filter, "cpu_kernels": a.cpu_kernels}
     cfg = ipamp_inc.IPEmpiricalTimeConfig(frontier=a.frontier, workspace=a.workspace,
                                           options={k: v for k, v in options.items() if v is not None})
     t0 = time.perf_counter()
@@ -82,7 +85,7 @@ def main() -> None:
     got = ipamp_inc.quantized_ops(q)
     print(f"autotune: {wall:.0f} s; accepted point {q.ipamp_point}: {len(plan.low_precision_ops())} INT8 ops of "
           f"{len(plan.assignment)}, predicted gain {plan.predicted_gain * 1e3:.2f} ms, loss MSE "
-          f"{plan.predicted_loss_mse:.3g}; INT8 Linears in INC's graph: {len(got)} "
+          f"{plan.predicted_loss_mse:.3g}; INT8 Linears in the returned model ({a.cpu_kernels}): {len(got)} "
           f"({'exactly the plan' if got == set(plan.low_precision_ops()) else 'DIFFERENT from the plan'})")
     ws = getattr(q, "ipamp_workspace", None)
     if ws is not None:

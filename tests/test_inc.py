@@ -199,6 +199,17 @@ def test_autotune_runs_the_whole_method_from_run_fn_then_reuses_it(full, tmp_pat
     sel = load_json(ws / "selected" / "selected.json")
     assert sel["fp32_unplaceable"] and all(op.endswith(("matmul_qk", "matmul_av")) for op in sel["fp32_unplaceable"])
 
+    # 3. INC's own PT2E graph instead of the measured torch.ao kernels: same workspace (the kernel choice is not part
+    #    of its key), same accepted point, and INC's graph runs exactly the plan's Linears in INT8
+    seen.clear()
+    q2 = ipamp_inc.autotune(model, _scorer(ev, _losses(model, ev), seen), run_fn=run_fn, example_inputs=example,
+                            tolerable_loss=tol, workspace=tmp_path, cpu_kernels="pt2e", **OPTIONS)
+    assert (ws / "sensitivity.json").stat().st_mtime == sens_mtime
+    assert hasattr(q2, "graph") and ipamp_inc.quantized_ops(q2) == set(q2.ipamp_plan.low_precision_ops())
+    with pytest.raises(TuningSetupError, match="cpu_kernels"):
+        ipamp_inc.autotune(model, lambda m: 1.0, run_fn=run_fn, example_inputs=example, workspace=tmp_path,
+                           cpu_kernels="onednn", **OPTIONS)
+
 
 def test_whole_method_setup_errors(full, tmp_path):
     model, run_fn, ev = full

@@ -52,6 +52,15 @@ class NoQuantizableOpsError(TuningSetupError):
 _D = RunSettings()
 
 
+#: options of the INC strategy that choose how a point is applied, outside MethodSettings (and the workspace key)
+APPLY_OPTIONS = {"workspace", "cpu_kernels"}
+#: ``cpu_kernels``: "torch.ao" applies a CPU INT8 point with the torch.ao dynamic INT8 Linears the gains were measured
+#: with (the fast CPU path, what INC 2.x's dynamic path builds); "pt2e" with INC 3.x's own PT2E dynamic INT8 graph,
+#: which ran at 0.81x of fp32 in eager mode on a 2-core AVX2 CPU (benchmarks/results/inc_native.md) and is meant to
+#: be torch.compile'd on CPUs with fast INT8 instructions
+CPU_KERNELS = ("torch.ao", "pt2e")
+
+
 @dataclass
 class MethodSettings:
     """What the in-INC method needs beyond the model and the calibration batches (all part of the workspace key).
@@ -80,11 +89,12 @@ class MethodSettings:
     def from_kwargs(cls, kwargs: dict[str, Any] | None) -> MethodSettings:
         kwargs = dict(kwargs or {})
         known = set(cls.__dataclass_fields__)
-        bad = sorted(set(kwargs) - known - {"workspace"})
+        bad = sorted(set(kwargs) - known - APPLY_OPTIONS)
         if bad:
             raise TuningSetupError(f"unknown ip_empirical_time option(s) {bad}; known: {', '.join(sorted(known))}, "
-                                   "workspace")
-        kwargs.pop("workspace", None)
+                                   + ", ".join(sorted(APPLY_OPTIONS)))
+        for k in APPLY_OPTIONS:  # how a point is applied, not what is measured: not part of the workspace key
+            kwargs.pop(k, None)
         return cls(**kwargs)
 
     def run_settings(self, model_name: str) -> RunSettings:

@@ -12,7 +12,9 @@ with ``quantize(model, config)`` (which dispatches on ``config.name`` to a funct
   a content-hashed workspace that a second call reuses) and applies rank 0; later trials apply ranks 1, 2, ...
   With ``frontier=`` a frontier.json made by the CLI is replayed instead;
 * ``IPEmpiricalTimeSampler`` orders any set of them the same way (gain descending, then loss ascending);
-* ``ip_empirical_time_entry`` applies one point through INC's real backend for the device: on CPU
+* ``ip_empirical_time_entry`` applies one point for the device: on CPU, INT8 points by default with the torch.ao
+  dynamic INT8 Linears the gains were measured with (``cpu_kernels="torch.ao"``; INC's own PT2E graph, option
+  ``cpu_kernels="pt2e"``, ran slower than fp32 in eager mode here), frontier replays through
   ``export.cpu.apply_cpu`` (PT2E dynamic INT8, or FP8 Q/DQ), on Gaudi the FP8 MEASURE/QUANTIZE passes with the
   exported blocklist (``inc.hpu``). FP8 is driven with ``prepare``/``finalize_calibration``/``convert`` rather
   than ``quantize(model, FP8Config)``, which crashes in INC 3.10 (the config is swapped for a JSON path).
@@ -37,6 +39,7 @@ from neural_compressor.torch.utils import register_algo
 from ..records import Plan
 from ..solver import load_frontier
 from .method import (
+    CPU_KERNELS,
     MethodResult,
     MethodSettings,
     TuningSetupError,
@@ -304,9 +307,17 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
         ids = example[0] if isinstance(example, (tuple, list)) else example
         if ids is None:
             ids = _example[cfg.session or ""]
-        q = apply_cpu(model, plan, [ids], inplace=True, reuse_export=True) if plan.low_precision_ops() else model
+        kernels = (cfg.options or {}).get("cpu_kernels", "torch.ao")
+        if kernels not in CPU_KERNELS:
+            raise TuningSetupError(f"cpu_kernels must be one of {', '.join(CPU_KERNELS)}, got {kernels!r}")
+        if not plan.low_precision_ops():
+            q = model
+        elif kernels == "torch.ao":
+            q = apply_torchao_int8(model, plan)
+        else:
+            q = apply_cpu(model, plan, [ids], inplace=True, reuse_export=True)
         out = write_selected(res.workspace, plan, res.unplaced,
-                             {"rank": cfg.rank, "inc_path": PLACEMENT,
+                             {"rank": cfg.rank, "inc_path": PLACEMENT, "cpu_kernels": kernels,
                               "note": "the point of the last model INC built; autotune returns that model"})
         export_cpu(plan, out / "inc_config.json")
         _log_trials(res, cfg.rank)
@@ -338,9 +349,31 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
     return q
 
 
+def apply_torchao_int8(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
+    """The plan's INT8 Linears swapped in place for torch.ao dynamic INT8 Linears (``int8``: per-tensor weights,
+    ``int8_pc``: per-channel): exactly the kernels the ``cpu`` gain backend timed, so the plan's predicted speedup is
+    the one this model gets. Everything else stays fp32."""
+    from ..gains.cpu import dynamic_int8_linear
+
+    mods = dict(model.named_modules())
+    for op, fmt in plan.assignment.items():
+        if fmt == plan.reference_format:
+            continue
+        if fmt not in ("int8", "int8_pc") or op not in mods or not isinstance(mods[op], torch.nn.Linear):
+            raise TuningSetupError(f"cpu_kernels='torch.ao' runs INT8 Linears only; the plan has {op} in {fmt}: use "
+                                   "cpu_kernels='pt2e' (INC's graph) for other formats")
+        parent, _, attr = op.rpartition(".")
+        setattr(mods[parent] if parent else model, attr, dynamic_int8_linear(mods[op], per_channel=fmt == "int8_pc"))
+    return model
+
+
 def quantized_ops(q: torch.nn.Module) -> set[str]:
-    """Linear modules whose weight reaches the linear op through a dequantize node in INC's PT2E graph (the ops
-    the returned model actually runs in INT8), by their original module names."""
+    """The ops the returned model actually runs in INT8, by their original module names: torch.ao dynamic INT8
+    Linears, or (INC's PT2E graph) Linears whose weight reaches the linear op through a dequantize node."""
+    from torch.ao.nn.quantized import dynamic as nnqd
+
+    if not hasattr(q, "graph"):
+        return {n for n, m in q.named_modules() if isinstance(m, nnqd.Linear)}
     return {list(n.meta["nn_module_stack"].values())[-1][0] for n in q.graph.nodes
             if "linear" in str(n.target) and len(n.args) > 1
             and "dequantize" in str(getattr(n.args[1], "target", ""))}
