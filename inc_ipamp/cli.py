@@ -309,26 +309,20 @@ def _print_quality(gains) -> None:
         print(f"WARNING: {q['flagged_configs']} measured configuration(s) failed the quality checks (too noisy or "
               f"measured while the machine changed speed) and are kept out of the plan; e.g. {q['flagged'][0]}",
               file=sys.stderr)
-    if q and not q.get("consistent", True):
-        print(f"WARNING: the best gains of all groups add up to {_ms(q['sum_best_gain_s'])}, more than the whole "
-              f"reference prefill ({_ms(q['reference_prefill_s'])}): these measurements cannot be trusted. "
-              f"{_load_hint(q.get('machine_end', {}))}", file=sys.stderr)
+    from .gains.measure import inconsistency
 
-
-def _load_hint(state: dict) -> str:
-    if not state:
-        return ""
-    return (f"The 1-minute load average was {state.get('load_avg_1min')} on {state.get('cpus')} core(s) with "
-            f"{state.get('threads')} torch thread(s): rerun `inc-ipamp measure` when the machine is quieter, or with "
-            "--threads 1.")
+    if inconsistency(q):
+        print(f"WARNING: {inconsistency(q)}", file=sys.stderr)
 
 
 def _print_plan(plan, s) -> None:
+    from .solver import speedup_of
+
     ref_t = plan.solver.get("reference_time_s")
     if plan.metric == "ET":
         gain = _ms(plan.predicted_gain) + " less prefill time"
         if ref_t:
-            gain += f" of {_ms(ref_t)} (predicted speedup {ref_t / max(ref_t - plan.predicted_gain, 1e-12):.3f}x)"
+            gain += f" of {_ms(ref_t)} (predicted speedup {speedup_of(plan.predicted_gain, ref_t):.3f}x)"
     elif plan.metric == "TT":
         gain = f"{_ms(plan.predicted_gain)} theoretical (MAC-count) time saved"
     elif plan.metric == "RT":

@@ -68,15 +68,24 @@ def sequence_losses(model: nn.Module, blocks: Iterable[torch.Tensor], batch_size
     return torch.cat(out)
 
 
-def measured_loss_mse(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
-                      reference: torch.Tensor | None = None) -> float:
-    """E_n[(loss_n(assignment) − loss_n(reference))²], the quantity the Taylor model predicts."""
+def loss_change(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
+                reference: torch.Tensor | None = None) -> dict[str, float]:
+    """One fake-quantised pass over ``blocks``: the measured loss MSE E_n[(loss_n(assignment) − loss_n(reference))²]
+    (the quantity the Taylor model predicts), the mean loss shift, and the perplexity under the assignment."""
     blocks = list(blocks)
     if reference is None:
         reference = sequence_losses(model, blocks)
     with fake_quant(model, assignment):
         q = sequence_losses(model, blocks)
-    return float(((q - reference) ** 2).mean())
+    d = q - reference
+    return {"measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
+            "perplexity": math.exp(float(q.mean()))}
+
+
+def measured_loss_mse(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
+                      reference: torch.Tensor | None = None) -> float:
+    """E_n[(loss_n(assignment) − loss_n(reference))²], the quantity the Taylor model predicts."""
+    return loss_change(model, blocks, assignment, reference)["measured_loss_mse"]
 
 
 def perplexity(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str] | None = None) -> float:

@@ -73,8 +73,6 @@ class RunSettings:
     def validate(self) -> None:
         """Refuse impossible values before anything is saved or computed (a rejected --beta used to be saved
         and then broke every later command)."""
-        import math
-
         from .formats import get_format
 
         def positive(name: str, low: int = 1) -> None:
@@ -225,21 +223,19 @@ def stage_solve(out: Path, settings: RunSettings):
     if missing:
         raise ArtifactError(f"sensitivity.json was calibrated for {','.join(sens.formats)}, not {','.join(missing)}: "
                             f"rerun `inc-ipamp calibrate --formats {','.join(settings.formats)}`")
-    q = gains.quality or {}
-    if settings.metric == "ET" and q and not q.get("consistent", True):
-        raise ArtifactError(
-            f"the measured gains cannot be trusted: the best gains of all groups add up to "
-            f"{q['sum_best_gain_s'] * 1e3:.4g} ms, more than the whole reference prefill "
-            f"({q['reference_prefill_s'] * 1e3:.4g} ms); load average {q.get('machine_end', {}).get('load_avg_1min')}"
-            f" on {q.get('machine_end', {}).get('cpus')} core(s) with {q.get('machine_end', {}).get('threads')} "
-            "thread(s). Rerun `inc-ipamp measure` on a quieter machine or with --threads 1")
+    from .gains.measure import inconsistency
+
+    if settings.metric == "ET" and inconsistency(gains.quality):
+        raise ArtifactError(inconsistency(gains.quality))
     inputs = _inputs(out, "sensitivity.json", "partition.json", "gains.json")
     t0 = time.perf_counter()
     guard = {"noise": settings.noise, "min_sqnr_db": settings.min_sqnr_db}
     front = frontier(sens, part, gains, metric=settings.metric, **guard)
     log.info("frontier: %d distinct points in %.2f s", len(front), time.perf_counter() - t0)
     if settings.target_speedup is not None:
-        plan = _solve_speedup(sens, part, gains, settings, guard)
+        # the solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S
+        plan = solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup,
+                     **guard)
     else:
         plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard)
     plan.model = settings.model
@@ -248,25 +244,6 @@ def stage_solve(out: Path, settings: RunSettings):
     plot_frontier(front, out / "frontier.png", chosen=plan)
     plan.save(out / "plan.json")
     return plan, front
-
-
-def _solve_speedup(sens, part, gains, settings: RunSettings, guard: dict[str, Any]):
-    """``--target-speedup S``: least loss for a predicted S-fold faster prefill, or say the fastest reachable."""
-    from .errors import InfeasibleBudgetError
-    from .solver import build_instance, solve
-
-    inst = build_instance(sens, part, gains, settings.metric, shift=True, **guard)
-    ref_t = gains.reference_time_s
-    if not ref_t:
-        raise ArtifactError("--target-speedup needs the measured reference prefill time; rerun `inc-ipamp measure`")
-    best = inst.max_gain()
-    reachable = ref_t / max(ref_t - best, 1e-12)
-    if 1 - 1 / settings.target_speedup > best / ref_t:
-        raise InfeasibleBudgetError(
-            f"a {settings.target_speedup:g}x prefill speedup is out of reach: the largest predicted speedup with these "
-            f"measurements is {reachable:.3f}x (every group in its fastest trusted config, whatever the loss)")
-    # The solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S.
-    return solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup, **guard)
 
 
 def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
@@ -305,7 +282,7 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
     """
     from .baselines import baseline
-    from .evaluate import fake_quant, sequence_losses
+    from .evaluate import loss_change, sequence_losses
     from .records import Gains, Partition, Plan, Sensitivity
     from .runtime import Progress, machine_state
 
@@ -346,12 +323,8 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
             result["plans"][name] = {**result["plans"]["ip"], "same_plan_as_ip": True}
             bar.update(1 + bool(settings.tasks) + (timing is not None))
             continue
-        with fake_quant(model, p.assignment):
-            q = sequence_losses(model, ev)
-        d = q - ref_losses
         row = {"n_low_precision_ops": len(p.low_precision_ops()), "predicted_loss_mse": p.predicted_loss_mse,
-               "measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
-               "perplexity": math.exp(float(q.mean())), "predicted_gain": p.predicted_gain,
+               **loss_change(model, ev, p.assignment, ref_losses), "predicted_gain": p.predicted_gain,
                "predicted_gain_ci": predicted_gain_ci(p, gains, part)}
         bar.update()
         if settings.tasks:
@@ -395,6 +368,8 @@ def speed_check(row: dict[str, Any], gains, machine: dict[str, Any]) -> dict[str
     """Does the plan deliver its predicted speed? Compared as the *fraction* of prefill time saved, each side
     against its own reference: a machine that got uniformly slower between measuring and evaluating scales both
     times alike (seen here: gains 2.2x the predicted ms while the speedup matched to 0.5%), which is not a miss."""
+    from .solver import speedup_of
+
     t_ref_m = gains.reference_time_s
     if "measured_gain_s" not in row or not t_ref_m:
         return None
@@ -406,7 +381,7 @@ def speed_check(row: dict[str, Any], gains, machine: dict[str, Any]) -> dict[str
     # a few % of the prefill is the end-to-end error the group sum is known to carry (README, bench_gains)
     tol = max((ci_pred ** 2 + ci_meas ** 2) ** 0.5, 0.03)
     ok = abs(meas - pred) <= tol
-    pred_speedup = 1 / max(1 - pred, 1e-12)
+    pred_speedup = speedup_of(row["predicted_gain"], t_ref_m)
     msg = (f"measured prefill speedup {row['measured_speedup']:.3f}x vs predicted {pred_speedup:.3f}x (time saved "
            f"{meas:.1%} vs {pred:.1%} of the prefill, tolerance ±{tol:.1%})")
     load_then = (gains.quality or {}).get("machine_end", {}).get("load_avg_1min", "?")

@@ -242,6 +242,8 @@ def write_report(
 ) -> Path:
     """Markdown report: the plan's totals, the measurement's trustworthiness, measured results with the baselines,
     per-group reasons and the frontier."""
+    from .solver import speedup_of
+
     m = plan.metric
     rows = group_explanations(plan, sensitivity, partition, gains)
     s = plan.solver
@@ -252,7 +254,7 @@ def write_report(
     gain_line = f"- Predicted gain: {_fmt_gain(plan.predicted_gain, m)}"
     if m == "ET" and ref_t:
         gain_line += (f" of a {ref_t * 1e3:.4g} ms reference prefill (predicted speedup "
-                      f"{ref_t / max(ref_t - plan.predicted_gain, 1e-12):.3f}x)")
+                      f"{speedup_of(plan.predicted_gain, ref_t):.3f}x)")
     lines = [
         f"# Mixed-precision plan for `{plan.model}`",
         "",

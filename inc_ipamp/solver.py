@@ -458,6 +458,11 @@ def plan_from_choice(
     )
 
 
+def speedup_of(saved_s: float, reference_s: float) -> float:
+    """Prefill speedup when ``saved_s`` of a ``reference_s`` prefill is saved (S = T / (T − saved))."""
+    return reference_s / max(reference_s - saved_s, 1e-12)
+
+
 def _infeasible(ip: GroupChoiceIP, what: str, info: dict[str, Any]) -> InfeasibleBudgetError:
     return InfeasibleBudgetError(f"{what} (solver: {info['termination']}, status {info['status']})")
 
@@ -518,8 +523,13 @@ def solve(
         target_gain = target_speedup * inst.reference_time_s
     assert target_gain is not None
     best = inst.max_gain()
+    if target_gain > best and target_speedup is not None:
+        raise InfeasibleBudgetError(
+            f"a {1 / (1 - target_speedup):.4g}x prefill speedup is out of reach: the largest predicted speedup with "
+            f"these measurements is {speedup_of(best, inst.reference_time_s):.3f}x (every group in its fastest "
+            "allowed config, whatever the loss)")
     if target_gain > best:
-        unit = {"ET": "s", "TT": "s", "M": "bytes"}[metric]
+        unit = {"ET": "s", "TT": "s", "RT": "s", "M": "bytes"}[metric]
         raise InfeasibleBudgetError(
             f"the target {metric} gain of {target_gain:.4g} {unit} exceeds the largest achievable gain "
             f"{best:.4g} {unit} (every group in its best config)"

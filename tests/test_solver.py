@@ -341,3 +341,16 @@ def test_a_plan_over_its_budget_is_never_returned(records, monkeypatch):
             continue
         assert plan.predicted_loss_mse <= eps * (1 + 1e-6)
     assert refused >= 1  # some relaxations violated the budget: without the check they were returned
+
+
+def test_unreachable_rt_target_is_one_clear_error(records):
+    """The RT metric (seconds, like ET/TT) must get the same 'largest achievable gain' message, not a KeyError."""
+    import copy
+
+    from inc_ipamp.errors import InfeasibleBudgetError
+
+    sens, part, gains = copy.deepcopy(records)
+    for gg in gains.groups.values():
+        gg.gains["RT"] = list(gg.gains["TT"])
+    with pytest.raises(InfeasibleBudgetError, match="largest achievable gain .* s"):
+        solve(sens, part, gains, metric="RT", target_gain=1e9)

@@ -198,7 +198,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
         else:
             timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
-                                                     reference_reps or max(5, reps // 2), span, retries,
+                                                     reference_reps or max(5, reps // 2), kinds, span, retries,
                                                      measure_emulated)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
@@ -226,18 +226,29 @@ def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
     return ""
 
 
+def inconsistency(quality: dict[str, Any]) -> str:
+    """"" if a gains record's best gains add up to less than its reference prefill, as they must; else the one
+    sentence that `measure` warns with and `solve` refuses with (the numbers, the load, what to do)."""
+    if not quality or quality.get("consistent", True):
+        return ""
+    st = quality.get("machine_end", {})
+    return (f"the measured gains cannot be trusted: the best gains of all groups add up to "
+            f"{quality['sum_best_gain_s'] * 1e3:.4g} ms, more than the whole reference prefill "
+            f"({quality['reference_prefill_s'] * 1e3:.4g} ms); load average {st.get('load_avg_1min')} on "
+            f"{st.get('cpus')} core(s) with {st.get('threads')} thread(s). Rerun `inc-ipamp measure` on a quieter "
+            "machine or with --threads 1")
+
+
 EMULATED = "no real kernel"
 
 
-def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, Group],
-                      formats: list[str]) -> dict[tuple[str, tuple[str, ...]], str]:
+def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, Group], formats: list[str],
+                      kinds: dict[str, str]) -> dict[tuple[str, tuple[str, ...]], str]:
     """(signature, config) -> why, for configs with an op the backend would only emulate.
 
     Decided by the module the backend really builds (its ``path``), not by a table of beliefs. Backends with their
     own ``apply`` (hpu: INC converts whole ops) are trusted to refuse what they cannot run.
     """
-    from ..ops import Matmul
-
     if type(be).apply is not Backend.apply:
         return {}
     ref = formats[0]
@@ -248,7 +259,7 @@ def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, G
             for op, f in zip(g.ops, c, strict=True):
                 if f == ref:
                     continue
-                kind = "bgemm" if isinstance(mods[op], Matmul) else "linear"
+                kind = kinds[op]
                 path = getattr(be._converted_module(mods[op], kind, f), "path", "")
                 if "emulated" in path:
                     out[(k, tuple(c))] = f"{EMULATED}: {kind} in {f} is {path} on {be.name}"
@@ -258,10 +269,11 @@ def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, G
 
 def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: Backend, ids: torch.Tensor,
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
-                reuse: bool, progress: bool, notes: list[str], reference_reps: int,
+                reuse: bool, progress: bool, notes: list[str], reference_reps: int, kinds: dict[str, str],
                 span: int | None = None, retries: int = RETRIES,
                 measure_emulated: bool = False) -> tuple[int, float, dict[str, Any]]:
-    """Time every config of every signature, check each measurement, re-measure what fails (module docstring)."""
+    """Time every config of every signature, check each measurement, re-measure what fails (module docstring).
+    ``kinds``: {op: "linear" | "bgemm"}, to tell which configs the backend only emulates."""
     import statistics
 
     from ..runtime import Progress, loaded, machine_state
@@ -302,7 +314,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     def affordable() -> bool:
         return spent["again"] <= REMEASURE_BUDGET * spent["first"]
 
-    emulated = {} if measure_emulated else _emulated_configs(model, be, representative, formats)
+    emulated = {} if measure_emulated else _emulated_configs(model, be, representative, formats, kinds)
     if emulated:
         notes.append(f"ET: {len(emulated)} config(s) not timed and kept out of plans: they need a kernel the "
                      f"{be.name} backend only emulates ({'; '.join(sorted(set(emulated.values())))})")
@@ -391,8 +403,6 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         log.warning("%d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s); "
                     "load %.2f on %d cores with %d threads", len(flagged), len(todo), flagged[0],
                     state_end["load_avg_1min"], state_end["cpus"], state_end["threads"])
-    if not quality["consistent"]:
-        log.warning("the measured gains are not self-consistent: the best gains of all groups add up to %.4g s, more "
-                    "than the whole reference prefill (%.4g s); the machine was %s", best, ref_t,
-                    "loaded" if quality["loaded"] else "probably disturbed")
+    if inconsistency(quality):
+        log.warning("%s", inconsistency(quality))
     return counts["timed"], ref_t, quality
