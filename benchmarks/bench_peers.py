@@ -1,0 +1,529 @@
+"""IP-ET side by side with the two peer searchers, NVIDIA ModelOpt ``mtq.auto_quantize`` and AutoRound
+``AutoScheme`` (issue 14, item 1), on the embedded default (SmolLM2-135M), CPU INT8 vs FP32.
+
+Per track (``int8``: per-tensor weights; ``int8_pc``: per-channel weights):
+
+- **IP-ET**: the package's own stages (``pipeline.stage_calibrate``/``stage_partition``/``stage_measure``/
+  ``stage_solve``) in a fresh output folder, each phase timed; up to ``--budgets`` frontier points, evenly spaced
+  in predicted gain, are the plans scored below.
+- **ModelOpt**: ``mtq.auto_quantize`` (method "gradient") with the same calibration blocks, one INT8 candidate
+  (per-tensor track: ``INT8_DEFAULT_CFG`` with the weight quantizer's ``axis`` set to None; per-channel track: the
+  preset as shipped) plus its built-in "no quantization"; the lm_head is made searchable (the preset disables it)
+  as it is in ours. Its first budget runs calibrate + score + solve; further budgets re-solve the stored scores
+  (``algorithms._resolve_best_recipe``).
+- **AutoScheme**: ``AutoScheme(options=[scheme, "BF16"])`` through ``AutoRound(iters=0).post_init()``; its
+  calibration loader (``auto_round.auto_scheme.delta_loss.get_dataloader``) is replaced by one that yields the
+  same calibration blocks. Per-tensor track: 8-bit symmetric per-tensor weights, activations dynamic per-tensor
+  asymmetric 7-bit (the 0..127 reduce-range grid our ``int8`` kernel uses); per-channel track: its ``INT8`` preset.
+  Its score cache goes to a fresh folder per track, so the first budget pays the scoring and later ones reuse it.
+
+Peer budgets are matched to ours: for each IP-ET plan, the peer's bit budget is the one that puts the same number
+of weight parameters in INT8 (ModelOpt: effective bits over its searchable Linears; AutoScheme: average bits over
+the decoder Linears, the only ones it will quantise on a tied-embedding model).
+
+Every plan, ours and theirs, is translated into our per-op assignment and scored the same way: held-out loss
+change (``evaluate.loss_change`` on the evaluation split) and end-to-end prefill time with the cpu backend's real
+kernels (torch.ao dynamic INT8 Linear), all plans and the FP32 reference interleaved in random order per round.
+
+    python benchmarks/bench_peers.py            # full run, writes benchmarks/results/peers.{md,json,png}
+    python benchmarks/bench_peers.py --quick    # smoke run (fewer sequences, budgets and rounds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+TRACKS = ("int8", "int8_pc")
+METHODS = ("IP-ET", "ModelOpt", "AutoScheme")
+log = logging.getLogger("bench_peers")
+
+
+# -- plan translation (pure functions; tested offline in tests/test_peers_bench.py) ----------------------------------
+def modelopt_assignment(recipe: dict[str, Any], candidate_stats: dict[str, dict[str, Any]], fmt: str) -> dict[str, str]:
+    """ModelOpt's chosen recipe -> our per-op assignment. One ModelOpt decision may cover several modules (q/k/v
+    and gate/up are tied into one): every module of a quantised decision gets ``fmt``; "NONE" leaves them out."""
+    out: dict[str, str] = {}
+    for key, choice in recipe.items():
+        if str(choice).upper().startswith("NONE"):
+            continue
+        names = candidate_stats.get(key, {}).get("module_names") or [key.removesuffix(".quant_recipe")]
+        for name in names:
+            out[name] = fmt
+    return out
+
+
+def autoscheme_assignment(layer_config: dict[str, dict[str, Any]], fmt: str, low_bits: int = 8) -> dict[str, str]:
+    """AutoScheme's per-layer config -> our assignment: layers at ``low_bits`` weight bits get ``fmt``."""
+    return {name: fmt for name, cfg in layer_config.items() if cfg.get("bits") == low_bits}
+
+
+def bits_budget(low_params: float, total_params: float, low_bits: float = 8.0, high_bits: float = 16.0) -> float:
+    """The average-bits budget at which ``low_params`` of ``total_params`` weights are in the low format."""
+    frac = min(1.0, max(0.0, low_params / total_params)) if total_params > 0 else 0.0
+    return high_bits - (high_bits - low_bits) * frac
+
+
+def pick_budget_points(plans: list[Any], n: int) -> list[Any]:
+    """Up to ``n`` frontier plans with some low-precision op, evenly spaced in predicted gain (always the largest)."""
+    cands = sorted((p for p in plans if p.low_precision_ops()), key=lambda p: p.predicted_gain)
+    if len(cands) <= n:
+        return cands
+    lo, hi = cands[0].predicted_gain, cands[-1].predicted_gain
+    chosen: list[Any] = []
+    for i in range(n):
+        target = lo + (hi - lo) * i / (n - 1)
+        best = min((p for p in cands if p not in chosen), key=lambda p: abs(p.predicted_gain - target))
+        chosen.append(best)
+    return sorted(chosen, key=lambda p: p.predicted_gain)
+
+
+def speedup_with_ci(t_ref: list[float], t_cfg: list[float]) -> dict[str, float]:
+    """Median-based speedup and its 95% interval from the paired bootstrap CI of the gain (``gains.bootstrap_ci``)."""
+    from inc_ipamp.gains import bootstrap_ci
+
+    tr, tc = statistics.median(t_ref), statistics.median(t_cfg)
+    gain, ci = tr - tc, bootstrap_ci(t_ref, t_cfg)
+    lo, hi = tr / max(tr - (gain - ci), 1e-12), tr / max(tr - (gain + ci), 1e-12)
+    return {"t_ref_s": tr, "t_cfg_s": tc, "gain_s": gain, "gain_ci_s": ci, "speedup": tr / tc,
+            "speedup_lo": lo, "speedup_hi": hi}
+
+
+def compare_at_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At each of our plans' measured loss MSE inside the peer's measured range: the peer's speedup there (linear in
+    log loss between its two neighbouring plans, CI half-widths interpolated alike) and whether the difference is
+    outside the two CIs combined in quadrature."""
+    pts = sorted((r for r in theirs if r["measured_loss_mse"] > 0), key=lambda r: r["measured_loss_mse"])
+    out = []
+    for r in ours:
+        x = r["measured_loss_mse"]
+        if x <= 0 or len(pts) < 2 or not (pts[0]["measured_loss_mse"] <= x <= pts[-1]["measured_loss_mse"]):
+            continue
+        for a, b in zip(pts, pts[1:], strict=False):
+            if a["measured_loss_mse"] <= x <= b["measured_loss_mse"]:
+                la, lb = math.log(a["measured_loss_mse"]), math.log(b["measured_loss_mse"])
+                w = 0.0 if lb == la else (math.log(x) - la) / (lb - la)
+                s = a["speedup"] + w * (b["speedup"] - a["speedup"])
+                ci = _half(a) + w * (_half(b) - _half(a))
+                diff = r["speedup"] - s
+                comb = math.hypot(ci, _half(r))
+                out.append({"plan": r["plan"], "loss_mse": x, "ours": r["speedup"], "theirs": s, "diff": diff,
+                            "ci": comb, "verdict": "ahead" if diff > comb else "behind" if diff < -comb else "level"})
+                break
+    return out
+
+
+def _half(r: dict[str, Any]) -> float:
+    return (r["speedup_hi"] - r["speedup_lo"]) / 2
+
+
+# -- the searches --------------------------------------------------------------------------------------------------
+def linear_params(model: torch.nn.Module) -> dict[str, int]:
+    return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def run_ipet(settings, n_points: int) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
+    from inc_ipamp import pipeline
+
+    out = Path(tempfile.mkdtemp(prefix="bench_peers_ipet_"))
+    settings.save(out)
+    model, tok = pipeline.load(settings)
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    pipeline.stage_calibrate(out, settings, model, tok)
+    phases["calibrate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pipeline.stage_partition(out, settings, model, tok)
+    phases["partition"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gains = pipeline.stage_measure(out, settings, model, tok)
+    phases["measure"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _, front = pipeline.stage_solve(out, settings)
+    phases["solve (frontier)"] = time.perf_counter() - t
+    info = {"frontier_points": len(front), "flagged_configs": gains.quality.get("flagged_configs"),
+            "gains_reference_prefill_s": gains.reference_time_s, "out": str(out)}
+    del model
+    return pick_budget_points(front, n_points), phases, info
+
+
+def modelopt_cfg(track: str) -> dict[str, Any]:
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for e in cfg["quant_cfg"]:
+        if e.get("quantizer_name") == "*weight_quantizer" and track == "int8":
+            e["cfg"]["axis"] = None  # per-tensor weights, as our int8
+    cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*lm_head*"]
+    return cfg
+
+
+def run_modelopt(track: str, cal: list[torch.Tensor], low_params: list[int]) -> tuple[list[dict], dict[str, float]]:
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.algorithms import _resolve_best_recipe
+
+    from inc_ipamp.models import load_model
+
+    model, _ = load_model("default")
+    params = linear_params(model)
+    plans, phases = [], {}
+    state = None
+    for i, lp in enumerate(low_params):
+        t = time.perf_counter()
+        if state is None:
+            _, state = mtq.auto_quantize(
+                model, constraints={"effective_bits": 16.0}, quantization_formats=[modelopt_cfg(track)],
+                data_loader=cal, forward_step=lambda m, b: m(input_ids=b, labels=b), loss_func=lambda o, b: o.loss,
+                num_calib_steps=len(cal), num_score_steps=len(cal), method="gradient", disabled_layers=None)
+            phases["calibrate + score"] = time.perf_counter() - t
+            t = time.perf_counter()
+        searchable = sum(params[n] for st in state["candidate_stats"].values() for n in st["module_names"])
+        bits = bits_budget(lp, searchable)
+        best = _resolve_best_recipe(state, {"effective_bits": bits})
+        recipe = best["recipe"] if isinstance(best, dict) and "recipe" in best else best
+        phases[f"solve budget {i + 1}"] = time.perf_counter() - t
+        plans.append({"budget": f"effective_bits={bits:.3f}",
+                      "assignment": modelopt_assignment(recipe, state["candidate_stats"], track),
+                      "decisions": len(state["candidate_stats"])})
+    del model
+    return plans, phases
+
+
+def autoscheme_scheme(track: str):
+    from auto_round.schemes import QuantizationScheme
+
+    if track == "int8_pc":
+        return "INT8"
+    return QuantizationScheme(bits=8, group_size=0, sym=True, data_type="int", act_bits=7, act_group_size=0,
+                              act_data_type="int", act_dynamic=True, act_sym=False)
+
+
+def run_autoscheme(track: str, cal: list[torch.Tensor], seq_len: int,
+                   low_params: list[int]) -> tuple[list[dict], dict[str, float]]:
+    import auto_round.auto_scheme.delta_loss as dl
+    from auto_round import AutoRound, AutoScheme
+
+    from inc_ipamp.models import load_model
+
+    os.environ["AR_AUTO_SCHEME_CACHE"] = tempfile.mkdtemp(prefix="bench_peers_ar_cache_")
+    fed: list[int] = []
+
+    def loader(tokenizer, seqlen, dataset_name=None, seed=42, bs=8, nsamples=512, **kw):
+        fed.append(len(cal))
+        return [{"input_ids": b} for b in cal]
+
+    dl.get_dataloader = loader  # AutoScheme takes a dataset *name*; this feeds our calibration blocks instead
+    base, tok = load_model("default")
+    params = linear_params(base)
+    decoder = sum(v for n, v in params.items() if n != "lm_head")
+    plans, phases = [], {}
+    for i, lp in enumerate(low_params):
+        bits = bits_budget(min(lp, decoder), decoder)
+        model = copy.deepcopy(base)
+        t = time.perf_counter()
+        scheme = AutoScheme(avg_bits=bits, options=[autoscheme_scheme(track), "BF16"], ignore_scale_zp_bits=True,
+                            nsamples=len(cal), seqlen=seq_len, device_map="cpu", dataset="ipamp-calibration")
+        ar = AutoRound(model, tok, scheme=scheme, iters=0, nsamples=len(cal), seqlen=seq_len,
+                       dataset="ipamp-calibration", quant_lm_head=True, device_map="cpu", enable_torch_compile=False)
+        ar.post_init()
+        phases[f"budget {i + 1}" + (" (score + solve)" if i == 0 else " (cached scores + solve)")] = \
+            time.perf_counter() - t
+        plans.append({"budget": f"avg_bits={bits:.3f}", "assignment": autoscheme_assignment(ar.layer_config, track),
+                      "fed_our_blocks": bool(fed)})
+        del ar, model
+    return plans, phases
+
+
+# -- scoring --------------------------------------------------------------------------------------------------------
+def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_len: int, seed: int,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """One prefill per plan per round, the FP32 reference included, in a fresh random order each round; each timed
+    call enters the backend's ``apply`` (as ``compare_prefill`` does, so every side pays the module walk)."""
+    from inc_ipamp.gains import get_backend
+    from inc_ipamp.gains.base import _prefill_fn, _timed, prime
+    from inc_ipamp.runtime import Progress
+
+    be = get_backend("cpu")
+    be.check()
+    be.prepare(model, "fp32")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+    names = ["reference", *plans]
+    assign = {"reference": {}, **plans}
+
+    def call(name: str):
+        def fn():
+            with be.apply(model, assign[name]) as m:
+                return _prefill_fn(m, ids)()
+        return fn
+
+    for name in names:
+        prime(be, model, assign[name])
+        for _ in range(warmup):
+            call(name)()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    rng = random.Random(seed)
+    bar = Progress(rounds, f"timing {len(names)} plans interleaved", unit="round")
+    for _ in range(rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            times[name].append(_timed(call(name), be.synchronize))
+        bar.update()
+    bar.close()
+    return times
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TRACKS), figsize=(6 * len(TRACKS), 4.5), squeeze=False)
+    style = {"IP-ET": ("C0", "o"), "ModelOpt": ("C1", "s"), "AutoScheme": ("C2", "^")}
+    for ax, track in zip(axes[0], TRACKS, strict=True):
+        for m in METHODS:
+            rs = sorted((r for r in rows if r["track"] == track and r["method"] == m),
+                        key=lambda r: r["measured_loss_mse"])
+            if not rs:
+                continue
+            x = [max(r["measured_loss_mse"], 1e-9) for r in rs]
+            y = [r["speedup"] for r in rs]
+            err = [[r["speedup"] - r["speedup_lo"] for r in rs], [r["speedup_hi"] - r["speedup"] for r in rs]]
+            c, mk = style[m]
+            ax.errorbar(x, y, yerr=err, color=c, marker=mk, capsize=3, label=m, linestyle="-", alpha=0.85)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("measured held-out loss MSE (log)")
+        ax.set_ylabel("measured prefill speedup vs FP32 (95% CI)")
+        ax.set_title(f"track {track}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_md(res: dict[str, Any], path: Path) -> None:
+    s = res["settings"]
+    md = ["# IP-ET vs ModelOpt auto_quantize vs AutoRound AutoScheme (SmolLM2-135M, CPU INT8 vs FP32)", "",
+          f"Generated by `benchmarks/bench_peers.py` at commit `{res['commit']}`; command: `{res['command']}`.", "",
+          *([f"- Uncommitted changes the run used: {'; '.join(res['uncommitted'])}."] if res["uncommitted"] else []),
+          f"- Versions: torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, "
+          f"nvidia-modelopt {res['versions']['modelopt']}, auto-round {res['versions']['auto_round']}.",
+          f"- Machine: {res['machine_start']['cpus']} cores; torch threads {res['machine_start']['threads']} "
+          f"(chosen by `runtime.set_threads`{' from --threads' if s['threads_given'] else ' from the free cores'}); "
+          f"load average {res['machine_start']['load_avg_1min']} at start, {res['machine_end']['load_avg_1min']} at "
+          f"end; timing phase {res['timing']['load_start']} → {res['timing']['load_end']}.",
+          f"- Calibration (all methods, the same blocks): {s['n_calib']}×{s['seq_len']} tokens of the calibration "
+          f"split; held-out loss: {s['n_eval']}×{s['seq_len']} tokens of the evaluation split ({res['eval_data']}).",
+          f"- Timing: prefill 1×{s['gain_seq_len']} tokens, {res['timing']['rounds']} rounds, "
+          f"{len(res['timing']['plans'])} plans + FP32 reference interleaved in random order per round; speedup = "
+          "median T(FP32) / median T(plan), 95% CI from the paired bootstrap of the gain. Reference prefill median "
+          f"{res['timing']['reference_median_s'] * 1e3:.1f} ms.",
+          f"- Reference held-out loss {res['reference_loss']:.4f} (perplexity {math.exp(res['reference_loss']):.2f}).",
+          *[f"- Search failed: {e}" for e in res.get("errors", [])],
+          "", "## Search wall time", "", "| track | method | total s | phases (s) |", "|---|---|---|---|"]
+    for track in res["tracks"]:
+        for m in METHODS:
+            ph = res["search"][track].get(m)
+            if ph:
+                md.append(f"| {track} | {m} | {sum(ph.values()):.1f} | "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + " |")
+    md += ["", "Ratio IP-ET / ModelOpt total search time: " + ", ".join(
+        f"{t} {sum(res['search'][t]['IP-ET'].values()) / sum(res['search'][t]['ModelOpt'].values()):.2f}×"
+        for t in res["tracks"] if res["search"][t].get("ModelOpt")) + ".", ""]
+    md += ["## Plans", "", "Low-precision ops are counted in our op list (271 ops: 210 decoder Linears, 60 attention "
+           "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops.", "",
+           "| track | method | budget | INT8 ops | of which down_proj | lm_head | INT8 weight params | measured "
+           "speedup [95% CI] | measured loss MSE | mean loss shift | perplexity |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["plans"]:
+        md.append(f"| {r['track']} | {r['method']} | {r['budget']} | {r['n_low']} | {r['n_down_proj']} | "
+                  f"{'INT8' if r['lm_head'] else 'fp32'} | {r['low_params'] / 1e6:.1f} M | {r['speedup']:.3f} "
+                  f"[{r['speedup_lo']:.3f}, {r['speedup_hi']:.3f}] | {r['measured_loss_mse']:.3g} | "
+                  f"{r['measured_loss_shift']:+.4f} | {r['perplexity']:.2f} |")
+    md += ["", "## At equal measured loss", "",
+           "Each IP-ET plan whose measured loss lies inside a peer's measured range, against the peer's speedup "
+           "interpolated there (linear in log loss between its neighbouring plans); ahead/behind = the difference is "
+           "outside the two CIs combined in quadrature.", "",
+           "| track | peer | IP-ET plan | loss MSE | IP-ET speedup | peer speedup | difference ± CI | verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+    for c in res["equal_loss"]:
+        md.append(f"| {c['track']} | {c['peer']} | {c['plan']} | {c['loss_mse']:.3g} | {c['ours']:.3f} | "
+                  f"{c['theirs']:.3f} | {c['diff']:+.3f} ± {c['ci']:.3f} | {c['verdict']} |")
+    md += ["", "The other direction: each peer plan whose measured loss lies inside IP-ET's measured range, against "
+           "IP-ET's interpolated speedup there (verdict from IP-ET's side).", "",
+           "| track | peer | peer plan | loss MSE | IP-ET speedup (interpolated) | peer speedup | difference ± CI | "
+           "verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in res["equal_loss_peer_points"]:
+        md.append(f"| {c['track']} | {c['peer']} | {c['plan']} | {c['loss_mse']:.3g} | {c['ours']:.3f} | "
+                  f"{c['theirs']:.3f} | {c['diff']:+.3f} ± {c['ci']:.3f} | {c['verdict']} |")
+    md += ["", "Summary (IP-ET minus peer speedup at equal measured loss, both directions pooled):", ""]
+    for track in res["tracks"]:
+        for peer in METHODS[1:]:
+            cs = [c for c in res["equal_loss"] + res["equal_loss_peer_points"]
+                  if c["track"] == track and c["peer"] == peer]
+            if not cs:
+                md.append(f"- {track} vs {peer}: the two methods' measured loss ranges do not overlap.")
+                continue
+            n = {v: sum(c["verdict"] == v for c in cs) for v in ("ahead", "level", "behind")}
+            md.append(f"- {track} vs {peer}: {len(cs)} comparisons, IP-ET {n['ahead']} ahead, {n['level']} level "
+                      f"(within CIs), {n['behind']} behind; mean difference "
+                      f"{statistics.mean(c['diff'] for c in cs):+.3f}× speedup.")
+    md += ["", "![speed vs loss](peers.png)", ""]
+    path.write_text("\n".join(md) + "\n")
+
+
+# -- main -----------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 4+4 sequences of 128 tokens, 2 budgets, "
+                    "5 rounds, reps 3")
+    ap.add_argument("--tracks", default=",".join(TRACKS))
+    ap.add_argument("--budgets", type=int, default=5)
+    ap.add_argument("--n-calib", type=int, default=8)
+    ap.add_argument("--n-eval", type=int, default=24)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--gain-seq-len", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10, help="IP-ET's measure repetitions")
+    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(RESULTS / "peers"))
+    a = ap.parse_args()
+    if a.quick:
+        a.budgets, a.n_calib, a.n_eval, a.seq_len, a.reps, a.rounds = 2, 4, 4, 128, 3, 5
+        if a.out == str(RESULTS / "peers"):
+            a.out = str(Path(tempfile.gettempdir()) / "peers_quick")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from inc_ipamp import pipeline
+    from inc_ipamp.evaluate import loss_change, sequence_losses
+    from inc_ipamp.runtime import machine_state, set_threads
+
+    threads = set_threads(a.threads)
+    state_start = machine_state()
+    tracks = [t for t in a.tracks.split(",") if t]
+    import inc_ipamp
+
+    dirty = git("status", "--porcelain", "--", "../inc_ipamp", "bench_peers.py").splitlines()
+    pkg = Path(inc_ipamp.__file__).resolve().parents[1]
+    if pkg != Path(__file__).resolve().parents[1]:  # the editable install points elsewhere: say which code ran
+        dirty.append(f"inc_ipamp imported from {pkg}")
+    res: dict[str, Any] = {
+        "commit": git("rev-parse", "--short", "HEAD") + ("+uncommitted" if dirty else ""), "uncommitted": dirty,
+        "command": "python " + " ".join([os.path.relpath(sys.argv[0], Path.cwd()), *sys.argv[1:]]),
+        "machine_start": state_start, "tracks": tracks, "search": {t: {} for t in tracks},
+        "settings": {"n_calib": a.n_calib, "n_eval": a.n_eval, "seq_len": a.seq_len, "gain_seq_len": a.gain_seq_len,
+                     "reps": a.reps, "rounds": a.rounds, "budgets": a.budgets, "threads": threads,
+                     "threads_given": a.threads is not None, "seed": a.seed}}
+    import auto_round
+    import modelopt
+    import transformers
+
+    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "modelopt": modelopt.__version__, "auto_round": auto_round.__version__}
+    base = pipeline.RunSettings(n_calib=a.n_calib, n_eval=a.n_eval, seq_len=a.seq_len, gain_seq_len=a.gain_seq_len,
+                                reps=a.reps, threads=threads, seed=a.seed)
+    model, tok = pipeline.load(base)
+    cal = [b if b.dim() == 2 else b[None] for b in pipeline.blocks(tok, base, "calibration")]
+    ev_blocks = pipeline.blocks(tok, base, "evaluation")
+    res["eval_data"] = f"{ev_blocks.source}, {ev_blocks.split}"
+    ev = list(ev_blocks)
+    params = linear_params(model)
+    plans: list[dict[str, Any]] = []
+    for track in tracks:
+        settings = copy.deepcopy(base)
+        settings.formats = ["fp32", track]
+        log.info("[%s] IP-ET search", track)
+        ours, phases, info = run_ipet(settings, a.budgets)
+        res["search"][track]["IP-ET"] = phases
+        res.setdefault("ipet_info", {})[track] = info
+        low = []
+        for i, p in enumerate(ours):
+            asg = {op: f for op, f in p.assignment.items() if f != "fp32"}
+            low.append(sum(params.get(op, 0) for op in asg))
+            plans.append({"track": track, "method": "IP-ET", "plan": f"IP-ET {track} #{i + 1}",
+                          "budget": f"beta={p.beta:.3g}", "assignment": asg,
+                          "predicted_loss_mse": p.predicted_loss_mse, "predicted_gain_s": p.predicted_gain})
+        for method, search in (("ModelOpt", lambda t=track, lp=low: run_modelopt(t, cal, lp)),
+                               ("AutoScheme", lambda t=track, lp=low: run_autoscheme(t, cal, a.seq_len, lp))):
+            log.info("[%s] %s search at %d budgets", track, method, len(low))
+            try:
+                found, phases = search()
+            except Exception as e:  # a peer that fails is reported, the rest of the comparison still runs
+                log.exception("%s failed", method)
+                res.setdefault("errors", []).append(f"{track} {method}: {type(e).__name__}: {e}")
+                continue
+            res["search"][track][method] = phases
+            for i, p in enumerate(found):
+                plans.append({"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p})
+
+    log.info("held-out loss of %d plans", len(plans))
+    ref_losses = sequence_losses(model, ev)
+    res["reference_loss"] = float(ref_losses.mean())
+    seen: dict[tuple, dict[str, float]] = {}
+    for p in plans:
+        key = tuple(sorted(p["assignment"].items()))
+        if key not in seen:
+            seen[key] = loss_change(model, ev, p["assignment"], ref_losses)
+        p.update(seen[key])
+        p["n_low"] = len(p["assignment"])
+        p["n_down_proj"] = sum(op.endswith("down_proj") for op in p["assignment"])
+        p["lm_head"] = "lm_head" in p["assignment"]
+        p["low_params"] = sum(params.get(op, 0) for op in p["assignment"])
+
+    log.info("interleaved timing, %d rounds", a.rounds)
+    load_t0 = machine_state()["load_avg_1min"]
+    times = time_interleaved(model, {p["plan"]: p["assignment"] for p in plans}, a.rounds, a.gain_seq_len, a.seed)
+    res["timing"] = {"rounds": a.rounds, "plans": [p["plan"] for p in plans], "load_start": load_t0,
+                     "load_end": machine_state()["load_avg_1min"],
+                     "reference_median_s": statistics.median(times["reference"]), "times_s": times}
+    for p in plans:
+        p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
+    res["plans"] = plans
+    res["equal_loss"], res["equal_loss_peer_points"] = [], []
+    for track in tracks:
+        ours = [p for p in plans if p["track"] == track and p["method"] == "IP-ET"]
+        for peer in METHODS[1:]:
+            theirs = [p for p in plans if p["track"] == track and p["method"] == peer]
+            res["equal_loss"] += [{"track": track, "peer": peer, **c} for c in compare_at_equal_loss(ours, theirs)]
+            # the other direction: each peer plan inside IP-ET's measured range against IP-ET's interpolated curve
+            # (verdict from IP-ET's side: "ahead" = IP-ET's curve is above the peer's plan)
+            res["equal_loss_peer_points"] += [
+                {"track": track, "peer": peer, **c, "diff": -c["diff"], "ours": c["theirs"], "theirs": c["ours"],
+                 "verdict": {"ahead": "behind", "behind": "ahead"}.get(c["verdict"], c["verdict"])}
+                for c in compare_at_equal_loss(theirs, ours)]
+    res["machine_end"] = machine_state()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    plot(plans, out.with_suffix(".png"))
+    write_md(res, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()

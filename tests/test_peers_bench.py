@@ -1,0 +1,76 @@
+"""The peer benchmark's plan translation and comparison helpers (benchmarks/bench_peers.py), offline: no peer
+package is imported; the inputs are shaped like ModelOpt's search state and AutoRound's layer_config."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_peers",
+                                               Path(__file__).parents[1] / "benchmarks" / "bench_peers.py")
+bp = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bp)
+
+
+class _Recipe:  # ModelOpt's QuantRecipe prints as e.g. "CUSTOM_0(effective-bits: 8.0)" or "NONE(...)"
+    def __init__(self, s):
+        self.s = s
+
+    def __str__(self):
+        return self.s
+
+
+def test_modelopt_tied_decisions_expand_to_every_module():
+    stats = {"model.layers.0.self_attn.q_proj.quant_recipe": {"module_names": [
+                 "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                 "model.layers.0.self_attn.v_proj"]},
+             "model.layers.0.mlp.down_proj.quant_recipe": {"module_names": ["model.layers.0.mlp.down_proj"]},
+             "lm_head.quant_recipe": {"module_names": ["lm_head"]}}
+    recipe = {"model.layers.0.self_attn.q_proj.quant_recipe": _Recipe("CUSTOM_0(effective-bits: 8.0)"),
+              "model.layers.0.mlp.down_proj.quant_recipe": _Recipe("NONE(effective-bits: 16.0)"),
+              "lm_head.quant_recipe": _Recipe("CUSTOM_0(effective-bits: 8.0)")}
+    a = bp.modelopt_assignment(recipe, stats, "int8")
+    assert a == {"model.layers.0.self_attn.q_proj": "int8", "model.layers.0.self_attn.k_proj": "int8",
+                 "model.layers.0.self_attn.v_proj": "int8", "lm_head": "int8"}
+
+
+def test_autoscheme_keeps_only_low_bit_layers():
+    lc = {"model.layers.0.mlp.up_proj": {"bits": 8}, "model.layers.0.mlp.down_proj": {"bits": 16}}
+    assert bp.autoscheme_assignment(lc, "int8_pc") == {"model.layers.0.mlp.up_proj": "int8_pc"}
+
+
+def test_bits_budget_matches_parameter_share():
+    assert bp.bits_budget(0, 100) == 16.0
+    assert bp.bits_budget(50, 100) == 12.0
+    assert bp.bits_budget(200, 100) == 8.0
+
+
+def test_speedup_ci_brackets_the_speedup():
+    r = bp.speedup_with_ci([1.0, 1.02, 0.98, 1.01, 0.99], [0.8, 0.82, 0.79, 0.81, 0.8])
+    assert r["speedup"] == pytest.approx(1.0 / 0.8)
+    assert r["speedup_lo"] <= r["speedup"] <= r["speedup_hi"]
+
+
+def test_equal_loss_comparison_interpolates_in_log_loss():
+    def row(name, loss, s, ci=0.01):
+        return {"plan": name, "measured_loss_mse": loss, "speedup": s, "speedup_lo": s - ci, "speedup_hi": s + ci}
+
+    theirs = [row("a", 1e-4, 1.1), row("b", 1e-2, 1.3)]
+    ours = [row("x", 1e-3, 1.3), row("y", 1e-5, 2.0), row("z", 1e-3, 1.2)]
+    c = bp.compare_at_equal_loss(ours, theirs)
+    assert [x["plan"] for x in c] == ["x", "z"]  # y lies outside their range
+    assert c[0]["theirs"] == pytest.approx(1.2)
+    assert c[0]["verdict"] == "ahead" and c[1]["verdict"] == "level"
+
+
+def test_pick_budget_points_spans_the_frontier():
+    class P:
+        def __init__(self, g):
+            self.predicted_gain = g
+
+        def low_precision_ops(self):
+            return ["op"] if self.predicted_gain > 0 else []
+
+    pts = [P(g) for g in (0.0, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0)]
+    chosen = bp.pick_budget_points(pts, 3)
+    assert [p.predicted_gain for p in chosen] == [0.1, 0.45, 1.0]
