@@ -13,8 +13,9 @@ Per track (``int8``: per-tensor weights; ``int8_pc``: per-channel weights):
   (``algorithms._resolve_best_recipe``).
 - **AutoScheme**: ``AutoScheme(options=[scheme, "BF16"])`` through ``AutoRound(iters=0).post_init()``; its
   calibration loader (``auto_round.auto_scheme.delta_loss.get_dataloader``) is replaced by one that yields the
-  same calibration blocks. Per-tensor track: 8-bit symmetric per-tensor weights, activations dynamic per-tensor
-  asymmetric 7-bit (the 0..127 reduce-range grid our ``int8`` kernel uses); per-channel track: its ``INT8`` preset.
+  same calibration blocks. Per-tensor track: a scheme built from our ``int8`` format record (``autoscheme_fields``:
+  8-bit symmetric per-tensor weights, dynamic per-tensor activations as the record defines them); per-channel
+  track: its ``INT8`` preset. ModelOpt has no dynamic per-tensor INT8 activations: it keeps its static 8-bit ones.
   Its score cache goes to a fresh folder per track, so the first budget pays the scoring and later ones reuse it.
 
 Peer budgets are matched to ours: for each IP-ET plan, the peer's bit budget is the one that puts the same number
@@ -205,13 +206,27 @@ def run_modelopt(track: str, cal: list[torch.Tensor], low_params: list[int]) -> 
     return plans, phases
 
 
-def autoscheme_scheme(track: str):
-    from auto_round.schemes import QuantizationScheme
+def autoscheme_fields(track: str) -> dict[str, Any] | str:
+    """AutoRound's candidate for a track: its ``INT8`` preset for the per-channel track; for the per-tensor track
+    the numerics of our ``int8`` format record (weights symmetric per tensor; activations dynamic per tensor,
+    symmetric, or affine on the format's unsigned grid where the record says so: 0..127 is 7 bits)."""
+    from inc_ipamp.formats import get_format
 
     if track == "int8_pc":
         return "INT8"
-    return QuantizationScheme(bits=8, group_size=0, sym=True, data_type="int", act_bits=7, act_group_size=0,
-                              act_data_type="int", act_dynamic=True, act_sym=False)
+    f = get_format(track)
+    affine = bool(getattr(f, "act_affine", False))
+    act_bits = int(math.log2(f.act_levels + 1)) if affine else f.bits
+    return {"bits": f.bits, "group_size": 0 if f.granularity == "tensor" else -1, "sym": True, "data_type": "int",
+            "act_bits": act_bits, "act_group_size": 0 if (getattr(f, "act_granularity", None) or f.granularity)
+            == "tensor" else -1, "act_data_type": "int", "act_dynamic": True, "act_sym": not affine}
+
+
+def autoscheme_scheme(track: str):
+    from auto_round.schemes import QuantizationScheme
+
+    fields = autoscheme_fields(track)
+    return fields if isinstance(fields, str) else QuantizationScheme(**fields)
 
 
 def run_autoscheme(track: str, cal: list[torch.Tensor], seq_len: int,

@@ -74,3 +74,12 @@ def test_pick_budget_points_spans_the_frontier():
     pts = [P(g) for g in (0.0, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0)]
     chosen = bp.pick_budget_points(pts, 3)
     assert [p.predicted_gain for p in chosen] == [0.1, 0.45, 1.0]
+
+
+def test_autoscheme_per_tensor_candidate_follows_our_int8_record():
+    from inc_ipamp.formats import get_format
+
+    f = get_format("int8")
+    d = bp.autoscheme_fields("int8")
+    assert d["bits"] == f.bits and d["group_size"] == 0 and d["act_dynamic"] and d["act_group_size"] == 0
+    assert bp.autoscheme_fields("int8_pc") == "INT8"
