@@ -41,6 +41,8 @@ MIP_REL_GAP = 1e-7
 _PIN_SLACK = 1e-9
 #: Cutting-plane rounds per solve with a shift term (each adds ≤ 2 tangent cuts; usually 1-4 rounds suffice).
 MAX_CUT_ROUNDS = 100
+#: HiGHS options both paths set (tight feasibility: a budget row of 1e-9 scaled units must hold exactly)
+_HIGHS_OPTIONS = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
 
 
 class BudgetSpecError(IpampError):
@@ -222,15 +224,35 @@ def _interruptible(opt: Any) -> None:
 class GroupChoiceIP:
     """The multiple-choice knapsack, built once; budgets are mutable Params, solved by persistent HiGHS."""
 
-    def __init__(self, inst: Instance, sensitivity: Sensitivity | None = None, time_limit_s: float = 60.0):
+    def __init__(self, inst: Instance, sensitivity: Sensitivity | None = None, time_limit_s: float = 60.0,
+                 fast: bool = True):
+        """``fast`` (default): the same model handed to HiGHS as arrays (``_DirectHighs``); False: through Pyomo's
+        persistent interface, as before 0.3 (kept as the reference the fast path is tested against)."""
         self.inst = inst
         self.loss_scale = inst.max_loss() or 1.0
         self.gain_scale = sum(max(abs(x) for x in g.gain[inst.metric]) for g in inst.groups) or 1.0
         self.mem = [_memory_gain(inst, sensitivity, g) for g in inst.groups] if self._need_mem(sensitivity) else None
         self.mem_scale = (sum(max(abs(x) for x in row) for row in self.mem) or 1.0) if self.mem else 1.0
+        idx = [(gi, ci) for gi, g in enumerate(inst.groups) for ci in range(len(g.configs))]
+        self.loose_gain = sum(min(g.gain[inst.metric]) for g in inst.groups) / self.gain_scale - 1.0
+        self.shift = inst.uses_shift
+        self.loose_eps = 2.0
+        root = math.sqrt(self.loss_scale)
+        if self.shift:
+            self.cut_points: set[float] = set()
+            z_max = max(abs(z) for z in inst.shift_range()) / root
+            self.loose_eps = max(self.loose_eps, 2.0 * (1.0 + z_max**2))
+        if self.mem:
+            self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
+        self._ub = {k: 1 for k in idx}
+        self._last: list[int] | None = None  # the last plan maximise_gain returned (the next β's first incumbent)
+        self.fast = fast
+        if fast:
+            self.direct = _DirectHighs(self, time_limit_s)
+            self.opt = self.direct  # what the Pyomo path calls ``opt``: ``_solver_model`` and ``config.time_limit``
+            return
 
         m = pyo.ConcreteModel(name="ipamp_group_choice")
-        idx = [(gi, ci) for gi, g in enumerate(inst.groups) for ci in range(len(g.configs))]
         m.I = pyo.Set(initialize=idx, dimen=2, ordered=True)
         m.G = pyo.RangeSet(0, len(inst.groups) - 1)
         m.y = pyo.Var(m.I, domain=pyo.Binary)
@@ -242,12 +264,9 @@ class GroupChoiceIP:
         m.one = pyo.Constraint(m.G, rule=lambda m, gi: sum(m.y[gi, ci] for ci in by_group[gi]) == 1)
         m.loss = pyo.Expression(expr=sum(eps[k] * m.y[k] for k in idx))
         m.gain = pyo.Expression(expr=sum(gain[k] * m.y[k] for k in idx))
-        self.loose_eps = 2.0
-        self.loose_gain = sum(min(g.gain[inst.metric]) for g in inst.groups) / self.gain_scale - 1.0
         m.eps_max = pyo.Param(mutable=True, initialize=self.loose_eps)
         m.gain_min = pyo.Param(mutable=True, initialize=self.loose_gain)
         m.gain_con = pyo.Constraint(expr=m.gain >= m.gain_min)
-        self.shift = inst.uses_shift
         if not self.shift:
             m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)
             loss_objective = m.loss
@@ -256,7 +275,6 @@ class GroupChoiceIP:
             # shift; the convex budget loss + z² ≤ K is imposed by tangent cuts loss + 2az − a² ≤ K, each valid
             # for every feasible plan (tangents lie below z²) and added only where a solution violates the true
             # budget (Kelley's cutting planes). Cuts do not depend on K, so they stay valid across a β sweep.
-            root = math.sqrt(self.loss_scale)
             shift = {(gi, ci): inst.groups[gi].shift_of(ci) / root for gi, ci in idx}
             m.z = pyo.Var(domain=pyo.Reals)
             m.z_def = pyo.Constraint(expr=m.z == sum(shift[k] * m.y[k] for k in idx if shift[k] != 0.0))
@@ -266,14 +284,9 @@ class GroupChoiceIP:
             m.objective_cuts = pyo.ConstraintList()
             m.objective_cuts.add(m.t >= 0)
             loss_objective = m.loss + m.t
-            self.cut_points: set[float] = set()
-            z_max = max(abs(z) for z in inst.shift_range()) / root
-            self.loose_eps = max(self.loose_eps, 2.0 * (1.0 + z_max**2))
-            m.eps_max.set_value(self.loose_eps)
         if self.mem:
             memc = {(gi, ci): self.mem[gi][ci] / self.mem_scale for gi, ci in idx}
             m.memory = pyo.Expression(expr=sum(memc[k] * m.y[k] for k in idx))
-            self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
             m.mem_min = pyo.Param(mutable=True, initialize=self.loose_mem)
             m.mem_con = pyo.Constraint(expr=m.memory >= m.mem_min)
         m.max_gain = pyo.Objective(expr=m.gain, sense=pyo.maximize)
@@ -289,8 +302,7 @@ class GroupChoiceIP:
         self.opt.config.raise_exception_on_nonoptimal_result = False
         self.opt.config.rel_gap = MIP_REL_GAP
         self.opt.config.time_limit = float(time_limit_s)
-        self.opt.config.solver_options = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
-        self._ub = {k: 1 for k in idx}
+        self.opt.config.solver_options = dict(_HIGHS_OPTIONS)
         self.opt.set_instance(m)  # creates HiGHS's model now, so that even the first solve is interruptible
         _interruptible(self.opt)
 
@@ -302,14 +314,22 @@ class GroupChoiceIP:
             for ci, e in enumerate(g.loss):
                 ub = 0 if (eps_max is not None and e > eps_max) else 1
                 if self._ub[gi, ci] != ub:
-                    self.m.y[gi, ci].setub(ub)
+                    if self.fast:
+                        self.direct.set_ub(gi, ci, ub)
+                    else:
+                        self.m.y[gi, ci].setub(ub)
                     self._ub[gi, ci] = ub
 
     def _need_mem(self, sensitivity: Sensitivity | None) -> bool:
         return all("M" in g.gain for g in self.inst.groups) or sensitivity is not None
 
     # -- one solve ----------------------------------------------------------------------------------
-    def _solve(self, sense: str) -> tuple[list[int] | None, dict[str, Any]]:
+    def _solve(self, sense: str, start: list[int] | None = None) -> tuple[list[int] | None, dict[str, Any]]:
+        """One solve (with its cut rounds). ``start``: a plan HiGHS may take as its first incumbent (fast path only;
+        an infeasible one is ignored by HiGHS): phase 1's plan for phase 2 spares HiGHS the search for a first
+        solution, which took most of each root node on a 70B-shaped instance."""
+        if self.fast:
+            return self.direct.solve(sense, start)
         m = self.m
         for name in ("max_gain", "min_loss", "min_noise"):
             obj = getattr(m, name)
@@ -364,19 +384,26 @@ class GroupChoiceIP:
 
     def set_budgets(self, eps_max: float | None = None, gain_min: float | None = None, mem_min: float | None = None):
         """Set the (unscaled) budgets; None means unconstrained."""
-        m = self.m
-        self._restrict(eps_max)
-        m.eps_max.set_value(self.loose_eps if eps_max is None else eps_max / self.loss_scale)
-        m.gain_min.set_value(self.loose_gain if gain_min is None else gain_min / self.gain_scale)
-        if self.mem:
-            m.mem_min.set_value(self.loose_mem if mem_min is None else mem_min / self.mem_scale)
-        elif mem_min is not None:
+        if mem_min is not None and not self.mem:
             raise ArtifactError("a memory budget needs M gains or the sensitivity record's weight sizes")
+        self._restrict(eps_max)
+        eps = self.loose_eps if eps_max is None else eps_max / self.loss_scale
+        gmin = self.loose_gain if gain_min is None else gain_min / self.gain_scale
+        mmin = (self.loose_mem if mem_min is None else mem_min / self.mem_scale) if self.mem else None
+        if self.fast:
+            self.direct.set_budgets(eps, gmin, mmin)
+            return
+        m = self.m
+        m.eps_max.set_value(eps)
+        m.gain_min.set_value(gmin)
+        if self.mem:
+            m.mem_min.set_value(mmin)
 
     def maximise_gain(self, eps_max: float, mem_min: float | None = None) -> tuple[list[int] | None, dict[str, Any]]:
         """Phase 1: max gain s.t. loss ≤ ε_max; phase 2: least loss among (near-)equal-gain choices."""
         self.set_budgets(eps_max=eps_max, mem_min=mem_min)
-        choice, info = self._solve("max_gain")
+        # the previous β's plan (a frontier sweeps β upwards: it is within this budget too) as the first incumbent
+        choice, info = self._solve("max_gain", start=self._last)
         if choice is None:
             return None, info
         if not self._within(choice, eps_max):
@@ -384,13 +411,14 @@ class GroupChoiceIP:
             return None, info
         best = self.gain_of(choice)
         self.set_budgets(eps_max=eps_max, gain_min=best - _PIN_SLACK * max(abs(best), self.gain_scale), mem_min=mem_min)
-        choice2, info2 = self._solve("min_noise" if self.shift else "min_loss")
+        choice2, info2 = self._solve("min_noise" if self.shift else "min_loss", start=choice)
         info["wall_s"] += info2["wall_s"]
         info["phase2_termination"] = info2["termination"]
         if choice2 is not None and self.loss_of(choice2) <= self.loss_of(choice) and self.gain_of(choice2) >= best - (
             1e-9 * max(abs(best), 1e-30)
         ):
             choice = choice2
+        self._last = choice
         return choice, info
 
     def _within(self, choice: list[int], eps_max: float) -> bool:
@@ -405,7 +433,7 @@ class GroupChoiceIP:
             return None, info
         eps = self.loss_of(choice)
         self.set_budgets(eps_max=eps + _PIN_SLACK * max(eps, self.loss_scale), gain_min=gain_min, mem_min=mem_min)
-        choice2, info2 = self._solve("max_gain")
+        choice2, info2 = self._solve("max_gain", start=choice)
         info["wall_s"] += info2["wall_s"]
         info["phase2_termination"] = info2["termination"]
         if choice2 is not None and self.gain_of(choice2) >= self.gain_of(choice) and self.loss_of(choice2) <= eps * (
@@ -421,6 +449,179 @@ class GroupChoiceIP:
     def gain_of(self, choice: list[int], metric: str | None = None) -> float:
         mt = metric or self.inst.metric
         return sum(g.gain[mt][c] for g, c in zip(self.inst.groups, choice, strict=True))
+
+
+#: HiGHS model status -> (Pyomo SolutionStatus, TerminationCondition) names, as Pyomo's HiGHS interface maps them
+_TERMINATION = {"kOptimal": "convergenceCriteriaSatisfied", "kInfeasible": "provenInfeasible",
+                "kUnboundedOrInfeasible": "infeasibleOrUnbounded", "kUnbounded": "unbounded",
+                "kObjectiveBound": "objectiveLimit", "kObjectiveTarget": "objectiveLimit",
+                "kTimeLimit": "maxTimeLimit", "kIterationLimit": "iterationLimit", "kSolutionLimit": "iterationLimit",
+                "kLoadError": "error", "kModelError": "error", "kPresolveError": "error", "kSolveError": "error",
+                "kPostsolveError": "error"}
+
+
+class _DirectHighs:
+    """The group-choice model of ``GroupChoiceIP`` handed to highspy as arrays: the same columns, rows, scaled
+    coefficients, objectives, cuts and HiGHS options as the Pyomo model, without Pyomo's per-solve work.
+
+    Why: on an instance shaped like Llama-70B (80 layers, 20k binaries) Pyomo's persistent interface spent about a
+    third of a frontier sweep re-generating objectives, scanning the model for changes and loading every variable
+    back (benchmarks/results/solver_scale.md); here a budget is a row bound, an objective a cost vector, a solution
+    one array. Columns: y (one per (group, config), in ``idx`` order), then z (the scaled shift) and t (its epigraph)
+    when the instance has shifts. Rows: one per group (Σ y = 1), the noise budget, the gain floor, z's definition,
+    t ≥ 0, the memory floor, then the cuts as they are added.
+    """
+
+    def __init__(self, ip: GroupChoiceIP, time_limit_s: float):
+        import highspy
+        import numpy as np
+
+        self.np, self.hs = np, highspy
+        inst = ip.inst
+        self.ip = ip
+        self.sizes = [len(g.configs) for g in inst.groups]
+        self.start = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        n = int(self.start[-1])
+        self.n_y = n
+        root = math.sqrt(ip.loss_scale)
+        self.eps = np.array([x / ip.loss_scale for g in inst.groups for x in g.loss])
+        self.gain = np.array([x / ip.gain_scale for g in inst.groups for x in g.gain[inst.metric]])
+        self.shiftc = np.array([g.shift_of(ci) / root for g in inst.groups for ci in range(len(g.configs))])
+        inf = highspy.kHighsInf
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("time_limit", float(time_limit_s))
+        h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
+        for k, v in _HIGHS_OPTIONS.items():
+            h.setOptionValue(k, v)
+        h.HandleKeyboardInterrupt = True  # see _interruptible: solve() runs in a thread and turns Ctrl-C into a cancel
+        self._solver_model = h
+        self.config = type("Config", (), {"time_limit": float(time_limit_s)})()
+        self.z = self.t = None
+        n_cols = n + (2 if ip.shift else 0)
+        lower = np.zeros(n_cols)
+        upper = np.ones(n_cols)
+        if ip.shift:
+            self.z, self.t = n, n + 1
+            lower[self.z], upper[self.z] = -inf, inf
+            upper[self.t] = inf
+        h.addVars(n_cols, lower, upper)
+        kinds = np.array([highspy.HighsVarType.kInteger] * n + [highspy.HighsVarType.kContinuous] * (n_cols - n))
+        h.changeColsIntegrality(n_cols, np.arange(n_cols, dtype=np.int32), kinds)
+        self.rows = 0
+
+        ys = np.arange(n, dtype=np.int32)
+        for gi, size in enumerate(self.sizes):
+            self._row(1.0, 1.0, ys[self.start[gi]:self.start[gi] + size], np.ones(size))
+        self.loss_row = self._row(-inf, ip.loose_eps, ys, self.eps)
+        self.gain_row = self._row(ip.loose_gain, inf, ys, self.gain)
+        if ip.shift:
+            nz = np.flatnonzero(self.shiftc)
+            self._row(0.0, 0.0, np.concatenate([[self.z], nz]).astype(np.int32),
+                      np.concatenate([[1.0], -self.shiftc[nz]]))
+            self._row(0.0, inf, np.array([self.t], dtype=np.int32), np.array([1.0]))
+        self.mem_row = None
+        if ip.mem:
+            memc = np.array([x / ip.mem_scale for row in ip.mem for x in row])
+            self.mem_row = self._row(ip.loose_mem, inf, ys, memc)
+        self.budget_cuts: list[tuple[int, float]] = []  # (row, a²): row is loss + 2az ≤ eps_max + a²
+        self.eps_max = ip.loose_eps
+
+    def _row(self, lo: float, hi: float, cols: Any, vals: Any) -> int:
+        keep = vals != 0.0
+        self._solver_model.addRow(lo, hi, int(keep.sum()), cols[keep].astype(self.np.int32), vals[keep])
+        self.rows += 1
+        return self.rows - 1
+
+    def set_ub(self, gi: int, ci: int, ub: int) -> None:
+        self._solver_model.changeColBounds(int(self.start[gi]) + ci, 0.0, float(ub))
+
+    def set_budgets(self, eps: float, gain_min: float, mem_min: float | None) -> None:
+        """Scaled budgets, as the Pyomo model's mutable Params (the cuts' right-hand sides move with ε_max)."""
+        h, inf = self._solver_model, self.hs.kHighsInf
+        self.eps_max = eps
+        h.changeRowBounds(self.loss_row, -inf, eps)
+        for row, a2 in self.budget_cuts:
+            h.changeRowBounds(row, -inf, eps + a2)
+        h.changeRowBounds(self.gain_row, gain_min, inf)
+        if self.mem_row is not None:
+            h.changeRowBounds(self.mem_row, mem_min, inf)
+
+    def _objective(self, sense: str) -> None:
+        np, h = self.np, self._solver_model
+        cost = np.zeros(self.n_y + (2 if self.z is not None else 0))
+        cost[:self.n_y] = self.gain if sense == "max_gain" else self.eps
+        if sense == "min_loss" and self.t is not None:
+            cost[self.t] = 1.0
+        h.changeColsCost(len(cost), np.arange(len(cost), dtype=np.int32), cost)
+        h.changeObjectiveSense(self.hs.ObjSense.kMaximize if sense == "max_gain" else self.hs.ObjSense.kMinimize)
+
+    def _run(self) -> tuple[str, str, Any]:
+        h = self._solver_model
+        h.solve()
+        status = h.getModelStatus()
+        info = h.getInfo()
+        feasible = info.primal_solution_status == 2
+        sol = "optimal" if status == self.hs.HighsModelStatus.kOptimal else ("feasible" if feasible else "noSolution")
+        term = _TERMINATION.get(status.name, "unknown")
+        x = self.np.asarray(h.getSolution().col_value) if feasible else None
+        return sol, term, x
+
+    def solve(self, sense: str, start: list[int] | None = None) -> tuple[list[int] | None, dict[str, Any]]:
+        """``GroupChoiceIP._solve`` on this model (same cut loop, same info); ``start``: a first incumbent."""
+        self._objective(sense)
+        t0 = time.perf_counter()
+        if start is not None:
+            self._start(start)
+        (sol, term, x), rounds = self._run(), 1
+        while self.ip.shift and rounds < MAX_CUT_ROUNDS and self._add_cuts(x, sense):
+            (sol, term, x), rounds = self._run(), rounds + 1
+        wall = time.perf_counter() - t0
+        info_h = self._solver_model.getInfo()
+        inc = info_h.objective_function_value if x is not None else None
+        bnd = info_h.mip_dual_bound if info_h.mip_node_count != -1 else (inc if sol == "optimal" else None)
+        gap = None
+        if inc is not None and bnd is not None and math.isfinite(bnd):
+            diff = abs(bnd - inc)
+            gap = 0.0 if diff < 1e-12 else diff / max(abs(inc), 1e-12)
+        info: dict[str, Any] = {"status": sol, "termination": term, "gap": gap, "wall_s": wall}
+        if self.ip.shift:
+            info["cut_rounds"] = rounds
+        if x is None:
+            return None, info
+        choice = [int(self.np.argmax(x[self.start[gi]:self.start[gi + 1]])) for gi in range(len(self.sizes))]
+        return choice, info
+
+    def _start(self, choice: list[int]) -> None:
+        """Offer ``choice`` (one config per group) with its z and t = z² as HiGHS's incumbent."""
+        np = self.np
+        x = np.zeros(self.n_y + (2 if self.z is not None else 0))
+        x[self.start[:-1] + np.asarray(choice)] = 1.0
+        if self.z is not None:
+            x[self.z] = float(self.shiftc @ x[:self.n_y])
+            x[self.t] = x[self.z] ** 2
+        self._solver_model.setSolution(len(x), np.arange(len(x), dtype=np.int32), x)
+
+    def _add_cuts(self, x: Any, sense: str) -> bool:
+        """``GroupChoiceIP._add_cuts`` on the solution array ``x``."""
+        if x is None:
+            return False
+        ip = self.ip
+        z, loss, k = float(x[self.z]), float(self.eps @ x[:self.n_y]), self.eps_max
+        added = False
+        tol = 1e-9 * max(k, 1e-12)
+        if loss + z * z > k + tol and round(z, 15) not in ip.cut_points:
+            ip.cut_points.add(round(z, 15))
+            cols = self.np.arange(self.n_y + 1, dtype=self.np.int32)
+            cols[-1] = self.z
+            row = self._row(-self.hs.kHighsInf, k + z * z, cols, self.np.append(self.eps, 2 * z))
+            self.budget_cuts.append((row, z * z))
+            added = True
+        if sense == "min_loss" and float(x[self.t]) < z * z - 1e-9 * max(z * z, 1e-12):
+            self._row(-z * z, self.hs.kHighsInf, self.np.array([self.t, self.z], dtype=self.np.int32),
+                      self.np.array([1.0, -2 * z]))
+            added = True
+        return added
 
 
 # --------------------------------------------------------------------------------------------------
@@ -480,19 +681,21 @@ def solve(
     time_limit_s: float = 60,
     min_sqnr_db: float | None = None,
     shift: bool = True,
+    fast: bool = True,
 ) -> Plan:
     """Choose one config per group.
 
     Exactly one of: ``beta`` (maximise ``metric`` gain s.t. loss MSE ≤ (β·L̄)²), ``target_gain`` (minimise
     loss MSE s.t. gain ≥ target, in the metric's units) or ``target_speedup`` (ET only: the predicted time
     saved ≥ this fraction of ``gains.reference_time_s``; 0.3 = "30 % less prefill time").
-    ``memory_budget_bytes`` optionally caps the total weight memory of the quantizable ops.
+    ``memory_budget_bytes`` optionally caps the total weight memory of the quantizable ops. ``fast``: see
+    ``GroupChoiceIP`` (False: the Pyomo path, same answers, slower on large instances).
     """
     given = [x is not None for x in (beta, target_gain, target_speedup)]
     if sum(given) != 1:
         raise BudgetSpecError("give exactly one of beta, target_gain or target_speedup")
     inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
-    ip = GroupChoiceIP(inst, sensitivity, time_limit_s)
+    ip = GroupChoiceIP(inst, sensitivity, time_limit_s, fast=fast)
     mem_min = _memory_requirement(ip, memory_budget_bytes)
 
     if beta is not None:
@@ -610,10 +813,13 @@ def frontier(
     time_limit_s: float = 60,
     min_sqnr_db: float | None = None,
     shift: bool = True,
+    fast: bool = True,
 ) -> list[Plan]:
-    """Sweep β over one persistent model; return the de-duplicated Pareto points sorted by gain."""
+    """Sweep β over one persistent model; return the de-duplicated Pareto points sorted by gain.
+
+    ``fast``: see ``GroupChoiceIP`` (False: the Pyomo path, same answers, slower on large instances)."""
     inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
-    ip = GroupChoiceIP(inst, None, time_limit_s)
+    ip = GroupChoiceIP(inst, None, time_limit_s, fast=fast)
     betas = default_betas(inst) if betas is None else list(betas)
     plans, uncertified = [], []
     for b in sorted(betas):
