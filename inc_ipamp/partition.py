@@ -78,6 +78,9 @@ def default_example_ids(model: nn.Module, batch: int = 1, seq_len: int = 16) -> 
 
 # -- tracers ------------------------------------------------------------------------------------------
 _AT = re.compile(r"@\d+$")
+#: torch.export names a module reached through a sliced ModuleList (transformers 5's Mixtral/Qwen2-MoE loop over
+#: ``self.layers[: config.num_hidden_layers]``) ``model.layers.slice(None, 2, None).0``: the slice is not a module
+_SLICE = re.compile(r"\.slice\([^)]*\)")
 
 
 def trace_export(model: nn.Module, ids: torch.Tensor) -> DataflowGraph:
@@ -102,7 +105,7 @@ def trace_export(model: nn.Module, ids: torch.Tensor) -> DataflowGraph:
         if n.op != "call_function":
             continue
         stack = n.meta.get("nn_module_stack") or {}
-        dfg.module_of[n.name] = _AT.sub("", list(stack.values())[-1][0]) if stack else ""
+        dfg.module_of[n.name] = _SLICE.sub("", _AT.sub("", list(stack.values())[-1][0])) if stack else ""
         for a in n.all_input_nodes:
             g.add_edge(a.name, n.name)
     dfg.order[SINK] = len(dfg.order)
@@ -254,6 +257,45 @@ def cut_groups(h: nx.DiGraph, ops_in_order: list[str]) -> list[list[str]]:
     return groups
 
 
+_EXPERT = re.compile(r"^(?P<block>.+\.experts)\.(?P<e>\d+)\.")
+
+
+def cut_groups_moe(h: nx.DiGraph, ops_in_order: list[str]) -> list[list[str]]:
+    """``cut_groups`` for a graph that may hold MoE blocks: each expert gets its own sequential groups.
+
+    The experts of a block are parallel branches between the router and the weighted sum, so the sequential walk
+    never finds a cut between them and would close one group over the whole block and whatever follows it up to
+    the next common exit (on a tiny Mixtral: all experts of layer 0 plus layer 1's attention). So each block's
+    expert ops are first contracted into one node for the walk; the group holding that node is then split into
+    branches (one per expert, one per other module, e.g. Qwen2-MoE's shared expert) and each branch is cut on its
+    own, with the same rule (an expert {w1, w3, w2} gives {w1, w3}, {w2}, like a dense MLP).
+    """
+    block = {op: m["block"] for op in ops_in_order if (m := _EXPERT.match(op))}
+    if not block:
+        return cut_groups(h, ops_in_order)
+    h2 = nx.relabel_nodes(h, block, copy=True)  # merging relabel: every expert op of a block becomes the block node
+    order2 = list(dict.fromkeys(block.get(op, op) for op in ops_in_order))
+    members: dict[str, list[str]] = {}
+    for op in ops_in_order:
+        if op in block:
+            members.setdefault(block[op], []).append(op)
+    pos = {op: i for i, op in enumerate(ops_in_order)}
+    out: list[list[str]] = []
+    for grp in cut_groups(h2, order2):
+        if not any(n in members for n in grp):
+            out.append(grp)
+            continue
+        branches: dict[str, list[str]] = {}
+        for n in grp:
+            for op in members.get(n, [n]):
+                m = _EXPERT.match(op)
+                key = f"{m['block']}.{m['e']}" if m else op.rpartition(".")[0]
+                branches.setdefault(key, []).append(op)
+        split = [g for ops in branches.values() for g in cut_groups(h, sorted(ops, key=pos.__getitem__))]
+        out.extend(sorted(split, key=lambda g: pos[g[0]]))
+    return out
+
+
 # -- signatures -----------------------------------------------------------------------------------------
 def suffix(op: str) -> str:
     """An op's name below its decoder layer (``self_attn.q_proj``): what makes two layers' groups comparable."""
@@ -303,7 +345,8 @@ def group_signature(model: nn.Module, ops: list[str], kinds: dict[str, str],
     desc = []
     for op in ops:
         w = list(linear_weight(mods[op]).shape) if kinds[op] == "linear" else []
-        desc.append([suffix(op), kinds[op], w, shapes.get(op, [])])
+        name = re.sub(r"\.experts\.\d+\.", ".experts.*.", suffix(op))  # experts of equal shape are interchangeable
+        desc.append([name, kinds[op], w, shapes.get(op, [])])
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
@@ -323,11 +366,25 @@ def partition_model(model: nn.Module, example_ids: torch.Tensor | None = None, m
     """
     if method not in ("auto", "torch.export", "dataflow"):
         raise ValueError(f"method must be auto, torch.export or dataflow, got {method!r}")
+    from .moe import dense_routing, unfuse_experts
+
     install_attention(model)
     model.eval()
+    notes: list[str] = []
+    unfused = unfuse_experts(model)
+    if unfused:
+        notes.append(f"{len(unfused)} fused MoE expert module(s) rebuilt as one Linear per expert and projection "
+                     "(inc_ipamp.moe.unfuse_experts), e.g. " + unfused[0])
+    with dense_routing(model) as moe:
+        if moe:
+            notes.append("MoE: traced with every expert on every token (dense routing), so that every expert is on "
+                         "the traced path whatever the example tokens route to; each expert is its own groups")
+        return _partition(model, example_ids, method, notes)
+
+
+def _partition(model: nn.Module, example_ids: torch.Tensor | None, method: str, notes: list[str]) -> Partition:
     ids = default_example_ids(model) if example_ids is None else example_ids
     ops = list_ops(model)
-    notes: list[str] = []
     used = method
     if method in ("auto", "torch.export"):
         try:
@@ -351,7 +408,7 @@ def partition_model(model: nn.Module, example_ids: torch.Tensor | None = None, m
     kinds = {o.name: o.kind for o in ops}
     shapes = capture_shapes(model, order, ids)
     groups = []
-    for ops_g in cut_groups(h, order):
+    for ops_g in cut_groups_moe(h, order):
         layer = decoder_layer_index(ops_g[0])
         groups.append(Group(_group_name(ops_g), ops_g, layer, group_signature(model, ops_g, kinds, shapes)))
     notes.append(f"traced with example ids of shape {list(ids.shape)}; {len(order)} ops in {len(groups)} groups, "

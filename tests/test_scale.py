@@ -44,3 +44,99 @@ def test_fast_path_is_interruptible_and_time_limited():
     ip = solver.GroupChoiceIP(solver.build_instance(sens, part, gains), time_limit_s=7.0)
     assert ip.opt._solver_model.HandleKeyboardInterrupt is True and ip.opt.config.time_limit == 7.0
     assert ip.opt._solver_model.getOptionValue("time_limit")[1] == 7.0
+
+
+# -- MoE --------------------------------------------------------------------------------------------------------------
+def _tiny_moe(kind: str):
+    """A 2-layer random-weight MoE of transformers' own classes (built from a config: nothing downloaded)."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  num_experts_per_tok=2)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(intermediate_size=128, num_local_experts=4, **common)).eval()
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=64, num_experts=4, **common)).eval()
+
+
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+def moe(request):
+    from inc_ipamp.partition import partition_model
+
+    model = _tiny_moe(request.param)
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    part = partition_model(model)
+    with torch.no_grad():
+        after = model(ids).logits
+    return request.param, model, part, before, after
+
+
+def test_moe_unfused_model_computes_the_same(moe):
+    _, model, part, before, after = moe
+    from inc_ipamp.moe import UnfusedExperts
+
+    assert torch.allclose(before, after, atol=1e-5)
+    assert sum(isinstance(m, UnfusedExperts) for m in model.modules()) == 2
+    assert any("rebuilt as one Linear per expert" in n for n in part.notes)
+
+
+def test_moe_partition_gives_each_expert_its_own_groups(moe):
+    """{q,k,v,qk,av}, {o}, per expert {gate,up}, {down} (Mixtral's w1/w3, w2), Qwen2-MoE's shared expert and its
+    gate apart; experts of equal shape share one signature across experts and layers (one measurement)."""
+    kind, _, part, _, _ = moe
+    leaves = ("w1", "w3", "w2") if kind == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    names = {g.name: g for g in part.groups}
+    for layer in (0, 1):
+        p = f"model.layers.{layer}"
+        assert f"{p}.self_attn[q_proj+k_proj+v_proj+matmul_qk+matmul_av]" in names
+        for e in range(4):
+            assert names[f"{p}.mlp.experts.{e}[{leaves[0]}+{leaves[1]}]"].ops == [
+                f"{p}.mlp.experts.{e}.{leaves[0]}", f"{p}.mlp.experts.{e}.{leaves[1]}"]
+            assert names[f"{p}.mlp.experts.{e}[{leaves[2]}]"].ops == [f"{p}.mlp.experts.{e}.{leaves[2]}"]
+        if kind == "qwen2_moe":
+            assert f"{p}.mlp.shared_expert[gate_proj+up_proj]" in names and f"{p}.mlp[shared_expert_gate]" in names
+    expert_sigs = {g.signature for g in part.groups if ".experts." in g.ops[0]}
+    assert len(expert_sigs) == 2
+    assert all(len(g.ops) <= 5 for g in part.groups)  # no group swallows a block (4^12 configs would be unsolvable)
+
+
+def _plan(ops: list[str], fp8: set[str]):
+    from inc_ipamp.records import Plan
+
+    return Plan("tiny-moe", {op: ("fp8_e4m3" if op in fp8 else "bf16") for op in ops}, "bf16", "ET", None, 0.0, 0.0)
+
+
+def test_moe_experts_in_the_fp8_export(moe):
+    """optimum-habana runs a MoE block's experts as one INC op: the block is FP8 iff all its experts are, and the
+    expert Linears are never listed; vLLM-Gaudi's FusedMoE experts stay BF16."""
+    from inc_ipamp.export.fp8 import map_plan
+
+    _, _, part, _, _ = moe
+    ops = [op for g in part.groups for op in g.ops]
+    experts = {op for op in ops if ".experts." in op}
+    m = map_plan(_plan(ops, set(ops)), "optimum-habana")
+    assert {"model.layers.0.mlp", "model.layers.1.mlp"} <= set(m.quantized)
+    assert not any(".experts." in n for n in m.modules)
+    one_bf16 = map_plan(_plan(ops, set(ops) - {"model.layers.1.mlp.experts.2.w2" if "model.layers.1.mlp.experts.2.w2"
+                                                 in experts else "model.layers.1.mlp.experts.2.down_proj"}),
+                        "optimum-habana")
+    assert "model.layers.0.mlp" in one_bf16.quantized and "model.layers.1.mlp" in one_bf16.blocked
+    v = map_plan(_plan(ops, set(ops)), "vllm-gaudi")
+    assert not any(".experts." in n for n in v.modules) and any("MoE expert ops" in n for n in v.notes)
+
+
+@pytest.mark.xfail(strict=True, reason="export/fp8.py maps transformers-5 Mixtral's MoE block `layers.N.mlp` as is; "
+                   "optimum-habana (transformers 4.55) names it `layers.N.block_sparse_moe` (rename needed in fp8.py)")
+def test_mixtral_moe_block_has_optimum_habanas_name():
+    from inc_ipamp.export.fp8 import map_plan
+    from inc_ipamp.partition import partition_model
+
+    part = partition_model(_tiny_moe("mixtral"))
+    ops = [op for g in part.groups for op in g.ops]
+    engine = {n for n, _ in json.loads((ENGINE_MODULES / "optimum_habana_mixtral.json").read_text())["modules"]}
+    blocks = {n for n in engine if n.endswith(".block_sparse_moe") and int(n.split(".")[2]) < 2}
+    assert blocks == {"model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"}
+    assert blocks <= set(map_plan(_plan(ops, set(ops)), "optimum-habana").quantized)
