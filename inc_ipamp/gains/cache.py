@@ -1,13 +1,15 @@
 """Append-only, crash-safe measurement cache (JSON lines, one measurement per line, no pickle).
 
 Each line is written, flushed and fsync'ed on its own, so a crash loses at most the line being written; a
-truncated or corrupt line is skipped with a warning on load, and the next append starts on a fresh line.
+truncated or corrupt line is skipped with a warning on load, and the next append starts on a fresh line. Appends
+take an exclusive ``flock``, so several processes (ranks of a sharded measurement) can share one file.
 The key is a sha256 over everything that changes a timing (model, group signature, config, device string,
 batch, sequence length, code and backend version), so a rerun reuses exactly what is still valid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -63,6 +65,7 @@ class MeasurementCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(rec, sort_keys=True)
         with open(self.path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # ranks sharing one cache append whole lines, one at a time
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)

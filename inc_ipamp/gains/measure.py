@@ -112,7 +112,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
                   span: int | None = None, retries: int = RETRIES, roofline: str | None = None,
-                  measure_emulated: bool = False) -> Gains:
+                  measure_emulated: bool = False, distributed: bool = False) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
@@ -126,6 +126,11 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
     representative alone, hot in cache). ``retries``: re-measurements of a config that fails ``check_quality``
     (each with twice the repetitions) before it is flagged; 0 flags without re-measuring.
+    ``distributed``: every rank of the initialised ``torch.distributed`` world calls this with the same arguments and
+    one shared ``cache_path``; the configurations are dealt to the ranks (``distributed.shard``), each appends its
+    timings to the cache, and after a barrier every rank builds the same gains table from all of them (with rank 0's
+    reference prefill time; notes, ``timed_runs`` and machine states stay per rank); a reference-drift failure is
+    flagged at once instead of re-measured (it would be re-timed on every rank).
     """
     from . import get_backend
 
@@ -199,7 +204,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
             timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
                                                      reference_reps or max(5, reps // 2), kinds, span, retries,
-                                                     measure_emulated)
+                                                     measure_emulated, distributed)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
                  timed_runs, notes, quality)
@@ -270,8 +275,8 @@ def _emulated_configs(model: nn.Module, be: Backend, representative: dict[str, G
 def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: Backend, ids: torch.Tensor,
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
                 reuse: bool, progress: bool, notes: list[str], reference_reps: int, kinds: dict[str, str],
-                span: int | None = None, retries: int = RETRIES,
-                measure_emulated: bool = False) -> tuple[int, float, dict[str, Any]]:
+                span: int | None = None, retries: int = RETRIES, measure_emulated: bool = False,
+                distributed: bool = False) -> tuple[int, float, dict[str, Any]]:
     """Time every config of every signature, check each measurement, re-measure what fails (module docstring).
     ``kinds``: {op: "linear" | "bgemm"}, to tell which configs the backend only emulates."""
     import statistics
@@ -322,30 +327,58 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         recs[(k, c)] = {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why}
     todo = [(k, g, c) for k, g, c in todo if (k, c) not in emulated]
 
-    with Progress(len(todo), "measure: timing group configs", unit="config", enabled=progress) as bar:
+    from ..distributed import rank_and_world, shard
+
+    rank, world = rank_and_world() if distributed else (0, 1)
+    for k, g, c in todo:
+        keys[(k, c)] = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
+                                 span=len(timed_with[k]), **base)
+    my_share = {(k, c) for k, _, c in shard(todo, rank, world)} if world > 1 else None
+    if world > 1 and cache_path is None:
+        raise IpampError("a measurement sharded over ranks needs one cache_path that every rank can read and append to")
+
+    def timed(k: str, g: Group, c: tuple[str, ...]) -> dict[str, Any]:
+        """One config from the cache, or measured (with re-measurements while it fails the quality checks)."""
+        key = keys[(k, c)]
+        rec = cache.get(key)
+        if rec is not None and not rec.get("flag"):
+            counts["reused"] += 1
+        else:
+            rec = measure(k, g, c, reps)
+            # a first check against the configs measured so far; drift is re-checked once all are in
+            prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
+            med = statistics.median(prior) if len(prior) >= 2 else None
+            n_reps = reps
+            for _ in range(retries):
+                if not check_quality(rec, med) or not affordable():
+                    break
+                n_reps *= 2
+                counts["remeasured"] += 1
+                rec = measure(k, g, c, n_reps, again=True)
+            rec["flag"] = check_quality(rec, med)
+            cache.put(key, rec)
+        return rec
+
+    with Progress(len(todo) if my_share is None else len(my_share), "measure: timing group configs", unit="config",
+                  enabled=progress) as bar:
         for k, g, c in todo:
-            key = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
-                            span=len(timed_with[k]), **base)
-            keys[(k, c)] = key
-            rec = cache.get(key)
-            if rec is not None and not rec.get("flag"):
-                counts["reused"] += 1
-            else:
-                rec = measure(k, g, c, reps)
-                # a first check against the configs measured so far; drift is re-checked once all are in
-                prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
-                med = statistics.median(prior) if len(prior) >= 2 else None
-                n_reps = reps
-                for _ in range(retries):
-                    if not check_quality(rec, med) or not affordable():
-                        break
-                    n_reps *= 2
-                    counts["remeasured"] += 1
-                    rec = measure(k, g, c, n_reps, again=True)
-                rec["flag"] = check_quality(rec, med)
-                cache.put(key, rec)
-            recs[(k, c)] = rec
+            if my_share is not None and (k, c) not in my_share:
+                continue
+            recs[(k, c)] = timed(k, g, c)
             bar.update()
+    if my_share is not None:  # every rank's timings are in the shared cache once all ranks pass the barrier
+        import torch.distributed as dist
+
+        dist.barrier()
+        cache = MeasurementCache(cache_path)
+        for k, g, c in todo:
+            if (k, c) not in my_share:
+                if keys[(k, c)] not in cache:
+                    raise IpampError(f"rank {rank}: the shared cache {cache_path} lacks {g.name} {'+'.join(c)} after "
+                                     "the barrier (is it on a file system every rank sees?)")
+                recs[(k, c)] = cache.get(keys[(k, c)])
+                counts["reused"] += 1
+        retries = 0  # drift re-checks flag at once: a re-measurement would run on every rank
     # reference drift over the whole signature, now that every config is in
     for k in representative:
         mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
@@ -391,6 +424,10 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                  + ("" if affordable() else f" (re-measuring stopped at its budget of {REMEASURE_BUDGET:.0%} of the "
                                             "first measurements' time: later failures were flagged at once)"))
     ref_t = float(time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)["median_s"])
+    if my_share is not None:  # one record on every rank: rank 0's reference prefill
+        box = [ref_t]
+        dist.broadcast_object_list(box, src=0)
+        ref_t = float(box[0])
     best = 0.0
     for gg in groups.values():
         ok = [x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i)]
