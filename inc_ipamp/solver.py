@@ -245,7 +245,6 @@ class GroupChoiceIP:
         if self.mem:
             self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
         self._ub = {k: 1 for k in idx}
-        self._last: list[int] | None = None  # the last plan maximise_gain returned (the next β's first incumbent)
         self.fast = fast
         if fast:
             self.direct = _DirectHighs(self, time_limit_s)
@@ -327,7 +326,10 @@ class GroupChoiceIP:
     def _solve(self, sense: str, start: list[int] | None = None) -> tuple[list[int] | None, dict[str, Any]]:
         """One solve (with its cut rounds). ``start``: a plan HiGHS may take as its first incumbent (fast path only;
         an infeasible one is ignored by HiGHS): phase 1's plan for phase 2 spares HiGHS the search for a first
-        solution, which took most of each root node on a 70B-shaped instance."""
+        solution, which took most of each root node on a 70B-shaped instance. Phase 1 gets no start: given the
+        previous β's plan (feasible), HiGHS 1.16 once stopped at a plan with 44% less gain and reported gap 0
+        (Mixtral-shaped instance, benchmarks/results/solver_scale.md); a worse phase 2 is harmless, since its
+        answer is kept only if its exact loss is not larger at the pinned gain."""
         if self.fast:
             return self.direct.solve(sense, start)
         m = self.m
@@ -402,8 +404,7 @@ class GroupChoiceIP:
     def maximise_gain(self, eps_max: float, mem_min: float | None = None) -> tuple[list[int] | None, dict[str, Any]]:
         """Phase 1: max gain s.t. loss ≤ ε_max; phase 2: least loss among (near-)equal-gain choices."""
         self.set_budgets(eps_max=eps_max, mem_min=mem_min)
-        # the previous β's plan (a frontier sweeps β upwards: it is within this budget too) as the first incumbent
-        choice, info = self._solve("max_gain", start=self._last)
+        choice, info = self._solve("max_gain")
         if choice is None:
             return None, info
         if not self._within(choice, eps_max):
@@ -418,7 +419,6 @@ class GroupChoiceIP:
             1e-9 * max(abs(best), 1e-30)
         ):
             choice = choice2
-        self._last = choice
         return choice, info
 
     def _within(self, choice: list[int], eps_max: float) -> bool:
