@@ -473,8 +473,11 @@ class _DirectHighs:
     """
 
     def __init__(self, ip: GroupChoiceIP, time_limit_s: float):
+        import io
+
         import highspy
         import numpy as np
+        from pyomo.common.tee import capture_output
 
         self.np, self.hs = np, highspy
         inst = ip.inst
@@ -488,7 +491,8 @@ class _DirectHighs:
         self.gain = np.array([x / ip.gain_scale for g in inst.groups for x in g.gain[inst.metric]])
         self.shiftc = np.array([g.shift_of(ci) / root for g in inst.groups for ci in range(len(g.configs))])
         inf = highspy.kHighsInf
-        h = highspy.Highs()
+        with capture_output(io.StringIO(), capture_fd=True):  # HiGHS prints a banner when the first one is made
+            h = highspy.Highs()
         h.setOptionValue("output_flag", False)
         h.setOptionValue("time_limit", float(time_limit_s))
         h.setOptionValue("mip_rel_gap", MIP_REL_GAP)
