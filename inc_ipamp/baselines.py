@@ -17,7 +17,7 @@ import random
 import time
 
 from .errors import ArtifactError
-from .records import Gains, Partition, Plan, Sensitivity
+from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, Gains, Partition, Plan, Sensitivity
 from .solver import BudgetSpecError, Instance, build_instance, plan_from_choice
 
 BASELINES = ("random", "prefix", "sqnr", "prefix_reversed", "sqnr_reversed")
@@ -58,9 +58,9 @@ def baseline(
     beta: float,
     metric: str = "ET",
     seed: int = 0,
-    noise: str = "empirical",
+    noise: str = DEFAULT_NOISE,
     low_format: str | None = None,
-    min_sqnr_db: float | None = None,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     shift: bool = True,
 ) -> Plan:
     """Greedy per-op baseline ``name`` under the loss budget (β·L̄)², scored with the group gain tables."""

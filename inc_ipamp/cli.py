@@ -50,6 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--curvature", action=argparse.BooleanOptionalAction, default=None,
                    help="also estimate each op's mean loss shift (one more backward per batch; default on): the "
                         "loss MSE is then predicted as noise + shift², shifts adding over ops")
+    g.add_argument("--curvature-share", type=float,
+                   help="share of calibration batches that get the curvature backward, in (0, 1] (default 1: "
+                        "all; the shift is a mean, so a subset estimates it for less time)")
     g.add_argument("--calib-batch", type=int,
                    help="sequences per calibration fwd+bwd (default 1; statistics stay per sequence; 4 is a little "
                         "faster and needs ~2.5x the memory)")
@@ -71,7 +74,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--rt-device", choices=["gaudi2", "gaudi3", "h100", "h200"],
                    help="device whose datasheet peaks and bandwidth give the RT metric (default: the --device's "
                         "accelerator; needed on cpu)")
-    d.add_argument("--beta", type=float, help="loss budget: predicted loss RMSE <= beta * mean loss (default 0.05)")
+    d.add_argument("--beta", type=float,
+                   help="loss budget: predicted RMS per-sequence loss change <= beta * mean loss (default 0.01: 1%%, "
+                        "the relative tolerance INC's default accuracy criterion uses)")
     d.add_argument("--target-speedup", type=float,
                    help="instead of --beta: least loss MSE predicted to reach this prefill speedup "
                         "(ET; 1.1 = 10%% faster)")

@@ -1,29 +1,39 @@
-"""Apply a per-op format assignment for real (fake-quantisation) and measure what it does.
+"""Apply a per-op format assignment for real and measure what it does to the loss.
 
 Measured loss MSE uses the same definition the prediction uses: mean over sequences of
 (loss_n(quantised) − loss_n(reference))², loss_n = mean next-token cross-entropy of sequence n.
+
+An *applier* puts an assignment on a model for the duration of a ``with`` block: ``applier(model, assignment)`` is a
+context manager yielding the model to call. Two exist: a device backend's ``apply`` (the very kernels that were timed:
+on CPU torch.ao dynamic INT8, ``torch._scaled_mm`` FP8, bf16 casts — what a user deploys; the pipeline measures with
+it) and ``fake_quant`` (round-and-back with the same numerics, tests/test_numerics.py, for formats the machine has no
+kernel for, such as a Gaudi plan evaluated on a CPU).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .formats import get_format, quantize
+from .formats import get_format, quantize, quantize_weight
 from .ops import Matmul, install_attention
 from .sensitivity import sequence_loss
 
+#: puts an assignment on a model inside a ``with`` block (see the module docstring)
+Applier = Callable[[nn.Module, dict[str, str]], contextlib.AbstractContextManager[nn.Module]]
+
 
 @contextlib.contextmanager
-def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Module]:
-    """Quantise inputs and weights of the assigned ops (reference formats are left alone); restores on exit.
+def fake_quant(model: nn.Module, assignment: dict[str, str], reference: str | None = None) -> Iterator[nn.Module]:
+    """Quantise inputs and weights of the assigned ops and restore them on exit. Ops in a reference-kind format or
+    in ``reference`` (a plan's reference format, e.g. bf16 on Gaudi: those ops run as the model does) are left alone.
 
-    Scales are those of ``formats.quantize``: max-abs per call for activations, per tensor/channel for
-    weights, matching the empirical noise model of the sensitivity collector.
+    Numerics are ``formats.quantize`` (activations, per call) and ``formats.quantize_weight``: the deployed kernels'
+    and the sensitivity collector's.
     """
     install_attention(model)
     mods = dict(model.named_modules())
@@ -31,7 +41,7 @@ def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Modu
     try:
         for name, fname in assignment.items():
             fmt = get_format(fname)
-            if fmt.kind == "ref":
+            if fmt.kind == "ref" or fname == reference:
                 continue
             if name not in mods:
                 raise KeyError(f"op {name!r} of the assignment is not a module of this model")
@@ -44,7 +54,7 @@ def fake_quant(model: nn.Module, assignment: dict[str, str]) -> Iterator[nn.Modu
                 # A new Parameter on this module only: an in-place write would also quantise every module
                 # tied to the same tensor (lm_head shares its weight with the input embedding).
                 saved.append((mod, mod.weight))
-                mod.weight = nn.Parameter(quantize(mod.weight.detach(), fmt, 0 if conv1d else -1),
+                mod.weight = nn.Parameter(quantize_weight(mod.weight.detach(), fmt, 0 if conv1d else -1),
                                           requires_grad=False)
                 handles.append(mod.register_forward_pre_hook(lambda m, a, f=fmt: (quantize(a[0], f, -1), *a[1:])))
         yield model
@@ -69,23 +79,24 @@ def sequence_losses(model: nn.Module, blocks: Iterable[torch.Tensor], batch_size
 
 
 def loss_change(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
-                reference: torch.Tensor | None = None) -> dict[str, float]:
-    """One fake-quantised pass over ``blocks``: the measured loss MSE E_n[(loss_n(assignment) − loss_n(reference))²]
-    (the quantity the Taylor model predicts), the mean loss shift, and the perplexity under the assignment."""
+                reference: torch.Tensor | None = None, apply: Applier | None = None) -> dict[str, float]:
+    """One pass over ``blocks`` under the assignment (``apply``, default ``fake_quant``): the measured loss MSE
+    E_n[(loss_n(assignment) − loss_n(reference))²] (the quantity the Taylor model predicts), the mean loss shift,
+    and the perplexity under the assignment."""
     blocks = list(blocks)
     if reference is None:
         reference = sequence_losses(model, blocks)
-    with fake_quant(model, assignment):
-        q = sequence_losses(model, blocks)
+    with (apply or fake_quant)(model, assignment) as m:
+        q = sequence_losses(m, blocks)
     d = q - reference
     return {"measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
             "perplexity": math.exp(float(q.mean()))}
 
 
 def measured_loss_mse(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
-                      reference: torch.Tensor | None = None) -> float:
+                      reference: torch.Tensor | None = None, apply: Applier | None = None) -> float:
     """E_n[(loss_n(assignment) − loss_n(reference))²], the quantity the Taylor model predicts."""
-    return loss_change(model, blocks, assignment, reference)["measured_loss_mse"]
+    return loss_change(model, blocks, assignment, reference, apply)["measured_loss_mse"]
 
 
 def perplexity(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str] | None = None) -> float:

@@ -37,6 +37,8 @@ def ipamp_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                     **kwargs):
     """Eager attention with both products through the module's ``matmul_qk`` / ``matmul_av``."""
     n_rep = query.shape[1] // key.shape[1]
+    # the sensitivity collector folds the repeated K/V heads back (their copies share one rounding error)
+    module.matmul_qk.kv_repeat = module.matmul_av.kv_repeat = n_rep
     key = _repeat_kv(key, n_rep)
     value = _repeat_kv(value, n_rep)
     if scaling is None:
@@ -110,6 +112,17 @@ def is_linear(mod: nn.Module) -> bool:
 def linear_weight(mod: nn.Module) -> torch.Tensor:
     """Weight as (d_out, d_in) whatever the layout (transformers' Conv1D stores (d_in, d_out))."""
     return mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+
+
+def tied_linears(model: nn.Module) -> set[str]:
+    """Linear ops whose weight tensor another module also holds (lm_head tied to the input embedding): a low-precision
+    copy of such a weight frees nothing, since the shared full-precision tensor stays, and costs its own bytes."""
+    holders: dict[int, int] = {}
+    for _, mod in model.named_modules():
+        for p in mod.parameters(recurse=False):
+            holders[id(p)] = holders.get(id(p), 0) + 1
+    return {name for name, mod in model.named_modules()
+            if is_linear(mod) and holders.get(id(getattr(mod, "weight", None)), 0) > 1}
 
 
 def find_ops(model: nn.Module, include_lm_head: bool = True) -> list[OpInfo]:

@@ -16,6 +16,14 @@ from .formats import get_format, uniform_float_variance_factor
 from .io import load_json, save_json
 
 NOISE_MODELS = ("auto", "uniform", "empirical", "coherent")
+#: the loss model's defaults, one home for the CLI, the Python API (solve, frontier, baselines) and INC's strategies
+DEFAULT_NOISE = "auto"
+#: below this input SQNR (dB) an op is kept out of plans: every noise model is off by large factors there
+#: (benchmarks/results/sensitivity.md)
+DEFAULT_MIN_SQNR_DB = 25.0
+#: version of the sums in a sensitivity record: 2 = weight first-order (coh, lin) sums, GQA copies folded, curvature
+#: weighted by each sequence's T' and over ``n_curvature`` sequences, INT8 activations with the kernel's numerics
+LOSS_MODEL_VERSION = 2
 
 
 def check_finite(obj: Any, where: str) -> None:
@@ -61,12 +69,13 @@ class OperandStats:
 
     xg2: Σ(x⊙g)²; g2: Σg²; amax: max|x|; emp[f]: Σg²(Q_f(x)−x)²; int_uniform[f]: Σ g² s²/12 with the
     format's real (per-tensor/per-channel) scales; err2[f], x2: Σ(Q_f(x)−x)² and Σx² for SQNR.
-    coh[f]: Σ_n (Σ_i g_i (Q_f(x)−x)_i)², the first-order loss change of sequence n summed coherently before
-    squaring (activation operands only). It keeps the correlation between rounding errors that the diagonal
-    Σg²e² drops: per-tensor INT8 zeroing most of an outlier-dominated activation is a bias, not noise.
-    lin[f]: Σ_n Σ_i g_i e_i, the signed first-order change (activation operands; its mean is a shift too).
-    curv[f]: from the sampled-label backward (``calibrate(curvature=True)``): Σ_n (ĝ·e)² for activations
-    (full quadratic form), Σ ĝ_W² e_W² for weights (diagonal); ½·T'·curv/N estimates the mean shift ½eᵀHe.
+    With GQA the repeated K/V heads are folded back first (the copies share one rounding error: g = Σ_copies g).
+    coh[f]: Σ_n d_n², d_n = Σ_i g_i (Q_f(x)−x)_i the first-order loss change of sequence n summed coherently before
+    squaring. It keeps the correlation between rounding errors that the diagonal Σg²e² drops: per-tensor INT8
+    zeroing most of an outlier-dominated activation is a bias, not noise; a weight's error is the same at every
+    position. lin[f]: Σ_n d_n, whose mean is the first-order part of the mean shift (so coh/N − (lin/N)² is the
+    variance). curv[f]: from the sampled-label backward, Σ_n T'_n (ĝ_n·e)² over the sequences that had it
+    (``Sensitivity.n_curvature``); ½·curv/n_curvature estimates the second-order mean shift ½eᵀHe.
     """
 
     xg2: float = 0.0
@@ -89,6 +98,8 @@ class OpSensitivity:
     calls: int = 0
     macs: int = 0  # per calibration sequence
     weight_numel: int = 0
+    #: the weight is shared with another module (``ops.tied_linears``): quantising it frees no memory
+    tied: bool = False
     shapes: dict[str, list[int]] = field(default_factory=dict)
     operands: dict[str, OperandStats] = field(default_factory=dict)
 
@@ -106,10 +117,18 @@ class Sensitivity:
     unreached: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     data_source: str = ""
+    #: sequences that had the sampled-label (curvature) backward: a share of them is enough (``calibrate``)
+    n_curvature: int = 0
+    #: what the sums mean; files of another version are refused (their terms would be misread, not just stale)
+    version: int = LOSS_MODEL_VERSION
 
     # -- prediction -------------------------------------------------------------------------------
-    def operand_term(self, op: str, operand: str, fmt: str, noise: str = "empirical") -> float:
-        """Predicted loss-MSE contribution of quantising one operand of one op to ``fmt``."""
+    def operand_term(self, op: str, operand: str, fmt: str, noise: str = "auto", centred: bool = True) -> float:
+        """Predicted loss-MSE contribution of quantising one operand of one op to ``fmt``.
+
+        ``centred``: the coherent model's E[d²] is Var(d) + (E d)²; the mean E d is part of ``shift``, which
+        ``predict`` adds before squaring, so with the shift on only the variance belongs here (else the mean counts
+        twice). The other models estimate noise alone."""
         f = get_format(fmt)
         if f.kind == "ref":
             return 0.0
@@ -118,8 +137,9 @@ class Sensitivity:
         if noise == "auto":
             noise = auto_noise(fmt)
         if noise == "coherent" and fmt in st.coh:
-            return st.coh[fmt] / n
-        if noise in ("empirical", "coherent"):  # weights: fixed error, per-sequence gradients -> diagonal
+            second = st.coh[fmt] / n
+            return max(second - (st.lin.get(fmt, 0.0) / n) ** 2, 0.0) if centred else second
+        if noise in ("empirical", "coherent"):
             if fmt not in st.emp:
                 raise ArtifactError(f"format {fmt} was not calibrated (calibrated: {', '.join(self.formats)})")
             return st.emp[fmt] / n
@@ -131,34 +151,40 @@ class Sensitivity:
             raise ArtifactError(f"format {fmt} was not calibrated (calibrated: {', '.join(self.formats)})")
         return st.int_uniform[fmt] / n
 
-    def term(self, op: str, fmt: str, noise: str = "empirical") -> float:
-        """Predicted loss-MSE contribution of running op ``op`` (both operands) in ``fmt``."""
-        return sum(self.operand_term(op, o, fmt, noise) for o in self.ops[op].operands)
+    def term(self, op: str, fmt: str, noise: str = "auto", centred: bool = True) -> float:
+        """Predicted loss-MSE contribution of running op ``op`` (both operands) in ``fmt`` (see ``operand_term``)."""
+        return sum(self.operand_term(op, o, fmt, noise, centred) for o in self.ops[op].operands)
 
-    def predict(self, assignment: dict[str, str], noise: str = "empirical", shift: bool = True) -> float:
-        """Predicted loss MSE of a per-op format assignment (missing ops = reference): the noise terms add,
-        the mean shifts (``shift``, if calibrated with curvature) add before squaring."""
-        mse = sum(self.term(op, f, noise) for op, f in assignment.items())
-        if shift:
+    def predict(self, assignment: dict[str, str], noise: str = "auto", shift: bool = True) -> float:
+        """Predicted loss MSE of a per-op format assignment (missing ops = reference): E[Δ²] = Var(Δ) + (E Δ)², the
+        ops' variances add, their mean shifts add before squaring. ``shift=False``: second moments only."""
+        use = shift and self.has_shift
+        mse = sum(self.term(op, f, noise, centred=use) for op, f in assignment.items())
+        if use:
             mse += sum(self.shift(op, f) for op, f in assignment.items()) ** 2
         return mse
 
     @property
     def has_curvature(self) -> bool:
-        return any(st.curv for o in self.ops.values() for st in o.operands.values())
+        """The second-order part of the shift was calibrated (the sampled-label backward ran)."""
+        return self.n_curvature > 0 and any(st.curv for o in self.ops.values() for st in o.operands.values())
+
+    @property
+    def has_shift(self) -> bool:
+        return any(st.lin for o in self.ops.values() for st in o.operands.values())
 
     def shift(self, op: str, fmt: str) -> float:
-        """Predicted mean loss shift of op ``op`` in ``fmt`` (signed): the mean first-order change E_n[g·e] plus
-        the second-order ½·E[eᵀHe], H the Gauss-Newton Hessian of the per-sequence mean loss estimated from
-        sampled-label gradients (E[ĝĝᵀ] = H/T'). 0 without curvature calibration (``has_curvature``)."""
+        """Predicted mean loss shift of op ``op`` in ``fmt`` (signed): the mean first-order change E_n[g·e] of both
+        operands plus, if calibrated, the second-order ½·E[eᵀHe], H the Gauss-Newton Hessian of the per-sequence
+        mean loss estimated from sampled-label gradients (E[ĝĝᵀ] = H/T')."""
         f = get_format(fmt)
-        sts = self.ops[op].operands.values()
-        if f.kind == "ref" or not any(st.curv for st in sts):
+        if f.kind == "ref":
             return 0.0
-        t = max(self.seq_len - 1, 1)
-        curv = sum(st.curv.get(fmt, 0.0) for st in sts)
-        lin = sum(st.lin.get(fmt, 0.0) for st in sts)
-        return (lin + 0.5 * t * curv) / max(self.n_samples, 1)
+        sts = self.ops[op].operands.values()
+        lin = sum(st.lin.get(fmt, 0.0) for st in sts) / max(self.n_samples, 1)
+        if self.n_curvature <= 0:
+            return lin
+        return lin + 0.5 * sum(st.curv.get(fmt, 0.0) for st in sts) / self.n_curvature
 
     def sqnr_db(self, op: str, fmt: str) -> float:
         """Input SQNR of an op in ``fmt`` (worst operand), for the PGQ baseline."""
@@ -180,6 +206,9 @@ class Sensitivity:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Sensitivity:
+        if d.get("version", 1) != LOSS_MODEL_VERSION:
+            raise ArtifactError(f"this sensitivity record has loss-model version {d.get('version', 1)}, this inc-ipamp "
+                                f"reads version {LOSS_MODEL_VERSION} (its sums mean something else); rerun calibrate")
         check_finite({k: v for k, v in d.items() if k != "wall_s"}, "sensitivity")
         try:
             ops = {}

@@ -119,7 +119,8 @@ def group_explanations(
     noise = noise or plan.solver.get("noise", "empirical")
     guard = plan.solver.get("min_sqnr_db")
     m = plan.metric
-    inst = build_instance(sensitivity, partition, gains, m, noise)  # every config: the guard is explained below
+    # every config (no guard: it is explained below), the plan's own loss model
+    inst = build_instance(sensitivity, partition, gains, m, noise, None, plan.solver.get("predicted_shift") is not None)
     ref = inst.reference_format
     total = sum(g.loss[g.configs.index(tuple(plan.assignment.get(op, ref) for op in g.ops))] for g in inst.groups)
     rows = []
@@ -273,6 +274,11 @@ def write_report(
         f"- Solver: status {s.get('status')}, termination {s.get('termination')}, gap {s.get('gap')}, "
         f"{(s.get('wall_s') or 0):.3g} s",
     ]
+    if s.get("budget_binds") is not None:
+        lines.append(f"- The budget {'binds' if s['budget_binds'] else 'does not bind'}: the fastest plan the guard "
+                     f"and the quality checks allow is predicted at loss MSE {s['fastest_allowed_loss_mse']:.4g}"
+                     + (", over the budget, so the solver traded gain for loss (see the frontier below)"
+                        if s["budget_binds"] else ""))
     if s.get("note"):
         lines.append(f"- Note: {s['note']}")
     q = gains.quality or {}
@@ -304,11 +310,20 @@ def write_report(
             f"{_fmt_gain(r['gain'], m)} | {_fmt_gain(r['best_gain'], m)} | {r['why']} |"
         )
     if frontier:
-        lines += ["", "## Pareto frontier (predicted)", "", "| β | loss MSE | gain | low-precision ops |",
-                  "|---|---|---|---|"]
-        for p in frontier:
+        lines += ["", "## Pareto frontier (predicted), with this plan in its place", "",
+                  "| β | loss MSE | gain | low-precision ops |", "|---|---|---|---|"]
+        marked = False
+        for p in sorted(frontier, key=lambda p: (p.predicted_loss_mse, p.predicted_gain)):
+            if not marked and (p.predicted_loss_mse, p.predicted_gain) >= (plan.predicted_loss_mse,
+                                                                           plan.predicted_gain):
+                lines.append(f"| **this plan** (β {plan.beta}) | **{plan.predicted_loss_mse:.4g}** | "
+                             f"**{_fmt_gain(plan.predicted_gain, m)}** | **{len(plan.low_precision_ops())}** |")
+                marked = True
             lines.append(f"| {f'{p.beta:.4g}' if p.beta is not None else '-'} | {p.predicted_loss_mse:.4g} | "
                          f"{_fmt_gain(p.predicted_gain, p.metric)} | {len(p.low_precision_ops())} |")
+        if not marked:
+            lines.append(f"| **this plan** (β {plan.beta}) | **{plan.predicted_loss_mse:.4g}** | "
+                         f"**{_fmt_gain(plan.predicted_gain, m)}** | **{len(plan.low_precision_ops())}** |")
     if baselines:
         lines += ["", "## Baselines at the same budget (predicted)", "",
                   "Greedy per-op orders, scored on the same group gain tables as the IP.", "",

@@ -19,18 +19,21 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import FormatError, SensitivityError
-from .formats import get_format, quantize, quantize_with_scale, scale_of
-from .ops import find_ops, install_attention, linear_weight
+from .formats import get_format, quantize, quantize_with_scale, scale_of, weight_scale
+from .ops import find_ops, install_attention, linear_weight, tied_linears
 from .records import OperandStats, OpSensitivity, Sensitivity
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"]
+#: share of calibration batches that get the curvature backward (benchmarks/results/sensitivity.md: cost vs accuracy)
+DEFAULT_CURVATURE_SHARE = 1.0
 
 
 def _sum(t: torch.Tensor) -> float:
@@ -96,15 +99,22 @@ class _Collector:
         self.handles: list = []
 
     def _curvature(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int) -> None:
-        """Sampled-label pass: Σ_n (ĝ·e)², whose expectation is eᵀ(GN Hessian)e / T' (full quadratic form)."""
+        """Sampled-label pass: Σ_n T'_n (ĝ·e)², T'_n (ĝ·e)² an unbiased estimate of eᵀ(GN Hessian)e of sequence n
+        (full quadratic form); T'_n = its predicted tokens, so sequences of different lengths weigh right."""
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
         for f in self.formats:
             d = _first_order(x, g, f, reduce_dim)[2]
-            st.curv[f.name] = st.curv.get(f.name, 0.0) + float((d * d).sum())
+            st.curv[f.name] = st.curv.get(f.name, 0.0) + self.state["tokens"] * float((d * d).sum())
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
-    def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int) -> None:
+    def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, copies: int = 1) -> None:
+        if copies > 1:
+            # GQA: K/V heads were repeated before the product, so the copies of one head carry one and the same
+            # rounding error; its first-order effect is (Σ_copies g)·e, not independent Σ g²e² per copy
+            b, h, *rest = x.shape
+            x = x.reshape(b, h // copies, copies, *rest)[:, :, 0]
+            g = g.reshape(b, h // copies, copies, *rest).sum(2)
         if self.state["phase"] == "curvature":
             return self._curvature(operand, x, g, reduce_dim)
         st = self.rec.operands[operand]
@@ -129,14 +139,14 @@ class _Collector:
                 u = g2_sum * float(s) ** 2 / 12.0 if s.numel() == 1 else _sum(g2 * (s * s / 12.0))
                 st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + u
 
-    def _alias(self, t: torch.Tensor, operand: str, reduce_dim: int) -> torch.Tensor:
+    def _alias(self, t: torch.Tensor, operand: str, reduce_dim: int, copies: int = 1) -> torch.Tensor:
         if not t.requires_grad:
             return t
         alias = t.view_as(t)
         # The hook must not hold ``alias`` itself: tensor -> grad_fn -> hook -> tensor is a cycle through C++ that
         # Python's gc cannot see, so every batch's activations leaked (8.4 GB peak RSS on the default run).
         x = t.detach()
-        alias.register_hook(lambda g: self._reduce(operand, x, g, reduce_dim))
+        alias.register_hook(lambda g: self._reduce(operand, x, g, reduce_dim, copies))
         return alias
 
     def attach(self) -> None:
@@ -163,7 +173,9 @@ class _Collector:
         if self.rec.calls == 1:
             self.rec.shapes = {"a": [1, *a.shape[1:]], "b": [1, *b.shape[1:]]}
             self.rec.macs = a[0, ..., 0].numel() * a.shape[-1] * b.shape[-1]
-        return (self._alias(a, "a", -1), self._alias(b, "b", -2), *args[2:])
+        rep = getattr(mod, "kv_repeat", 1)
+        copies = rep if b.dim() == 4 and b.shape[1] % rep == 0 else 1
+        return (self._alias(a, "a", -1), self._alias(b, "b", -2, copies), *args[2:])
 
     def _post(self, mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         if not out.requires_grad:
@@ -184,26 +196,36 @@ class _Collector:
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._w is None:  # weights are fixed during calibration: one scale per format, once
             w = _wide(linear_weight(self.mod))
-            self._w = w, {f.name: scale_of(w, f, -1) for f in self.formats}
+            self._w = w, {f.name: weight_scale(w, f, -1) for f in self.formats}
         return self._w
 
     def _weight_sums(self, gy: torch.Tensor, x: torch.Tensor, kind: str) -> None:
-        """Add Σ_n g_W,n² (n = leading index of ``gy``/``x``) contracted with w², e_f² and the integer scales to the
-        weight operand's sums. Done in row blocks that stay in L3: the per-sequence gradients of a block are squared
-        and summed, then reduced against the weight's rounding errors at once. A weight-sized Σ g² accumulator per
-        Linear (540 MB on SmolLM2, twice with curvature) and the 4 passes of a whole lm_head gradient through
-        memory per sequence are gone; the price is re-rounding each weight block once per batch."""
+        """Add the weight operand's sums for the sequences n = leading index of ``gy``/``x``: Σ_n g_W,n² contracted
+        with w², e_f² and the integer scales (the diagonal terms), and the first-order change of each sequence
+        d_n = Σ g_W,n ⊙ e_f, whose Σ d_n² and Σ d_n give the full quadratic form and the mean shift (the error e_f is
+        fixed, so the changes of one sequence's positions are coherent, not independent).
+
+        Done in row blocks that stay in L3: a block's per-sequence gradients are made, contracted with each format's
+        rounding error of the block and squared-and-summed at once; nothing weight-sized is kept. The price is
+        re-rounding each weight block once per batch. ``kind == "curv"``: ``gy`` is the whole batch's sampled-label
+        gradient as one sequence (its square estimates Σ_n, see ``_post``)."""
         st = self.rec.operands["w"]
         w, scales = self._weight()
         gy, x = _wide(gy), _wide(x)
         gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+        n_seq = gy.shape[0]
+        d = {f.name: [0.0] * n_seq for f in self.formats}
         buf = None
         for rows, w_c in _row_blocks(w):
             if buf is None:  # the first block is the largest: one buffer for all
                 buf = torch.empty(w_c.shape, dtype=torch.promote_types(gy.dtype, x.dtype))
             g2 = buf[:w_c.shape[0]]
-            for n in range(gy.shape[0]):
+            errs = {f.name: quantize_with_scale(w_c, f, _block_scale(scales[f.name], rows)) - w_c
+                    for f in self.formats}
+            for n in range(n_seq):
                 g = gy[n, :, rows].t() @ x[n]
+                for name, e in errs.items():
+                    d[name][n] += _sum(g * e)
                 if n == 0:
                     torch.mul(g, g, out=g2)
                 else:
@@ -212,14 +234,18 @@ class _Collector:
                 st.g2 += _sum(g2)
                 st.xg2 += _sum(w_c * w_c * g2)
             for f in self.formats:
-                ge2 = _sum(_block_err2(w_c, f, scales[f.name], rows).mul_(g2))
-                if kind == "curv":  # diagonal: the per-sequence weight error is fixed, not resampled
-                    st.curv[f.name] = st.curv.get(f.name, 0.0) + ge2
+                if kind == "curv":
                     continue
-                st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
+                st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(errs[f.name].pow_(2).mul_(g2))
                 if f.kind == "int":
                     s_c = _block_scale(scales[f.name], rows)
                     st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
+        for name, dn in d.items():
+            if kind == "curv":
+                st.curv[name] = st.curv.get(name, 0.0) + self.state["tokens"] * sum(v * v for v in dn)
+            else:
+                st.coh[name] = st.coh.get(name, 0.0) + sum(v * v for v in dn)
+                st.lin[name] = st.lin.get(name, 0.0) + sum(dn)
 
     def finish_weight(self, n_samples: int) -> None:
         """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""
@@ -256,6 +282,16 @@ def _ce(logits: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     return ce.view(tgt.shape).mean(dim=1)
 
 
+def _label_draws(batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Uniform draws for the sampled labels, seeded by each sequence's own tokens: a sequence gets the same labels
+    whatever its batch, position or rank, so calibrations of the same sequences in any order or split agree."""
+    rows = []
+    for row in batch:
+        seed = hash(tuple(row.tolist())) % (2 ** 63)  # hashes of int tuples are not randomised per process
+        rows.append(torch.rand(row.shape[0] - 1, generator=torch.Generator().manual_seed(seed), dtype=dtype))
+    return torch.stack(rows)
+
+
 def rebatch(blocks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive rows of ``blocks`` regrouped into (≤ batch_size, T) tensors (T changes start a new batch)."""
     if batch_size < 1:
@@ -273,7 +309,8 @@ def rebatch(blocks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
 
 def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[str] | None = None,
               include_lm_head: bool = True, model_name: str = "", data_source: str = "",
-              progress: bool = True, batch_size: int = 4, curvature: bool = False) -> Sensitivity:
+              progress: bool = True, batch_size: int = 1, curvature: bool = True,
+              curvature_share: float = DEFAULT_CURVATURE_SHARE) -> Sensitivity:
     """One fwd+bwd per ``batch_size`` sequences over ``blocks`` ((1, T) or (B, T) tensors); returns the record.
 
     Every statistic is per sequence (its own loss, per-sequence scales and weight gradients), so the result
@@ -281,9 +318,13 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     consumed one batch at a time (an iterator is fine): a long calibration set costs time, not memory.
 
     ``curvature``: a second backward through the same graph with labels sampled from the model's own
-    predictions; its squared gradients estimate the Gauss-Newton curvature, hence the mean loss *shift*
-    ½eᵀHe of each op (``Sensitivity.bias``), which adds linearly over ops where the noise adds in quadrature.
+    predictions; its squared gradients estimate the Gauss-Newton curvature, hence the second-order part ½eᵀHe of
+    each op's mean loss *shift* (``Sensitivity.shift``), which adds linearly over ops where the noise adds in
+    quadrature. ``curvature_share``: the share of batches that get it (evenly spread; the shift is a mean, so a
+    subset estimates it at a fraction of the cost). Defaults are the CLI's.
     """
+    if not 0.0 < curvature_share <= 1.0:
+        raise SensitivityError(f"curvature_share must be in (0, 1], got {curvature_share}")
     formats = list(formats or DEFAULT_FORMATS)
     for f in formats:
         if get_format(f).kind == "ref":
@@ -291,13 +332,12 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
-    state = {"phase": "grad"}
+    state: dict[str, Any] = {"phase": "grad", "tokens": 1}
     cols = [_Collector(o.name, mods[o.name], o.kind, formats, state) for o in ops]
-    gen = torch.Generator().manual_seed(0)
     for c in cols:
         c.attach()
     emb = model.get_input_embeddings()
-    n, loss_sum, seq_len = 0, 0.0, 0
+    n, loss_sum, seq_len, n_curv, n_batches = 0, 0.0, 0, 0, 0
     t0 = time.perf_counter()
     try:
         from .runtime import Progress
@@ -306,16 +346,21 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
         for batch in rebatch(blocks, batch_size):
             # A leaf that requires grad makes every activation downstream require grad, so the
             # hooks see gradients while no parameter gradient is ever computed or stored.
+            state["tokens"] = batch.shape[1] - 1  # predicted tokens of each sequence of the batch (T')
             embeds = emb(batch).detach().requires_grad_(True)
             logits, loss = _logits_and_loss(model, batch, embeds)
             if not torch.isfinite(loss).all():
                 raise SensitivityError(f"non-finite calibration loss on sequence(s) {n}..{n + len(batch) - 1}: "
                                        f"{loss.tolist()}")
-            loss.sum().backward(retain_graph=curvature)
-            if curvature:
+            # batch i gets the curvature backward when the running share crosses an integer: evenly spread
+            curv_now = curvature and int((n_batches + 1) * curvature_share) > int(n_batches * curvature_share)
+            n_batches += 1
+            loss.sum().backward(retain_graph=curv_now)
+            if curv_now:
+                n_curv += batch.shape[0]
                 with torch.no_grad():  # inverse-CDF sampling: torch.multinomial took ~6% of the calibration
                     cdf = logits.detach().softmax(-1).reshape(-1, logits.shape[-1]).cumsum(-1)
-                    u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+                    u = _label_draws(batch, cdf.dtype).view(-1, 1) * cdf[:, -1:]
                     sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[-1] - 1).view(logits.shape[:-1])
                 state["phase"] = "curvature"
                 try:
@@ -337,13 +382,16 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
         raise SensitivityError("the calibration data is empty")
     for c in cols:
         c.finish_weight(n)
+    tied = tied_linears(model)
+    for c in cols:
+        c.rec.tied = c.name in tied
     unreached = [c.name for c in cols if c.rec.calls == 0]
     if unreached:
         log.warning("%d quantizable ops were never reached by the calibration data and will stay in high "
                     "precision: %s", len(unreached), ", ".join(unreached[:10]))
     return Sensitivity(model=model_name, n_samples=n, seq_len=seq_len, mean_loss=loss_sum / n, formats=formats,
                        ops={c.name: c.rec for c in cols}, unreached=unreached,
-                       wall_s=time.perf_counter() - t0, data_source=data_source)
+                       wall_s=time.perf_counter() - t0, data_source=data_source, n_curvature=n_curv)
 
 
 def _len(x) -> int | None:

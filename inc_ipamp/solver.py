@@ -32,8 +32,9 @@ from pyomo.contrib.solver.solvers.highs import Highs
 from .errors import ArtifactError, InfeasibleBudgetError, IpampError
 from .formats import get_format
 from .gains.measure import METRICS
+from .gains.theory import weight_bytes_saved
 from .io import load_json, save_json
-from .records import NOISE_MODELS, Gains, Partition, Plan, Sensitivity
+from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, NOISE_MODELS, Gains, Partition, Plan, Sensitivity
 
 #: Relative MIP gap asked of HiGHS (its default, 1e-4, is loose enough to lose a whole small group).
 MIP_REL_GAP = 1e-7
@@ -88,6 +89,11 @@ class Instance:
         m = metric or self.metric
         return sum(max(g.gain[m]) for g in self.groups)
 
+    def fastest(self) -> list[int]:
+        """The plan a budget could at best allow: each group's largest gain (ties: the least noise)."""
+        return [max(range(len(g.configs)), key=lambda c, g=g: (g.gain[self.metric][c], -g.loss[c]))
+                for g in self.groups]
+
     @property
     def uses_shift(self) -> bool:
         return any(g.shift and any(g.shift) for g in self.groups)
@@ -110,11 +116,11 @@ class Instance:
         return sum(g.shift_of(c) for g, c in zip(self.groups, choice, strict=True))
 
 
-def _op_term(sens: Sensitivity, op: str, fmt: str, ref: str, noise: str) -> float:
+def _op_term(sens: Sensitivity, op: str, fmt: str, ref: str, noise: str, centred: bool) -> float:
     # The reference may be a "float" format (bf16 on Gaudi) whose noise model is not zero: by definition it adds none.
     if fmt == ref:
         return 0.0
-    return sens.term(op, fmt, noise)
+    return sens.term(op, fmt, noise, centred)
 
 
 def _weight_bytes(sens: Sensitivity, op: str, fmt: str) -> float:
@@ -125,8 +131,8 @@ def _weight_bytes(sens: Sensitivity, op: str, fmt: str) -> float:
 
 
 def build_instance(
-    sensitivity: Sensitivity, partition: Partition, gains: Gains, metric: str = "ET", noise: str = "empirical",
-    min_sqnr_db: float | None = None, shift: bool = True,
+    sensitivity: Sensitivity, partition: Partition, gains: Gains, metric: str = "ET", noise: str = DEFAULT_NOISE,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB, shift: bool = True,
 ) -> Instance:
     """Tabulate ε_{g,c} and t_{g,c} for every allowed config; configs that quantize an unreached op are dropped.
 
@@ -142,7 +148,7 @@ def build_instance(
         raise ArtifactError("the gains record lists no formats")
     ref = gains.formats[0]
     unreached = set(sensitivity.unreached)
-    use_shift = shift and sensitivity.has_curvature
+    use_shift = shift and sensitivity.has_shift
     groups: list[GroupChoices] = []
     for grp in partition.groups:
         gg = gains.groups.get(grp.name)
@@ -168,7 +174,8 @@ def build_instance(
             if all(f == ref for f in cfg):
                 ref_index = len(configs)
             configs.append(cfg)
-            loss.append(sum(_op_term(sensitivity, op, f, ref, noise) for op, f in zip(grp.ops, cfg, strict=True)))
+            loss.append(sum(_op_term(sensitivity, op, f, ref, noise, use_shift)
+                            for op, f in zip(grp.ops, cfg, strict=True)))
             shifts.append(sum(sensitivity.shift(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
                           if use_shift else 0.0)
             for m, vals in gg.gains.items():
@@ -200,10 +207,9 @@ def _memory_gain(inst: Instance, sens: Sensitivity | None, g: GroupChoices) -> l
     if sens is None:
         raise ArtifactError(f"group {g.name} has no memory gains")
     ref = inst.reference_format
-    return [
-        sum(_weight_bytes(sens, op, ref) - _weight_bytes(sens, op, f) for op, f in zip(g.ops, cfg, strict=True))
-        for cfg in g.configs
-    ]
+    return [sum(weight_bytes_saved(sens.ops[op].weight_numel, ref, f, sens.ops[op].tied)
+                for op, f in zip(g.ops, cfg, strict=True) if op in sens.ops and sens.ops[op].kind == "linear")
+            for cfg in g.configs]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,9 +687,9 @@ def solve(
     target_gain: float | None = None,
     target_speedup: float | None = None,
     memory_budget_bytes: float | None = None,
-    noise: str = "empirical",
+    noise: str = DEFAULT_NOISE,
     time_limit_s: float = 60,
-    min_sqnr_db: float | None = None,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     shift: bool = True,
     fast: bool = True,
 ) -> Plan:
@@ -714,8 +720,12 @@ def solve(
                     f"budget of {eps_max:.4g} (beta={beta})" if memory_budget_bytes is not None else
                     f"no configuration could be certified within the loss-MSE budget of {eps_max:.4g} (beta={beta})")
             raise _infeasible(ip, what, info)
-        if eps_max >= inst.max_loss():
-            info["note"] = "the loss budget is not binding: every op may take its most aggressive format"
+        fastest_loss = inst.loss_of(inst.fastest())
+        info["budget_binds"] = fastest_loss > eps_max
+        info["fastest_allowed_loss_mse"] = fastest_loss
+        if not info["budget_binds"]:
+            info["note"] = (f"the loss budget is not binding: the fastest plan the guard and the quality checks allow "
+                            f"is predicted at loss MSE {fastest_loss:.4g}, within the budget {eps_max:.4g}")
         elif beta == 0:
             info["note"] = "beta=0 allows no loss: the reference (plus any lossless configs) is the answer"
         return plan_from_choice(inst, choice, beta, eps_max, info)
@@ -813,9 +823,9 @@ def frontier(
     gains: Gains,
     metric: str = "ET",
     betas: list[float] | None = None,
-    noise: str = "empirical",
+    noise: str = DEFAULT_NOISE,
     time_limit_s: float = 60,
-    min_sqnr_db: float | None = None,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     shift: bool = True,
     fast: bool = True,
 ) -> list[Plan]:

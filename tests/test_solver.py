@@ -6,13 +6,16 @@ small enough that brute-force enumeration gives the exact optimum to compare the
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
 
 import pytest
 
-from inc_ipamp.baselines import BASELINES, baseline
+from inc_ipamp import baselines as _baselines
+from inc_ipamp import solver as _solver
+from inc_ipamp.baselines import BASELINES
 from inc_ipamp.errors import InfeasibleBudgetError, IpampError
 from inc_ipamp.records import (
     Gains,
@@ -25,9 +28,24 @@ from inc_ipamp.records import (
     Sensitivity,
 )
 from inc_ipamp.report import group_explanations, plot_frontier, write_report
-from inc_ipamp.solver import build_instance, frontier, load_frontier, save_frontier, solve
+from inc_ipamp.solver import load_frontier, save_frontier
 
 FORMATS = ["fp32", "fp8_e4m3", "int8"]
+
+# The IP machinery is tested on the empirical noise model without the SQNR guard: these records' numbers are
+# arbitrary, and the defaults (auto noise, 25 dB guard) are the loss model's business, tested with it.
+MACHINERY = {"noise": "empirical", "min_sqnr_db": None}
+solve = functools.partial(_solver.solve, **MACHINERY)
+frontier = functools.partial(_solver.frontier, **MACHINERY)
+baseline = functools.partial(_baselines.baseline, **MACHINERY)
+
+
+def build_instance(sens, part, gains, metric="ET", noise="empirical", min_sqnr_db=None, shift=True):
+    return _solver.build_instance(sens, part, gains, metric, noise, min_sqnr_db, shift)
+
+
+def predict(sens, assignment, shift=True):
+    return sens.predict(assignment, "empirical", shift)
 
 
 def make_records(
@@ -103,7 +121,7 @@ def test_ip_matches_brute_force(records, metric):
         assert plan.predicted_gain == pytest.approx(gain, rel=1e-9, abs=1e-12), (metric, beta)
         assert plan.predicted_loss_mse <= eps_max * (1 + 1e-9)
         assert plan.predicted_loss_mse == pytest.approx(loss, rel=1e-6, abs=1e-12)
-        assert plan.predicted_loss_mse == pytest.approx(sens.predict(
+        assert plan.predicted_loss_mse == pytest.approx(predict(sens,
             {op: f for op, f in plan.assignment.items() if f != "fp32"}), rel=1e-12)
         assert plan.solver["status"] == "optimal" and plan.solver["gap"] is not None
         assert set(plan.assignment) == {op for g in part.groups for op in g.ops}
@@ -120,6 +138,7 @@ def _with_shifts(records, seed=1):
         for st in op.operands.values():
             st.curv = {f: v * rng.uniform(0.2, 3.0) / sens.seq_len for f, v in st.emp.items()}
             st.lin = {f: v * rng.uniform(-4.0, 0.5) for f, v in st.emp.items()}  # signed first-order mean
+    sens.n_curvature = sens.n_samples
     return sens, part, gains
 
 
@@ -130,9 +149,9 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
     inst = build_instance(sens, part, gains, "ET")
     assert inst.uses_shift
     assign = {"layers.0.op0": "int8", "layers.1.op1": "fp8_e4m3"}
-    noise = sens.predict(assign, shift=False)
+    noise = predict(sens, assign, shift=False)
     s = sens.shift("layers.0.op0", "int8") + sens.shift("layers.1.op1", "fp8_e4m3")
-    assert s != 0 and sens.predict(assign) == pytest.approx(noise + s * s, rel=1e-12)
+    assert s != 0 and predict(sens, assign) == pytest.approx(noise + s * s, rel=1e-12)
     shifts = [x for g in inst.groups for x in g.shift]
     assert min(shifts) < 0 < max(shifts)  # signed: the chords must bound z² on both sides
 
@@ -148,7 +167,7 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
         eps = (beta * sens.mean_loss) ** 2
         plan = solve(sens, part, gains, beta=beta)
         assert plan.predicted_loss_mse <= eps * (1 + 1e-9)
-        assert plan.predicted_loss_mse == pytest.approx(sens.predict(
+        assert plan.predicted_loss_mse == pytest.approx(predict(sens,
             {op: f for op, f in plan.assignment.items() if f != "fp32"}), rel=1e-9)
         assert best(eps * (1 - 1e-6)) - 1e-12 <= plan.predicted_gain <= best(eps * (1 + 1e-6)) + 1e-12, beta
         binding += best(eps) < best(math.inf)
@@ -167,7 +186,7 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
     for name in ("random", "prefix"):
         b = baseline(name, sens, part, gains, beta=1.0)
         assert b.predicted_loss_mse <= (1.0 * sens.mean_loss) ** 2 * (1 + 1e-9)
-        assert b.predicted_loss_mse == pytest.approx(sens.predict(
+        assert b.predicted_loss_mse == pytest.approx(predict(sens,
             {op: f for op, f in b.assignment.items() if f != "fp32"}), rel=1e-9)
     # the report splits the plan into noise shares and per-group shifts that add up to the plan's shift
     plan = solve(sens, part, gains, beta=1.0)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import DeviceUnavailableError
-from ..formats import Format, get_format, quantize
+from ..formats import Format, get_format, quantize, quantize_weight
 from ..ops import Matmul, is_linear, linear_weight
 
 
@@ -35,7 +35,7 @@ class EmulatedLinear(nn.Module):
     def __init__(self, mod: nn.Module, fmt: Format):
         super().__init__()
         self.fmt = fmt
-        self.weight = nn.Parameter(quantize(linear_weight(mod).detach(), fmt, -1), requires_grad=False)
+        self.weight = nn.Parameter(quantize_weight(linear_weight(mod).detach(), fmt, -1), requires_grad=False)
         self.bias = None if _bias(mod) is None else nn.Parameter(_bias(mod), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats import Format
+from ..formats import Format, get_format, weight_scale
 from ..ops import linear_weight
 from .base import Backend, CastLinear, CastMatmul, EmulatedLinear, EmulatedMatmul, ScaledMMLinear
 
@@ -30,11 +30,13 @@ def dynamic_int8_linear(mod: nn.Module, per_channel: bool) -> nn.Module:
     w = linear_weight(mod).detach().float().contiguous()
     b = getattr(mod, "bias", None)
     q = nnqd.Linear(w.shape[1], w.shape[0], bias_=b is not None, dtype=torch.qint8)
+    # the scales of formats.weight_scale, so that fake-quantisation (formats.quantize_weight) is bit-identical
+    s = weight_scale(w, get_format("int8_pc" if per_channel else "int8"), -1)
     if per_channel:
-        s = torch.clamp(w.abs().amax(dim=1) / 127.0, min=1e-12).double()
+        s = s.flatten().double()
         qw = torch.quantize_per_channel(w, s, torch.zeros_like(s, dtype=torch.long), 0, torch.qint8)
     else:
-        qw = torch.quantize_per_tensor(w, max(float(w.abs().max()) / 127.0, 1e-12), 0, torch.qint8)
+        qw = torch.quantize_per_tensor(w, float(s), 0, torch.qint8)
     q.set_weight_bias(qw, None if b is None else b.detach().float())
     q.path = f"torch.ao dynamic int8 ({_engine()})"
     return q

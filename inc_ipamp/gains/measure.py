@@ -33,7 +33,7 @@ from .. import __version__
 from ..errors import IpampError
 from ..formats import get_format
 from ..models import model_fingerprint
-from ..ops import install_attention
+from ..ops import install_attention, tied_linears
 from ..partition import default_example_ids, first_calls, list_ops, suffix
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, prime, time_prefill
@@ -150,6 +150,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     if "ET" in metrics and be.name != "table":
         be.prepare(model, ref)
     kinds = {o.name: o.kind for o in list_ops(model)}
+    tied = tied_linears(model)
     measuring = "ET" in metrics and be.name != "table"
     dev = be.device() if measuring else next(model.parameters()).device
     ids = default_example_ids(model, batch, seq_len).to(dev)
@@ -184,8 +185,8 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                                   for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
             gg.source["TT"] = f"theoretical: MACs x rate table {rate_device!r} (rates are inputs, not measured)"
         if "M" in metrics:
-            gg.gains["M"] = [sum(memory_gain(kinds[op], shapes[op], ref, f) for op, f in zip(g.ops, c, strict=True))
-                             for c in cfgs]
+            gg.gains["M"] = [sum(memory_gain(kinds[op], shapes[op], ref, f, op in tied)
+                                 for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
             gg.source["M"] = "weight bytes saved"
         groups[g.name] = gg
 

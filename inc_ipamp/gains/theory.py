@@ -173,8 +173,18 @@ def roofline_gain(kind: str, shapes: list[list[int]], ref: str, fmt: str, device
             - roofline_time(kind, shapes, ref, fmt, device, phase))
 
 
-def memory_gain(kind: str, shapes: list[list[int]], ref: str, fmt: str) -> float:
-    """Weight bytes saved: |W|·(bytes_ref − bytes_f); BGEMMs have no weights."""
-    if kind != "linear" or fmt == ref:
+def memory_gain(kind: str, shapes: list[list[int]], ref: str, fmt: str, tied: bool = False) -> float:
+    """Weight bytes saved; BGEMMs have no weights (see ``weight_bytes_saved``)."""
+    if kind != "linear":
         return 0.0
-    return math.prod(shapes[1]) * (get_format(ref).bytes - get_format(fmt).bytes)
+    return weight_bytes_saved(math.prod(shapes[1]), ref, fmt, tied)
+
+
+def weight_bytes_saved(numel: int, ref: str, fmt: str, tied: bool = False) -> float:
+    """|W|·(bytes_ref − bytes_f); for a weight tied to another module (``ops.tied_linears``) the reference copy stays,
+    so the low-precision copy is extra: −|W|·bytes_f."""
+    if fmt == ref:
+        return 0.0
+    if tied:
+        return -numel * get_format(fmt).bytes
+    return numel * (get_format(ref).bytes - get_format(fmt).bytes)

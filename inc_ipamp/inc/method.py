@@ -73,6 +73,7 @@ class MethodSettings:
     formats: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     calib_batch: int = _D.calib_batch
     curvature: bool = _D.curvature
+    curvature_share: float = _D.curvature_share
     include_lm_head: bool = _D.include_lm_head
     noise: str = _D.noise
     min_sqnr_db: float | None = _D.min_sqnr_db
@@ -99,7 +100,8 @@ class MethodSettings:
 
     def run_settings(self, model_name: str) -> RunSettings:
         return RunSettings(model=model_name, device=self.device, formats=list(self.formats),
-                           calib_batch=self.calib_batch, curvature=self.curvature, include_lm_head=self.include_lm_head,
+                           calib_batch=self.calib_batch, curvature=self.curvature,
+                           curvature_share=self.curvature_share, include_lm_head=self.include_lm_head,
                            noise=self.noise, min_sqnr_db=self.min_sqnr_db, metric=self.metric, beta=self.beta,
                            batch=self.batch, gain_seq_len=self.gain_seq_len, reps=self.reps, span=self.span)
 
@@ -264,6 +266,7 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
         rows = [r for b in batches for r in b.split(1)]  # one item per sequence (progress counts); rebatched inside
         sens = calibrate(work, rows, formats, include_lm_head=settings.include_lm_head, model_name=str(name),
                          batch_size=settings.calib_batch, curvature=settings.curvature,
+                         curvature_share=settings.curvature_share,
                          data_source=f"INC calibration data ({sum(int(b.shape[0]) for b in batches)} sequences)")
         sens.save(ws / "sensitivity.json")
         phases["calibrate_s"] = time.perf_counter() - t
