@@ -165,12 +165,15 @@ def main() -> None:
     ap.add_argument("--child")
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--stem", default="sensitivity", help="results file name in benchmarks/results (no suffix)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: the cores free at start, as the CLI)")
     a = ap.parse_args()
+    from inc_ipamp.runtime import machine_state, set_threads
+
+    set_threads(a.threads)  # default threads on cores other jobs use made one calibration 20x slower here
     if a.child:
         return child(a.child, a.layers, a.n_calib, a.seq_len)
     import inspect
 
-    from inc_ipamp.runtime import machine_state
     from inc_ipamp.sensitivity import calibrate
 
     default_share = inspect.signature(calibrate).parameters["curvature_share"].default
@@ -182,7 +185,8 @@ def main() -> None:
                  "seq_len": a.seq_len, "torch": torch.__version__, "curvature_shares": shares,
                  "default_curvature_share": default_share}
     # -- cost: alternate the flavours twice, each in a fresh process ------------------------------------------------
-    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len)]
+    base = [sys.executable, __file__, "--n-calib", str(a.n_calib), "--seq-len", str(a.seq_len),
+            "--threads", str(torch.get_num_threads())]
     if a.layers:
         base += ["--layers", str(a.layers)]
     modes = ["plain", "first_order", *[f"curvature_{s}" for s in shares]]
