@@ -51,8 +51,8 @@ class RunSettings:
     calib_formats: list[str] = field(default_factory=list)
     include_lm_head: bool = True
     noise: str = DEFAULT_NOISE
-    #: measured on SmolLM2/INT8 (CPU): first-order plans without it measured 9-90x their predicted loss MSE, with
-    #: it 3.5x; ops below it are where every noise model is off by large factors (benchmarks/results/sensitivity.md)
+    #: ops whose input SQNR is below it are kept out of plans: where the rounding error is not small the
+    #: first-order model can be off by large factors (benchmarks/results/sensitivity.md, per-op SQNR per row)
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
     metric: str = "ET"
     #: 1 %: the RMS per-sequence loss change may be 1 % of the mean loss (INC's default tolerable loss is 1 %
