@@ -84,8 +84,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="noise model for predicted loss MSE (default auto: the one that validated best per "
                         "format, see README)")
     d.add_argument("--min-sqnr-db", type=float,
-                   help="never put an op in a format whose input SQNR is below this (default 25 dB): the loss "
-                        "prediction is first order and underestimates large rounding errors; <0 disables")
+                   help="never put an op in a format whose input SQNR is below this (default 5 dB: the loss model "
+                        "was validated down to 7.4 dB; a Taylor model cannot hold where the error rivals the "
+                        "signal); <0 disables")
     d.add_argument("--reps", type=int,
                    help="timed repetitions per measurement (default 10; a noisy one is re-measured with twice as many)")
     d.add_argument("--span", type=int,

@@ -33,7 +33,7 @@ from inc_ipamp.solver import load_frontier, save_frontier
 FORMATS = ["fp32", "fp8_e4m3", "int8"]
 
 # The IP machinery is tested on the empirical noise model without the SQNR guard: these records' numbers are
-# arbitrary, and the defaults (auto noise, 25 dB guard) are the loss model's business, tested with it.
+# arbitrary, and the defaults (auto noise, the SQNR guard) are the loss model's business, tested with it.
 MACHINERY = {"noise": "empirical", "min_sqnr_db": None}
 solve = functools.partial(_solver.solve, **MACHINERY)
 frontier = functools.partial(_solver.frontier, **MACHINERY)
