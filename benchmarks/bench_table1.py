@@ -79,7 +79,7 @@ def stages(work: Path, settings: pipeline.RunSettings, model, tok, remeasure: bo
     """Calibrate, partition, measure gains (each skipped when its record is already in ``work``)."""
     settings.save(work)
     t0 = time.perf_counter()
-    if (work / "sensitivity.json").exists():
+    if (work / "sensitivity.json").exists():  # a record of an older loss-model version is refused by load()
         sens = Sensitivity.load(work / "sensitivity.json")
     else:
         log(f"calibrating on {settings.n_calib} x {settings.seq_len} tokens")
@@ -319,13 +319,9 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
                 if shift is not None and et.get("measured_loss_mse") else "")
         lines.append(f"- β={bkey}: fastest measured: {best}; IP-ET predicted {_fmt(et.get('predicted_speedup'), '.3f')}"
                      f", measured {_fmt(et.get('measured_speedup'), '.3f')}{part}.")
-    lines += ["- Predicted loss MSE = Σ per-op noise + (Σ per-op mean shift)²: the noise adds in quadrature, the "
-              "systematic loss increase adds linearly, so it dominates large plans (compare pred. shift with mean "
-              "Δloss). Without the shift term (curvature off) large INT8 plans measured 3-5x their prediction.",
-              "- ET gains are measured once per group signature, each timed run spanning all 30 layers of the "
-              "signature; the remaining timing noise is shared by all 30 layers, and maximising over noisy gains "
-              "favours over-estimated configs: IP-ET's predicted speedup can be optimistic, and IP-ET is not always "
-              "the fastest measured plan (IP-TT / IP-M, whose gains are noise-free formulas, can beat it)."]
+    # definitions only: every claim about the numbers above is computed from them (issue 13: no fixed sentences)
+    lines += ["- Predicted loss MSE = Σ per-op variance + (Σ per-op mean shift)² (compare pred. shift with mean "
+              "Δloss)."]
     path.write_text("\n".join(lines) + "\n")
 
 
