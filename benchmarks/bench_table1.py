@@ -6,8 +6,8 @@ measured in this one run, side by side:
 
 - measured end-to-end prefill speedup with the real CPU kernels (gains backend 'cpu': fbgemm dynamic INT8
   Linear; INT8 BGEMMs are emulated and slower), reference and plan interleaved (``compare_prefill``);
-- measured loss MSE (fake-quantisation on the calibration blocks) vs the predicted one;
-- perplexity on the held-out evaluation split and accuracy on ``inc_ipamp.tasks`` (lm-eval, fake-quant).
+- measured loss MSE and perplexity on the held-out evaluation split with the same real kernels, vs the predicted one;
+- accuracy on ``inc_ipamp.tasks`` (lm-eval, real kernels).
 
 Random is run with several seeds (mean ± std). Stages reuse the pipeline's functions in ``--work`` (gain
 measurements cached in gain_cache.jsonl, per-plan measurements in evals.jsonl), so an interrupted run
@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,14 @@ import torch
 
 from inc_ipamp import pipeline, tasks
 from inc_ipamp.baselines import baseline
-from inc_ipamp.evaluate import fake_quant, perplexity, sequence_losses
+from inc_ipamp.evaluate import loss_change, sequence_losses
 from inc_ipamp.gains import compare_prefill, get_backend
-from inc_ipamp.records import Gains, Partition, Plan, Sensitivity
+from inc_ipamp.records import DEFAULT_MIN_SQNR_DB, Gains, Partition, Plan, Sensitivity
+from inc_ipamp.runtime import machine_state
 from inc_ipamp.solver import build_instance, solve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import header, provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 #: Table rows in display order; "Random" aggregates the seeded runs.
@@ -115,26 +120,26 @@ def make_plans(sens, part, gains, betas: list[float], seeds: list[int], noise: s
 
 
 def measure_plan(plan: Plan | None, ctx: dict[str, Any], args) -> dict[str, Any]:
-    """Measured loss MSE, perplexity, accuracy (fake-quant) and end-to-end speedup (real kernels)."""
+    """Measured loss MSE and perplexity (held-out), accuracy and end-to-end speedup, all with the real kernels."""
     model, tok = ctx["model"], ctx["tok"]
     assignment = {} if plan is None else {op: f for op, f in plan.assignment.items() if f != plan.reference_format}
     row: dict[str, Any] = {"n_low_precision_ops": len(assignment)}
     t0 = time.perf_counter()
     if assignment:
-        with fake_quant(model, assignment):
-            d = sequence_losses(model, ctx["cal"]) - ctx["ref_losses"]
-        # Same definition as evaluate.measured_loss_mse; the mean shift shows how much of it is a systematic
-        # loss increase (second order, not in the first-order prediction) rather than zero-mean noise.
-        row["measured_loss_mse"] = float((d**2).mean())
-        row["measured_loss_shift"] = float(d.mean())
+        # evaluate.loss_change: held-out text (not the calibration sequences the prediction was fitted on), the
+        # backend's real kernels (what was timed and what deploys); one pass gives loss MSE, shift and perplexity
+        lc = loss_change(model, ctx["ev"], assignment, ctx["ref_losses"], apply=ctx["backend"].apply)
+        row["measured_loss_mse"], row["measured_loss_shift"] = lc["measured_loss_mse"], lc["measured_loss_shift"]
+        row["perplexity"] = lc["perplexity"]
         r = compare_prefill(model, ctx["ids"], ctx["backend"], assignment, reps=args.e2e_reps, warmup=1)
         row.update({"measured_gain_s": r["gain_s"], "measured_gain_ci_s": r["ci_s"], "t_ref_s": r["t_ref_s"],
                     "t_cfg_s": r["t_cfg_s"], "measured_speedup": r["t_ref_s"] / r["t_cfg_s"]})
     else:
-        row.update({"measured_loss_mse": 0.0, "measured_gain_s": 0.0, "measured_speedup": 1.0})
-    row["perplexity"] = perplexity(model, ctx["ev"], assignment or None)
+        row.update({"measured_loss_mse": 0.0, "measured_gain_s": 0.0, "measured_speedup": 1.0,
+                    "perplexity": math.exp(float(ctx["ref_losses"].mean()))})
     for task in args.tasks:
-        acc = tasks.accuracy(model, tok, assignment or None, task=task, limit=args.acc_limit[task])
+        acc = tasks.accuracy(model, tok, assignment or None, task=task, limit=args.acc_limit[task],
+                             apply=ctx["backend"].apply)
         row[f"acc:{task}"] = {k: acc.get(k) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
                                                          "perplexity", "n")}
     row["wall_s"] = time.perf_counter() - t0
@@ -247,6 +252,8 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
     lines = [
         "# Table 1 analogue: SmolLM2-135M on this CPU (fp32 reference, INT8 low precision)",
         "",
+        *header(res["provenance"]),
+        "",
         f"device: {res['device']}; batch 1 x {res['settings']['gain_seq_len']} tokens; "
         f"reference prefill {res['reference_time_s'] * 1e3:.0f} ms (at gain measurement)",
         f"calibration: {res['settings']['n_calib']} x {res['settings']['seq_len']} tokens (Wikipedia, calibration "
@@ -258,7 +265,8 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
            if res["speedup_source"] == "round-robin" else
            f"median T(fp32) / median T(plan) over {args.e2e_reps} interleaved pairs; ")
         + "real kernels (fbgemm dynamic INT8 Linear; INT8 BGEMMs emulated, slower). Predicted speedup = "
-        "T_ref / (T_ref − Σ measured group gains). Loss MSE, perplexity and accuracy use fake-quantisation. "
+        "T_ref / (T_ref − Σ measured group gains). Loss MSE and perplexity: held-out evaluation split; loss, "
+        "perplexity and accuracy with the same real kernels. "
         f"Torch threads: {res['threads']}. Time spent measuring plans (sum over plans, possibly over resumed runs): "
         f"{res['measure_wall_s'] / 60:.1f} min; wall time of the last invocation: {res['wall_s'] / 60:.1f} min.",
         "",
@@ -345,7 +353,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core machine two threads spin and time erratically)")
     ap.add_argument("--noise", default="auto")
-    ap.add_argument("--min-sqnr-db", type=float, default=25.0, help="the solver's SQNR guard (<0: none)")
+    ap.add_argument("--min-sqnr-db", type=float, default=DEFAULT_MIN_SQNR_DB, help="the solver's SQNR guard (<0: none)")
     ap.add_argument("--no-curvature", action="store_true", help="first-order loss model only (no shift term)")
     ap.add_argument("--remeasure", action="store_true", help="re-run gain measurement (cache still used)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 budget, 2 seeds, few items")
@@ -390,7 +398,7 @@ def main() -> None:
     ctx = {"model": model, "tok": tok, "backend": backend,
            "cal": pipeline.blocks(tok, settings, "calibration"), "ev": pipeline.blocks(tok, settings, "evaluation"),
            "ids": torch.randint(0, model.config.vocab_size, (1, args.gain_seq_len), generator=g)}
-    ctx["ref_losses"] = sequence_losses(model, ctx["cal"])
+    ctx["ref_losses"] = sequence_losses(model, ctx["ev"])  # held-out: the measured side is out of sample
     cache = EvalCache(work / "evals.jsonl")
     # Acceptance-critical methods first, so an interrupted run still answers the question.
     order = sorted(plans, key=lambda k: (0 if k[1] in ("IP-ET", "Prefix") or k[1].startswith("Random") else 1,
@@ -401,6 +409,8 @@ def main() -> None:
         f"({sum(1 for k in keys if cache.get(k)) } already in {cache.path})")
     by_key = {plan_key(p): (b, m, p) for (b, m), p in plans.items()}
 
+    prov = provenance(__file__)
+
     def write(rr: dict[str, dict]) -> dict[str, Any]:
         done = {k: dict(cache.get(k)) for k in keys if cache.get(k) is not None}
         for k, row in done.items():
@@ -409,7 +419,8 @@ def main() -> None:
                 row["measured_speedup"] = rr[k]["speedup"]
                 row["measured_speedup_ci"] = rr[k]["speedup_ci"]
         res = summarise(plans, done, betas, seeds, gains.reference_time_s, done["reference"], args)
-        res.update({"model": sens.model, "device": gains.device, "settings": vars(settings) | {},
+        prov["machine_end"] = machine_state()
+        res.update({"provenance": prov, "model": sens.model, "device": gains.device, "settings": vars(settings) | {},
                     "seeds": seeds, "betas": betas, "budget_fractions": args.budget_fractions,
                     "reference_time_s": gains.reference_time_s, "mean_loss": inst.mean_loss,
                     "all_int8_predicted_loss_mse": inst.max_loss(), "gain_notes": gains.notes,
