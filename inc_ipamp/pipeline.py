@@ -130,11 +130,16 @@ class RunSettings:
 
 
 def load(settings: RunSettings):
-    """Model (attention routed through Matmul modules) and tokenizer."""
+    """Model (attention routed through Matmul modules, fused MoE experts as one Linear per expert) and tokenizer.
+
+    Unfusing here, before any stage, keeps every stage on the same op names: calibrating a fused model would leave
+    the experts out of the sensitivity record while the partition (which unfuses) has them."""
     from .models import load_model
+    from .moe import unfuse_experts
     from .ops import install_attention
 
     model, tok = load_model(settings.model, num_layers=settings.layers)
+    unfuse_experts(model)
     install_attention(model)
     return model, tok
 

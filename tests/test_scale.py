@@ -140,3 +140,20 @@ def test_mixtral_moe_block_has_optimum_habanas_name():
     blocks = {n for n in engine if n.endswith(".block_sparse_moe") and int(n.split(".")[2]) < 2}
     assert blocks == {"model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"}
     assert blocks <= set(map_plan(_plan(ops, set(ops)), "optimum-habana").quantized)
+
+
+def test_pipeline_load_unfuses_experts_before_calibration(monkeypatch):
+    """Every stage sees the per-expert Linears: the sensitivity record has the experts the partition groups."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    import inc_ipamp.models as models_mod
+    from inc_ipamp import pipeline
+    from inc_ipamp.sensitivity import calibrate
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=64, num_local_experts=4)
+    monkeypatch.setattr(models_mod, "load_model", lambda name, num_layers=None: (MixtralForCausalLM(cfg).eval(), None))
+    model, _ = pipeline.load(pipeline.RunSettings(model="tiny-mixtral"))
+    s = calibrate(model, [torch.randint(0, 64, (1, 8))], ["int8"], progress=False, curvature=False)
+    assert {f"model.layers.0.mlp.experts.{e}.{p}" for e in range(4) for p in ("w1", "w2", "w3")} <= set(s.ops)
