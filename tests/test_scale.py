@@ -117,19 +117,18 @@ def test_moe_experts_in_the_fp8_export(moe):
     _, _, part, _, _ = moe
     ops = [op for g in part.groups for op in g.ops]
     experts = {op for op in ops if ".experts." in op}
+    mixtral = "model.layers.1.mlp.experts.2.w2" in experts
+    block = "block_sparse_moe" if mixtral else "mlp"  # optimum-habana's names (transformers 4.x)
     m = map_plan(_plan(ops, set(ops)), "optimum-habana")
-    assert {"model.layers.0.mlp", "model.layers.1.mlp"} <= set(m.quantized)
+    assert {f"model.layers.0.{block}", f"model.layers.1.{block}"} <= set(m.quantized)
     assert not any(".experts." in n for n in m.modules)
-    one_bf16 = map_plan(_plan(ops, set(ops) - {"model.layers.1.mlp.experts.2.w2" if "model.layers.1.mlp.experts.2.w2"
-                                                 in experts else "model.layers.1.mlp.experts.2.down_proj"}),
-                        "optimum-habana")
-    assert "model.layers.0.mlp" in one_bf16.quantized and "model.layers.1.mlp" in one_bf16.blocked
+    one_bf16 = map_plan(_plan(ops, set(ops) - {"model.layers.1.mlp.experts.2.w2" if mixtral
+                                                 else "model.layers.1.mlp.experts.2.down_proj"}), "optimum-habana")
+    assert f"model.layers.0.{block}" in one_bf16.quantized and f"model.layers.1.{block}" in one_bf16.blocked
     v = map_plan(_plan(ops, set(ops)), "vllm-gaudi")
     assert not any(".experts." in n for n in v.modules) and any("MoE expert ops" in n for n in v.notes)
 
 
-@pytest.mark.xfail(strict=True, reason="export/fp8.py maps transformers-5 Mixtral's MoE block `layers.N.mlp` as is; "
-                   "optimum-habana (transformers 4.55) names it `layers.N.block_sparse_moe` (rename needed in fp8.py)")
 def test_mixtral_moe_block_has_optimum_habanas_name():
     from inc_ipamp.export.fp8 import map_plan
     from inc_ipamp.partition import partition_model

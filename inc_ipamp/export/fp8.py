@@ -123,7 +123,12 @@ def _target(op: str, engine: str) -> tuple[str | None, str | None]:
         return f"{prefix}{ATTENTION_HOME[engine]}.{leaf}", prefix
     expert = _EXPERT.match(op)
     if expert and engine == "optimum-habana":
-        return expert["block"], None  # GaudiMixtralSparseMoeBlock runs all its experts in one INC op
+        # GaudiMixtralSparseMoeBlock runs all its experts in one INC op. transformers 5 names Mixtral's block `mlp`;
+        # optimum-habana (transformers 4.x) calls it `block_sparse_moe`, the name its w1/w2/w3 experts identify
+        block = expert["block"]
+        if leaf in ("w1", "w2", "w3") and block.endswith(".mlp"):
+            block = block[: -len(".mlp")] + ".block_sparse_moe"
+        return block, None
     if expert and engine == "vllm-gaudi":
         return None, None
     if engine == "vllm-gaudi" and prefix:  # optimum-habana's optional qkv_proj is added beside q/k/v in map_plan
