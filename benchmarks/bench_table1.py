@@ -307,8 +307,8 @@ def write_markdown(res: dict[str, Any], path: Path, args) -> None:
                 *accs]) + " |")
     st = res["settings"]
     lines += ["", "Accuracy columns: acc ± lm-eval stderr (single plans) or ± std over Random seeds. mean Δloss: "
-              "mean over calibration sequences of loss(plan) − loss(fp32), to compare with pred. shift (the "
-              "curvature estimate ½eᵀHe summed over the plan's ops; '–' when calibrated without curvature). "
+              "mean over the held-out evaluation sequences of loss(plan) − loss(fp32), to compare with pred. shift "
+              "(the plan's summed mean shifts: first-order mean + ½eᵀHe). "
               f"Loss model: noise '{st.get('noise')}', SQNR guard {st.get('min_sqnr_db')} dB, curvature "
               f"{st.get('curvature')}; every method (IP and baselines) uses the same one.", "",
               "## Acceptance (issue 5): IP-ET measured speedup ≥ Random's and Prefix's; measured/predicted loss "
