@@ -177,9 +177,7 @@ def main() -> None:
     from inc_ipamp.sensitivity import calibrate
 
     default_share = inspect.signature(calibrate).parameters["curvature_share"].default
-    shares = [float(x) for x in a.shares.split(",")] if a.shares else sorted({default_share, 1.0}, reverse=True)
-    if a.shares == "" and default_share != 1.0:
-        shares = [default_share, 1.0]
+    shares = [float(x) for x in a.shares.split(",")] if a.shares else list(dict.fromkeys([default_share, 1.0]))
     prov = provenance(__file__)
     res: dict = {"provenance": prov, "layers": a.layers or "all", "n_calib": a.n_calib, "n_eval": a.n_eval,
                  "seq_len": a.seq_len, "torch": torch.__version__, "curvature_shares": shares,

@@ -312,18 +312,16 @@ def write_report(
     if frontier:
         lines += ["", "## Pareto frontier (predicted), with this plan in its place", "",
                   "| β | loss MSE | gain | low-precision ops |", "|---|---|---|---|"]
-        marked = False
-        for p in sorted(frontier, key=lambda p: (p.predicted_loss_mse, p.predicted_gain)):
-            if not marked and (p.predicted_loss_mse, p.predicted_gain) >= (plan.predicted_loss_mse,
-                                                                           plan.predicted_gain):
-                lines.append(f"| **this plan** (β {plan.beta}) | **{plan.predicted_loss_mse:.4g}** | "
-                             f"**{_fmt_gain(plan.predicted_gain, m)}** | **{len(plan.low_precision_ops())}** |")
-                marked = True
-            lines.append(f"| {f'{p.beta:.4g}' if p.beta is not None else '-'} | {p.predicted_loss_mse:.4g} | "
-                         f"{_fmt_gain(p.predicted_gain, p.metric)} | {len(p.low_precision_ops())} |")
-        if not marked:
-            lines.append(f"| **this plan** (β {plan.beta}) | **{plan.predicted_loss_mse:.4g}** | "
-                         f"**{_fmt_gain(plan.predicted_gain, m)}** | **{len(plan.low_precision_ops())}** |")
+        # the plan goes before the first frontier point that is not below it (ties: the plan first)
+        here = (plan.predicted_loss_mse, plan.predicted_gain)
+        points = sorted(frontier, key=lambda p: (p.predicted_loss_mse, p.predicted_gain))
+        pos = next((i for i, p in enumerate(points) if (p.predicted_loss_mse, p.predicted_gain) >= here), len(points))
+        for i, p in enumerate([*points[:pos], plan, *points[pos:]]):
+            bold = "**" if i == pos else ""
+            beta = f"this plan (β {plan.beta})" if i == pos else f"{p.beta:.4g}" if p.beta is not None else "-"
+            lines.append(f"| {bold}{beta}{bold} | {bold}{p.predicted_loss_mse:.4g}{bold} | "
+                         f"{bold}{_fmt_gain(p.predicted_gain, m if i == pos else p.metric)}{bold} | "
+                         f"{bold}{len(p.low_precision_ops())}{bold} |")
     if baselines:
         lines += ["", "## Baselines at the same budget (predicted)", "",
                   "Greedy per-op orders, scored on the same group gain tables as the IP.", "",

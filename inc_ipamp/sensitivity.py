@@ -230,12 +230,11 @@ class _Collector:
                     torch.mul(g, g, out=g2)
                 else:
                     g2.addcmul_(g, g)
-            if kind == "grad":
-                st.g2 += _sum(g2)
-                st.xg2 += _sum(w_c * w_c * g2)
+            if kind != "grad":  # the curvature pass needs only the per-sequence changes d
+                continue
+            st.g2 += _sum(g2)
+            st.xg2 += _sum(w_c * w_c * g2)
             for f in self.formats:
-                if kind == "curv":
-                    continue
                 st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(errs[f.name].pow_(2).mul_(g2))
                 if f.kind == "int":
                     s_c = _block_scale(scales[f.name], rows)
