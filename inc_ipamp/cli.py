@@ -93,6 +93,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="groups of one signature (e.g. the 30 layers' MLPs) called back to back in each timed run "
                         "(default all, so weights come from memory as in a prefill; 1 = one group, hot in cache)")
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 128)")
+    d.add_argument("--objective", choices=["prefill", "decode", "mix"],
+                   help="time to maximise: prefill (TTFT, default), decode (TPOT: one decode step with a KV cache) "
+                        "or mix (w_TTFT*TTFT + w_TPOT*TPOT saved, --mix-weights); decode and mix also measure "
+                        "decode-step gains (gains_decode.json)")
+    d.add_argument("--decode-batch", type=int, help="sequences per timed decode step (default 1)")
+    d.add_argument("--decode-context", type=int, help="cached tokens before the timed decode step (default 256)")
+    d.add_argument("--mix-weights", type=_weights,
+                   help="w_TTFT,w_TPOT of --objective mix (default 1,128: the latency saved per request that "
+                        "generates 128 tokens)")
     d.add_argument("--batch", type=int, help="prefill batch used for timing (default 1)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--tasks", help="offline lm-eval accuracy tasks for `evaluate`, comma-separated: "
@@ -106,6 +115,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="a fast look at the whole model: 8 calibration and 8 evaluation sequences of 128 tokens, "
                         "gains timed at 64 tokens with 7 repetitions (each can still be set explicitly)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        w = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two numbers w_TTFT,w_TPOT expected, got {text!r}") from None
+    if len(w) != 2:
+        raise argparse.ArgumentTypeError(f"two numbers w_TTFT,w_TPOT expected, got {text!r}")
+    return w
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +345,8 @@ def _print_plan(plan, s) -> None:
 
     ref_t = plan.solver.get("reference_time_s")
     if plan.metric == "ET":
-        gain = _ms(plan.predicted_gain) + " less prefill time"
+        what = {"decode": "decode-step time (TPOT)", "mix": "weighted TTFT + TPOT time"}
+        gain = _ms(plan.predicted_gain) + f" less {what.get(plan.solver.get('objective', ''), 'prefill time')}"
         if ref_t:
             gain += f" of {_ms(ref_t)} (predicted speedup {speedup_of(plan.predicted_gain, ref_t):.3f}x)"
     elif plan.metric == "TT":

@@ -75,6 +75,13 @@ class RunSettings:
     threads: int | None = None
     #: device whose datasheet roofline gives the RT metric (None: the backend's own accelerator; none for cpu)
     rt_device: str | None = None
+    #: what the IP maximises: "prefill" (TTFT saved, the default), "decode" (TPOT: one decode step of
+    #: ``decode_batch`` sequences after ``decode_context`` cached tokens) or "mix" (w_TTFT·ΔTTFT + w_TPOT·ΔTPOT with
+    #: ``mix_weights``); decode and mix make `measure` also write gains_decode.json (inc_ipamp/gains/decode.py)
+    objective: str = "prefill"
+    decode_batch: int = 1
+    decode_context: int = 256
+    mix_weights: list[float] = field(default_factory=lambda: [1.0, 128.0])
 
     def validate(self) -> None:
         """Refuse impossible values before anything is saved or computed (a rejected --beta used to be saved
@@ -113,6 +120,24 @@ class RunSettings:
             raise IpampError("--formats needs a reference and at least one low-precision format, e.g. fp32,int8")
         if self.device == "table" and not self.table:
             raise IpampError("--device table replays gains measured elsewhere: give the file with --table")
+        self._validate_objective()
+
+    def _validate_objective(self) -> None:
+        from .solver import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise IpampError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name in ("decode_batch", "decode_context"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise IpampError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v}")
+        w = self.mix_weights
+        if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x)
+                                                                      and x >= 0 for x in w) and sum(w) > 0):
+            raise IpampError(f"--mix-weights is two numbers >= 0, not both 0 (w_TTFT,w_TPOT), got {w}")
+        if self.objective != "prefill" and (self.metric != "ET" or self.device == "table"):
+            raise IpampError(f"--objective {self.objective} needs decode-step time measured on a device: --metric ET "
+                             "and a --device other than table")
 
     def save(self, out: Path) -> None:
         save_json(asdict(self), out / "settings.json")
@@ -202,7 +227,8 @@ def check_fresh(out: Path, what: str, recorded: dict[str, str] | None) -> None:
 
 
 #: the command that rebuilds each artifact from its (changed) inputs
-_RERUN = {"plan.json": "solve", "frontier.json": "solve", "evaluation.json": "evaluate", "gains.json": "measure"}
+_RERUN = {"plan.json": "solve", "frontier.json": "solve", "evaluation.json": "evaluate", "gains.json": "measure",
+          "gains_decode.json": "measure"}
 
 
 def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
@@ -217,7 +243,29 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
                           table_path=settings.table, span=settings.span, roofline=settings.rt_device)
     gains.inputs = _inputs(out, "partition.json")
     gains.save(out / "gains.json")
+    if settings.objective != "prefill":
+        from .gains.decode import measure_decode_gains
+
+        dec = measure_decode_gains(model, part, settings.formats, backend=settings.device,
+                                   batch=settings.decode_batch, context=settings.decode_context, reps=settings.reps,
+                                   cache_path=out / "gain_cache.jsonl", span=settings.span, seed=settings.seed)
+        dec.inputs = _inputs(out, "partition.json")
+        dec.save(out / "gains_decode.json")
     return gains
+
+
+def objective_gains(out: Path, settings: RunSettings, gains):
+    """The gains the IP maximises for ``settings.objective`` (solver.objective_gains), and the decode record or None."""
+    from .records import Gains
+    from .solver import objective_gains as combine
+
+    if settings.objective == "prefill":
+        return gains, None
+    path = out / "gains_decode.json"
+    dec = Gains.load(path) if path.exists() else None
+    if dec is not None:
+        check_fresh(out, "gains_decode.json", dec.inputs)
+    return combine(gains, dec, settings.objective, tuple(settings.mix_weights)), dec
 
 
 def stage_solve(out: Path, settings: RunSettings):
@@ -242,7 +290,10 @@ def stage_solve(out: Path, settings: RunSettings):
 
     if settings.metric == "ET" and inconsistency(gains.quality):
         raise ArtifactError(inconsistency(gains.quality))
-    inputs = _inputs(out, "sensitivity.json", "partition.json", "gains.json")
+    prefill_gains = gains
+    gains, _ = objective_gains(out, settings, gains)
+    inputs = _inputs(out, "sensitivity.json", "partition.json", "gains.json",
+                     *(["gains_decode.json"] if settings.objective != "prefill" else []))
     t0 = time.perf_counter()
     guard = {"noise": settings.noise, "min_sqnr_db": settings.min_sqnr_db}
     front = frontier(sens, part, gains, metric=settings.metric, **guard)
@@ -255,8 +306,21 @@ def stage_solve(out: Path, settings: RunSettings):
         plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard)
     plan.model = settings.model
     plan.inputs = inputs
-    save_frontier(front, out / "frontier.json", inputs=inputs)
+    save_frontier(front, out / "frontier.json", inputs=inputs, objective=settings.objective)
     plot_frontier(front, out / "frontier.png", chosen=plan)
+    if (out / "gains_decode.json").exists() and settings.metric == "ET":  # a frontier per objective, for the report
+        import dataclasses
+
+        from .solver import OBJECTIVES
+
+        for obj in OBJECTIVES:
+            try:
+                g_obj, _ = objective_gains(out, dataclasses.replace(settings, objective=obj), prefill_gains)
+            except ArtifactError as e:
+                log.warning("no %s frontier: %s", obj, e)
+                continue
+            save_frontier(frontier(sens, part, g_obj, **guard), out / f"frontier_{obj}.json", inputs=inputs,
+                          objective=obj)
     plan.save(out / "plan.json")
     return plan, front
 
@@ -310,12 +374,13 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     sens = Sensitivity.load(out / "sensitivity.json")
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")
+    obj_gains, dec_gains = objective_gains(out, settings, gains)
     state_start = machine_state()
     ev = blocks(tok, settings, "evaluation")
     plans = {"ip": plan}
     if plan.beta is not None:
         for name in ("random", "prefix", "sqnr"):
-            plans[name] = baseline(name, sens, part, gains, beta=plan.beta, metric=settings.metric,
+            plans[name] = baseline(name, sens, part, obj_gains, beta=plan.beta, metric=settings.metric,
                                    seed=settings.seed, noise=settings.noise, min_sqnr_db=settings.min_sqnr_db)
     backend = _backend(settings)
     timing = _timer(model, settings, backend)  # puts the model on the timing device, in the reference format
@@ -358,15 +423,21 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         if timing is not None:
             row.update(timing(p.assignment))
             bar.update()
+        if dec_gains is not None:
+            row.update(_decode_rows(model, settings, backend, p, gains, dec_gains, part))
         result["plans"][name] = row
     bar.close()
     result["machine_start"], result["machine_end"] = state_start, machine_state()
-    check = speed_check(result["plans"]["ip"], gains, result["machine_end"]) if timing is not None else None
+    ip_row = result["plans"]["ip"]
+    if dec_gains is not None:  # the prefill check compares the plan's prefill-phase prediction
+        ip_row = {**ip_row, "predicted_gain": ip_row["predicted_prefill_gain"]}
+    check = speed_check(ip_row, gains, result["machine_end"]) if timing is not None else None
     if check:
         result["plans"]["ip"]["speed_check"] = check
     plan.measured = result["plans"]["ip"]
     plan.save(out / "plan.json")
-    result["inputs"] = _inputs(out, "plan.json", "gains.json")
+    result["inputs"] = _inputs(out, "plan.json", "gains.json",
+                               *(["gains_decode.json"] if dec_gains is not None else []))
     save_json(result, out / "evaluation.json")
     return result
 
@@ -424,6 +495,33 @@ def speed_check(row: dict[str, Any], gains, machine: dict[str, Any]) -> dict[str
     return {"ok": ok, "measured_fraction_saved": meas, "predicted_fraction_saved": pred, "tolerance": tol,
             "measured_speedup": row["measured_speedup"], "predicted_speedup": pred_speedup,
             "reference_prefill_s": t_ref, "reference_prefill_at_measurement_s": t_ref_m, "message": msg}
+
+
+def _decode_rows(model, settings: RunSettings, backend, plan, gains, dec_gains, part) -> dict[str, Any]:
+    """For --objective decode/mix: the plan's predicted prefill and decode-step gains, and (with a backend) its
+    measured decode step vs all-reference, checked like the prefill (``speed_check`` on the decode record)."""
+    from .gains.decode import compare_decode, decode_step
+    from .runtime import machine_state
+    from .solver import plan_gain
+
+    row: dict[str, Any] = {"predicted_prefill_gain": plan_gain(plan.assignment, gains, part),
+                           "predicted_decode_gain": plan_gain(plan.assignment, dec_gains, part)}
+    if backend is None:
+        return row
+    step = decode_step(model, settings.decode_batch, settings.decode_context, settings.seed, backend.device())
+    r = compare_decode(model, step, backend, plan.assignment, reps=settings.reps)
+    row.update({"measured_decode_step_s": r["t_cfg_s"], "reference_decode_step_s": r["t_ref_s"],
+                "measured_decode_gain_s": r["gain_s"], "measured_decode_gain_ci_s": r["ci_s"],
+                "measured_decode_speedup": r["t_ref_s"] / r["t_cfg_s"]})
+    check = speed_check({"predicted_gain": row["predicted_decode_gain"],
+                         "predicted_gain_ci": predicted_gain_ci(plan, dec_gains, part),
+                         "reference_prefill_s": r["t_ref_s"], "measured_gain_s": r["gain_s"],
+                         "measured_gain_ci_s": r["ci_s"], "measured_speedup": row["measured_decode_speedup"]},
+                        dec_gains, machine_state())
+    if check:  # the same check on the decode record: its wording names the phase
+        check["message"] = check["message"].replace("prefill", "decode-step")
+        row["decode_speed_check"] = check
+    return row
 
 
 #: relative change of the reference prefill time between measure and evaluate that the speed check points out

@@ -306,6 +306,9 @@ class Gains:
     quality: dict[str, Any] = field(default_factory=dict)
     #: content hashes of the files this record was made from (pipeline.digest), to refuse stale mixes
     inputs: dict[str, str] = field(default_factory=dict)
+    #: "prefill" (a batch × seq_len prompt) or "decode" (one new token per sequence after seq_len cached tokens;
+    #: ``reference_time_s`` is then the decode step, TPOT): gains/decode.py
+    phase: str = "prefill"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

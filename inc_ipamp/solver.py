@@ -34,7 +34,7 @@ from .formats import get_format
 from .gains.measure import METRICS
 from .gains.theory import weight_bytes_saved
 from .io import load_json, save_json
-from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, NOISE_MODELS, Gains, Partition, Plan, Sensitivity
+from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, NOISE_MODELS, Gains, GroupGains, Partition, Plan, Sensitivity
 
 #: Relative MIP gap asked of HiGHS (its default, 1e-4, is loose enough to lose a whole small group).
 MIP_REL_GAP = 1e-7
@@ -48,6 +48,97 @@ _HIGHS_OPTIONS = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_toleran
 
 class BudgetSpecError(IpampError):
     """The budget was specified wrongly (none or several of beta / target_gain / target_speedup, β < 0, …)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Objectives: which phase's time the IP maximises (the loss budget is the same for all)
+# --------------------------------------------------------------------------------------------------
+#: prefill: time to first token saved (the paper's, the default); decode: time per output token saved (one decode
+#: step, gains/decode.py); mix: w_TTFT·ΔTTFT + w_TPOT·ΔTPOT (``mix_gains``)
+OBJECTIVES = ("prefill", "decode", "mix")
+#: (w_TTFT, w_TPOT) of the mix: with w_TTFT = 1 and w_TPOT = n the objective is the latency saved per request that
+#: generates n tokens after its prompt (TTFT + n·TPOT); 128 output tokens is a chat-like request
+DEFAULT_MIX_WEIGHTS = (1.0, 128.0)
+
+
+def decode_inconsistency(decode: Gains) -> str:
+    """"" if a decode gains record's best group gains add up to less than its reference decode step, else why not."""
+    q = decode.quality or {}
+    if q.get("consistent", True):
+        return ""
+    st = q.get("machine_end", {})
+    return (f"the measured decode gains cannot be trusted: the best gains of all groups add up to "
+            f"{q.get('sum_best_gain_s', float('nan')) * 1e3:.4g} ms, more than the whole reference decode step "
+            f"({(decode.reference_time_s or 0.0) * 1e3:.4g} ms); load average {st.get('load_avg_1min')} on "
+            f"{st.get('cpus')} core(s) with {st.get('threads')} thread(s). Rerun `inc-ipamp measure` on a quieter "
+            "machine or with --threads 1")
+
+
+def objective_gains(prefill: Gains, decode: Gains | None = None, objective: str = "prefill",
+                    mix_weights: tuple[float, float] = DEFAULT_MIX_WEIGHTS) -> Gains:
+    """The gains record the IP maximises for ``objective``: ``prefill`` itself (unchanged), the ``decode`` record, or
+    their weighted sum (``mix_gains``). A decode record must be a decode-phase measurement of the same groups, configs
+    and formats whose gains add up (``decode_inconsistency``); otherwise one error says what to rerun."""
+    if objective not in OBJECTIVES:
+        raise BudgetSpecError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective == "prefill":
+        return prefill
+    if decode is None:
+        raise ArtifactError(f"objective {objective} needs decode-step gains (gains_decode.json): rerun "
+                            f"`inc-ipamp measure --objective {objective}`")
+    if decode.phase != "decode" or prefill.phase != "prefill":
+        raise ArtifactError(f"objective {objective} needs a prefill and a decode gains record, got phases "
+                            f"{prefill.phase} and {decode.phase}")
+    if list(decode.formats) != list(prefill.formats):
+        raise ArtifactError(f"the decode gains were measured for {','.join(decode.formats)}, the prefill gains for "
+                            f"{','.join(prefill.formats)}: rerun `inc-ipamp measure`")
+    for name, gp in prefill.groups.items():
+        gd = decode.groups.get(name)
+        if gd is None or gd.configs != gp.configs:
+            raise ArtifactError(f"group {name} has other configs in the decode gains than in the prefill gains (made "
+                                "from another partition?): rerun `inc-ipamp measure`")
+    if decode_inconsistency(decode):
+        raise ArtifactError(decode_inconsistency(decode))
+    if objective == "decode":
+        return decode
+    return mix_gains(prefill, decode, mix_weights)
+
+
+def mix_gains(prefill: Gains, decode: Gains, weights: tuple[float, float] = DEFAULT_MIX_WEIGHTS) -> Gains:
+    """ET = w_TTFT·ET_prefill + w_TPOT·ET_decode per (group, config), CIs in quadrature (independent measurements), a
+    config flagged in either phase flagged; M (weight bytes) is the same in both phases; the reference time is the
+    weighted reference (a request's TTFT + w_TPOT·TPOT when w_TTFT = 1). Other metrics are left out: they are
+    per phase."""
+    wp, wd = (float(w) for w in weights)
+    if not (len(weights) == 2 and all(math.isfinite(w) and w >= 0 for w in (wp, wd)) and wp + wd > 0):
+        raise BudgetSpecError(f"mix weights are two finite numbers >= 0, not both 0 (w_TTFT, w_TPOT), got {weights}")
+    if not (prefill.reference_time_s and decode.reference_time_s):
+        raise ArtifactError("the mix objective needs the reference prefill and decode-step times (measure again)")
+    groups = {}
+    for name, gp in prefill.groups.items():
+        gd = decode.groups[name]
+        if "ET" not in gp.gains or "ET" not in gd.gains:
+            raise ArtifactError(f"group {name} has no measured ET gains in both phases")
+        n = len(gp.configs)
+        et = [wp * a + wd * b for a, b in zip(gp.gains["ET"], gd.gains["ET"], strict=True)]
+        cp, cd = gp.ci.get("ET") or [0.0] * n, gd.ci.get("ET") or [0.0] * n
+        ci = [math.hypot(wp * a, wd * b) for a, b in zip(cp, cd, strict=True)]
+        fp, fd = gp.flags.get("ET") or [""] * n, gd.flags.get("ET") or [""] * n
+        flags = ["; ".join(f"{ph}: {x}" for ph, x in (("prefill", a), ("decode", b)) if x) for a, b in zip(fp, fd,
+                                                                                                          strict=True)]
+        gains, source = {"ET": et}, {"ET": f"{wp:g} x prefill ({gp.source.get('ET', '')}) + {wd:g} x decode "
+                                           f"({gd.source.get('ET', '')})"}
+        if "M" in gp.gains:
+            gains["M"], source["M"] = gp.gains["M"], gp.source.get("M", "")
+        groups[name] = GroupGains(name, gp.configs, gains, {"ET": ci}, source, {"ET": flags})
+    ref = wp * prefill.reference_time_s + wd * decode.reference_time_s
+    quality = {"prefill": prefill.quality, "decode": decode.quality, "weights": [wp, wd],
+               "consistent": bool(prefill.quality.get("consistent", True) and decode.quality.get("consistent", True))}
+    return Gains(prefill.model, prefill.device, list(prefill.formats), prefill.batch, prefill.seq_len, ref, groups,
+                 prefill.timed_runs + decode.timed_runs,
+                 [f"mix objective: {wp:g} x TTFT gain (prefill {prefill.batch}x{prefill.seq_len}) + {wd:g} x TPOT gain "
+                  f"(decode batch {decode.batch}, context {decode.seq_len})"], quality, dict(prefill.inputs),
+                 phase="mix")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +171,8 @@ class Instance:
     reference_time_s: float | None
     reference_weight_bytes: float | None
     min_sqnr_db: float | None = None
+    #: the gains record's phase: "prefill", "decode" or "mix" (``objective_gains``); reference_time_s is that phase's
+    objective: str = "prefill"
 
     @property
     def ops(self) -> list[str]:
@@ -197,6 +290,7 @@ def build_instance(
         reference_time_s=gains.reference_time_s,
         reference_weight_bytes=ref_bytes,
         min_sqnr_db=min_sqnr_db,
+        objective=gains.phase,
     )
 
 
@@ -655,6 +749,7 @@ def plan_from_choice(
     info["predicted_noise_mse"] = loss - shift**2
     info["min_sqnr_db"] = inst.min_sqnr_db
     info["reference_time_s"] = inst.reference_time_s
+    info["objective"] = inst.objective
     info["beta_equivalent"] = math.sqrt(loss) / inst.mean_loss if inst.mean_loss > 0 else None
     return Plan(
         model=inst.model,
@@ -667,6 +762,19 @@ def plan_from_choice(
         budget_loss_mse=budget,
         solver=info,
     )
+
+
+def plan_gain(assignment: dict[str, str], gains: Gains, partition: Partition, metric: str = "ET") -> float:
+    """Σ over groups of the ``metric`` gain of the config ``assignment`` puts each group in (absent ops = reference):
+    a plan solved for one objective, scored in another phase's gains record."""
+    ref, total = gains.formats[0], 0.0
+    for g in partition.groups:
+        gg = gains.groups[g.name]
+        cfg = [assignment.get(op, ref) for op in g.ops]
+        if cfg not in gg.configs:
+            raise ArtifactError(f"group {g.name}: config {cfg} is not in the gains record")
+        total += gg.gains[metric][gg.configs.index(cfg)]
+    return total
 
 
 def speedup_of(saved_s: float, reference_s: float) -> float:

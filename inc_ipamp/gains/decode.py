@@ -1,0 +1,302 @@
+"""Decode-step gains: the time one new token costs (TPOT) per group configuration, with a real KV cache.
+
+Why a phase of its own: a decode step multiplies a (B, 1, d) activation by every weight, so it streams the weights
+from memory instead of reusing them over a long prompt; the same group configuration saves a different share of
+the time (on SmolLM2's k/v projections INT8 is slower than fp32 at one token, faster at 128). Which low-precision
+kernel is fastest at one token on this CPU was measured, not assumed (``benchmarks/results/decode.md``, kernel
+table): torch.ao's dynamic INT8 Linear (fbgemm), the kernel prefill uses, beat ``aten._weight_int8pack_mm``
+int8 weight-only (8-20x slower than fp32 here: no AVX-512) and torchao's int8 weight-only (2-9x slower). So the
+decode gains are timed with the same backend modules as prefill and the loss model needs no new numerics.
+
+How (the prefill machinery, reused): a prompt of ``context`` random tokens is run once into a transformers
+``StaticCache`` (``FixedSlotCache``), then one decode step is run with hooks that capture each group's sub-graph
+inputs — the (B, 1, d) hidden states, the rotary embeddings, the mask and the cache itself. The cache writes the new
+token's K/V into one fixed slot on every call, so a sub-graph (or the whole step) can be called again and again and
+always attends to the same ``context`` cached tokens plus itself; reference and configuration are timed
+interleaved (``base.paired_times``) on the sub-graphs of every group of a signature back to back (``span``), checked
+with the prefill's quality checks (``measure.check_quality``), cached (``cache.MeasurementCache``, the key says
+"decode" and the context), and the end-to-end step is timed the same way (``compare_decode``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import IpampError
+from ..formats import get_format
+from ..models import model_fingerprint
+from ..ops import install_attention, linear_weight, tied_linears
+from ..partition import list_ops, suffix, tensor_shapes
+from ..records import Gains, Group, GroupGains, Partition
+from .base import Backend, gain_stats, paired_times, prime
+from .cache import MeasurementCache, cache_key
+from .measure import RETRIES, _emulated_configs, check_quality, enclosing_module, time_group_config
+from .theory import memory_gain
+
+log = logging.getLogger(__name__)
+
+
+def _static_cache_class() -> type:
+    from transformers import StaticCache
+
+    class FixedSlotCache(StaticCache):
+        """A ``StaticCache`` of ``context + 1`` slots whose one-token updates always write slot ``context``.
+
+        A decode step run on it twice gives the same result and leaves the same cache, which repeated timing needs
+        (a growing cache would make every timed call longer than the one before)."""
+
+        def __init__(self, config: Any, context: int):
+            super().__init__(config=config, max_cache_len=context + 1)
+            self.slot = context
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            layer = self.layers[layer_idx]
+            if getattr(layer, "is_initialized", False) and key_states.shape[-2] == 1:
+                layer.cumulative_length.fill_(self.slot)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return FixedSlotCache
+
+
+@dataclass
+class DecodeStep:
+    """One decode step of ``batch`` sequences after a ``context``-token prompt, callable again and again."""
+
+    ids: torch.Tensor  # (batch, 1): the next token (the prompt's greedy continuation)
+    position_ids: torch.Tensor  # (1, 1) = context
+    cache: Any  # FixedSlotCache holding the prompt's K/V
+    batch: int
+    context: int
+    prompt: torch.Tensor  # (batch, context), kept so a test can check the step against a full forward
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(self.ids, position_ids=self.position_ids, cache=self.cache, use_cache=True).logits
+
+
+def decode_step(model: nn.Module, batch: int = 1, context: int = 256, seed: int = 0,
+                device: torch.device | None = None) -> DecodeStep:
+    """Prefill ``batch`` random prompts of ``context`` tokens (seeded) into a real KV cache; return the next step."""
+    if batch < 1 or context < 1:
+        raise IpampError(f"a decode step needs batch >= 1 and context >= 1 (got batch {batch}, context {context})")
+    install_attention(model)
+    dev = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(dev)
+    cache = _static_cache_class()(model.config, context)
+    with torch.no_grad():
+        logits = model(prompt, cache=cache, use_cache=True).logits
+    nxt = logits[:, -1:].argmax(-1)
+    return DecodeStep(nxt, torch.tensor([[context]], device=dev), cache, batch, context, prompt)
+
+
+def capture_decode_inputs(model: nn.Module, step: DecodeStep, names: Sequence[str],
+                          record: Callable[[str, tuple, dict], Any] | None = None) -> dict[str, Any]:
+    """``record(name, args, kwargs)`` (default: the (args, kwargs) themselves) of each named module's first call in
+    one decode step: what ``time_group_config`` calls the sub-graphs with."""
+    mods = dict(model.named_modules())
+    got: dict[str, Any] = {}
+    rec = record or (lambda n, a, k: (a, k))
+
+    def pre(name: str, args: tuple, kwargs: dict) -> None:
+        if name not in got:
+            got[name] = rec(name, args, kwargs)
+
+    missing = [n for n in names if n and n not in mods]
+    if missing:
+        raise IpampError(f"no module named {missing[0]!r} in the model")
+    handles = [mods[n].register_forward_pre_hook(lambda m, a, k, n=n: pre(n, a, k), with_kwargs=True)
+               for n in names if n]
+    try:
+        step(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def compare_decode(model: nn.Module, step: DecodeStep, backend: Backend, assignment: dict[str, str],
+                   reps: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Measured end-to-end decode-step gain of ``assignment`` vs all-reference, interleaved (both enter ``apply``,
+    as in ``base.compare_prefill``)."""
+    def run(assign: dict[str, str]) -> Callable[[], object]:
+        def fn() -> object:
+            with backend.apply(model, assign) as m:
+                return step(m)
+        return fn
+
+    prime(backend, model, assignment)
+    t_ref, t_cfg = paired_times(run({}), run(assignment), reps, warmup, backend.synchronize)
+    return gain_stats(t_ref, t_cfg)
+
+
+def decode_op_shapes(model: nn.Module, step: DecodeStep, ops: dict[str, str]) -> dict[str, list[list[int]]]:
+    """Operand shapes of every op in the decode step ({op: kind} in; the weight shape appended for Linears)."""
+    mods = dict(model.named_modules())
+
+    def record(name: str, args: tuple, kwargs: dict) -> list[list[int]]:
+        s = tensor_shapes(args)
+        return s[:1] + [list(linear_weight(mods[name]).shape)] if ops[name] == "linear" else s
+
+    return capture_decode_inputs(model, step, list(ops), record)
+
+
+def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
+                         batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 3,
+                         cache_path: str | Path | None = None, span: int | None = None, retries: int = RETRIES,
+                         reference_reps: int | None = None, progress: bool = True, seed: int = 0) -> Gains:
+    """Gains record (``phase="decode"``, ``seq_len`` = the context length) of every group × config for one decode
+    step: ET measured on sub-graphs with a real KV cache, checked and re-measured like prefill's (``measure``), M the
+    weight bytes saved. ``reference_time_s`` is the all-reference decode step; ``quality.consistent`` whether the best
+    gains of all groups add up to less than it. Configs the backend only emulates are flagged, never timed."""
+    from ..runtime import Progress, loaded, machine_state
+    from . import get_backend
+
+    if len(formats) < 2:
+        raise IpampError("give at least two formats: the reference first, then the low-precision choices")
+    for f in formats:
+        get_format(f)
+    if span is not None and span < 1:
+        raise IpampError(f"span must be >= 1 (got {span})")
+    ref = formats[0]
+    be = backend if isinstance(backend, Backend) else get_backend(backend)
+    if be.name == "table":
+        raise IpampError("decode gains are measured on a device; the table backend replays prefill gains only")
+    be.check()
+    install_attention(model)
+    be.prepare(model, ref)
+    kinds = {o.name: o.kind for o in list_ops(model)}
+    unknown = [op for g in partition.groups for op in g.ops if op not in kinds]
+    if unknown:
+        raise IpampError(f"partition names ops the model does not have (e.g. {unknown[0]}); was it made for another "
+                         "model?")
+    state_start = machine_state()
+    step = decode_step(model, batch, context, seed, be.device())
+    tied = tied_linears(model)
+    all_ops = [op for g in partition.groups for op in g.ops]
+    shapes = decode_op_shapes(model, step, {op: kinds[op] for op in all_ops})
+    members: dict[str, list[Group]] = {}
+    for g in partition.groups:
+        members.setdefault(g.signature or g.name, []).append(g)
+    timed_with = {k: v[: span or len(v)] for k, v in members.items()}
+    representative = {k: v[0] for k, v in members.items()}
+    encl = {enclosing_module(g.ops) for v in timed_with.values() for g in v}
+    if "" in encl:
+        raise IpampError("a group's ops share no enclosing module: decode timing needs a sub-graph per group")
+    inputs = capture_decode_inputs(model, step, sorted(encl))
+    base = dict(phase="decode", model=model_fingerprint(model), device=be.device_string(), batch=batch,
+                context=context, code=__version__, backend=be.version)
+    emulated = _emulated_configs(model, be, representative, formats, kinds)
+    notes = [f"decode step: batch {batch}, {context} cached tokens (transformers StaticCache, fixed slot), one new "
+             "token; sub-graphs called with inputs captured from that step"]
+    if emulated:
+        notes.append(f"ET: {len(emulated)} config(s) not timed and kept out of plans: they need a kernel the "
+                     f"{be.name} backend only emulates ({'; '.join(sorted(set(emulated.values())))})")
+    recs: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {
+        kc: {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why} for kc, why in emulated.items()}
+    todo = [(k, g, tuple(c)) for k, g in representative.items() for c in g.configs(formats)
+            if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
+    cache = MeasurementCache(cache_path)
+    counts = {"timed": 0, "reused": 0, "remeasured": 0}
+
+    def measure(k: str, c: tuple[str, ...], n_reps: int) -> dict[str, Any]:
+        together = timed_with[k]
+        r = time_group_config(model, be, together, c, [inputs[enclosing_module(x.ops)] for x in together], n_reps,
+                              warmup)
+        counts["timed"] += 2 * n_reps * len(together)
+        return {"group": representative[k].name, "signature": k, "config": list(c), **r}
+
+    t0 = time.perf_counter()
+    with Progress(len(todo), "measure: timing decode-step group configs", unit="config", enabled=progress) as bar:
+        for k, g, c in todo:
+            key = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
+                            span=len(timed_with[k]), **base)
+            rec = cache.get(key)
+            if rec is not None and not rec.get("flag"):
+                counts["reused"] += 1
+            else:
+                prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
+                med = statistics.median(prior) if len(prior) >= 2 else None
+                rec, n_reps = measure(k, c, reps), reps
+                for _ in range(retries):
+                    if not check_quality(rec, med):
+                        break
+                    n_reps *= 2
+                    counts["remeasured"] += 1
+                    rec = measure(k, c, n_reps)
+                rec["flag"] = check_quality(rec, med)
+                cache.put(key, rec)
+            recs[(k, c)] = rec
+            bar.update()
+    for k in representative:  # reference drift over the whole signature, now that every config is in
+        mine = [r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated]
+        if len(mine) >= 3:
+            med = statistics.median(r["t_ref_s"] for r in mine)
+            for r in mine:
+                r["flag"] = r.get("flag") or check_quality(r, med)
+    groups: dict[str, GroupGains] = {}
+    flagged = []
+    for g in partition.groups:
+        k = g.signature or g.name
+        cfgs = g.configs(formats)
+        et, ci, flags = [], [], []
+        for c in cfgs:
+            rec = recs.get((k, tuple(c))) if any(f != ref for f in c) else None
+            et.append(rec["gain_s"] if rec else 0.0)
+            ci.append(rec["ci_s"] if rec else 0.0)
+            flags.append(rec.get("flag", "") if rec else "")
+            if rec and rec.get("flag") and g is representative[k] and (k, tuple(c)) not in emulated:
+                flagged.append(f"{g.name} {'+'.join(c)}: {rec['flag']}")
+        mem = [sum(memory_gain(kinds[op], shapes[op], ref, f, op in tied) for op, f in zip(g.ops, c, strict=True))
+               for c in cfgs]
+        n_t = len(timed_with[k])
+        groups[g.name] = GroupGains(
+            g.name, [list(c) for c in cfgs], {"ET": et, "M": mem}, {"ET": ci},
+            {"ET": f"measured:{be.name} decode step on sub-graph {enclosing_module(g.ops)}"
+                   + (f", mean over {n_t} groups of its signature" if n_t > 1 else ""), "M": "weight bytes saved"},
+            {"ET": flags})
+    notes.append(f"ET (decode): {len(representative)} signature(s), {counts['timed']} timed sub-graph calls "
+                 f"({reps} reps x 2, interleaved, {warmup} warm-up pairs) in {time.perf_counter() - t0:.1f} s, "
+                 f"{counts['reused']} config(s) from the cache, {counts['remeasured']} re-measurement(s)")
+    notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
+    ref_t = reference_decode_time(model, step, be, reference_reps or max(5, reps // 2))
+    best = sum(max([0.0, *(x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i))]) for gg in groups.values())
+    state_end = machine_state()
+    quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
+               "flagged": flagged, "sum_best_gain_s": best, "reference_decode_s": ref_t, "consistent": best < ref_t,
+               "loaded": loaded(state_start) or loaded(state_end)}
+    if flagged:
+        log.warning("decode: %d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s)",
+                    len(flagged), len(todo), flagged[0])
+    return Gains(partition.model, be.device_string(), list(formats), batch, context, ref_t, groups, counts["timed"],
+                 notes, quality, phase="decode")
+
+
+def reference_decode_time(model: nn.Module, step: DecodeStep, backend: Backend, reps: int = 10,
+                          warmup: int = 1) -> float:
+    """Median all-reference decode-step time (both sides of every comparison enter ``apply``, so this does too)."""
+    def fn() -> object:
+        with backend.apply(model, {}) as m:
+            return step(m)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        backend.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))

@@ -1,0 +1,191 @@
+"""Issue 17: decode-step gains with a real KV cache, and the prefill / decode / mix objectives of the IP.
+
+The decode machinery runs on the 2-layer random Llama (its structure, in milliseconds; no timing is asserted);
+the objectives on the solver tests' synthetic records, solved by the real HiGHS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from test_solver import MACHINERY, make_records
+
+from inc_ipamp.errors import ArtifactError, IpampError
+from inc_ipamp.gains.decode import compare_decode, decode_step, measure_decode_gains
+from inc_ipamp.gains.measure import EMULATED
+from inc_ipamp.ops import install_attention
+from inc_ipamp.partition import partition_model
+from inc_ipamp.pipeline import RunSettings
+from inc_ipamp.records import Gains, GroupGains
+from inc_ipamp.solver import (
+    DEFAULT_MIX_WEIGHTS,
+    BudgetSpecError,
+    mix_gains,
+    objective_gains,
+    plan_gain,
+    solve,
+)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    install_attention(tiny_llama)
+    return tiny_llama
+
+
+def test_decode_step_uses_the_kv_cache_and_can_be_repeated(llama):
+    step = decode_step(llama, batch=2, context=12, seed=3)
+    first, again = step(llama), step(llama)
+    assert torch.equal(first, again)  # the fixed slot: a repeated step attends to the same 12 cached tokens
+    assert int(step.cache.layers[0].cumulative_length) == 13
+    with torch.no_grad():
+        full = llama(torch.cat([step.prompt, step.ids], 1), use_cache=False).logits[:, -1:]
+    assert torch.allclose(first, full, atol=1e-5)  # the cached K/V are the prompt's: same as recomputing it all
+    other = decode_step(llama, batch=2, context=12, seed=4)
+    assert not torch.equal(other.prompt, step.prompt)
+
+
+def test_decode_step_rejects_an_empty_context(llama):
+    with pytest.raises(IpampError, match="context >= 1"):
+        decode_step(llama, batch=1, context=0)
+
+
+@pytest.fixture(scope="module")
+def decode_gains(llama, tmp_path_factory):
+    torch.set_num_threads(1)
+    part = partition_model(llama)
+    cache = tmp_path_factory.mktemp("dec") / "cache.jsonl"
+    g = measure_decode_gains(llama, part, ["fp32", "int8"], batch=2, context=16, reps=3, warmup=1, cache_path=cache,
+                             progress=False)
+    return part, g, cache
+
+
+def test_decode_gains_record(decode_gains, tmp_path):
+    part, g, cache = decode_gains
+    assert g.phase == "decode" and g.seq_len == 16 and g.batch == 2 and g.reference_time_s > 0
+    for grp in part.groups:
+        gg = g.groups[grp.name]
+        assert gg.configs == [list(c) for c in grp.configs(["fp32", "int8"])]
+        assert gg.gains["ET"][0] == 0.0 and len(gg.gains["ET"]) == len(gg.configs)
+        for cfg, flag in zip(gg.configs, gg.flags["ET"], strict=True):
+            bgemm_low = any(f == "int8" and op.endswith(("matmul_qk", "matmul_av"))
+                            for op, f in zip(grp.ops, cfg, strict=True))
+            assert flag.startswith(EMULATED) == bgemm_low  # emulated BGEMMs never timed, never planned
+    assert Gains.load(g.save(tmp_path / "d.json")).phase == "decode"
+    keys = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert keys and all(k["key"] for k in keys)
+
+
+def test_decode_gains_are_reused_from_the_cache(llama, decode_gains):
+    part, g, cache = decode_gains
+    again = measure_decode_gains(llama, part, ["fp32", "int8"], batch=2, context=16, reps=3, warmup=1,
+                                 cache_path=cache, progress=False)
+    assert any("from the cache" in n and " 0 config(s) from the cache" not in n for n in again.notes)
+    name = part.groups[-1].name
+    assert again.groups[name].gains["ET"] == g.groups[name].gains["ET"]
+
+
+def test_compare_decode_restores_the_model(llama):
+    from inc_ipamp.gains import get_backend
+
+    step = decode_step(llama, batch=1, context=8)
+    before = step(llama)
+    r = compare_decode(llama, step, get_backend("cpu"), {"model.layers.0.mlp.down_proj": "int8"}, reps=3, warmup=1)
+    assert {"gain_s", "ci_s", "t_ref_s", "t_cfg_s"} <= set(r) and r["t_ref_s"] > 0
+    assert type(llama.model.layers[0].mlp.down_proj) is torch.nn.Linear  # fails closed: swapped back
+    assert torch.equal(step(llama), before)
+
+
+# -- objectives -------------------------------------------------------------------------------------------------
+def _phase(gains: Gains, phase: str, scale: float, seed_flip: bool = False) -> Gains:
+    """A copy of ``gains`` as another phase's record: ET scaled, and reversed within each group if ``seed_flip`` (so
+    the phases disagree on which configs pay)."""
+    groups = {}
+    for k, gg in gains.groups.items():
+        et = [x * scale for x in gg.gains["ET"]]
+        if seed_flip:
+            et = [0.0] + et[1:][::-1]
+        groups[k] = GroupGains(k, gg.configs, {"ET": et, "M": list(gg.gains["M"])}, {"ET": [1e-5] * len(et)})
+    return dataclasses.replace(gains, groups=groups, phase=phase, reference_time_s=gains.reference_time_s * scale,
+                               quality={"consistent": True})
+
+
+@pytest.fixture(scope="module")
+def phases():
+    sens, part, prefill = make_records(seed=5)
+    return sens, part, prefill, _phase(prefill, "decode", 0.1, seed_flip=True)
+
+
+def test_prefill_objective_is_the_prefill_record_itself(phases):
+    sens, part, prefill, decode = phases
+    assert objective_gains(prefill, decode, "prefill") is prefill
+    assert objective_gains(prefill, None) is prefill
+    assert RunSettings().objective == "prefill"
+
+
+def test_mix_is_the_weighted_sum(phases):
+    sens, part, prefill, decode = phases
+    mix = objective_gains(prefill, decode, "mix", (2.0, 30.0))
+    assert mix.phase == "mix"
+    assert mix.reference_time_s == pytest.approx(2.0 * prefill.reference_time_s + 30.0 * decode.reference_time_s)
+    for k, gg in mix.groups.items():
+        for i, x in enumerate(gg.gains["ET"]):
+            assert x == pytest.approx(2.0 * prefill.groups[k].gains["ET"][i] + 30.0 * decode.groups[k].gains["ET"][i])
+        assert gg.gains["M"] == prefill.groups[k].gains["M"]
+
+
+def test_objectives_pick_their_phase_plans(phases):
+    sens, part, prefill, decode = phases
+    beta = 0.8  # binds: neither phase's plan takes every op
+    p = solve(sens, part, prefill, beta=beta, **MACHINERY)
+    d = solve(sens, part, objective_gains(prefill, decode, "decode"), beta=beta, **MACHINERY)
+    only_p = solve(sens, part, mix_gains(prefill, decode, (1.0, 0.0)), beta=beta, **MACHINERY)
+    only_d = solve(sens, part, mix_gains(prefill, decode, (0.0, 1.0)), beta=beta, **MACHINERY)
+    assert d.assignment != p.assignment  # the phases disagree here, so the objective matters
+    assert only_p.assignment == p.assignment and only_d.assignment == d.assignment
+    assert d.solver["objective"] == "decode" and p.solver["objective"] == "prefill"
+    # each plan is the best of its own phase at this budget
+    assert plan_gain(d.assignment, decode, part) >= plan_gain(p.assignment, decode, part) - 1e-12
+    assert plan_gain(p.assignment, prefill, part) >= plan_gain(d.assignment, prefill, part) - 1e-12
+    assert plan_gain(p.assignment, prefill, part) == pytest.approx(p.predicted_gain)
+    for plan in (p, d):
+        assert plan.predicted_loss_mse <= plan.budget_loss_mse * (1 + 1e-9)
+
+
+def test_flag_in_either_phase_keeps_a_config_out_of_mix(phases):
+    sens, part, prefill, decode = phases
+    name = part.groups[0].name
+    flags = [""] * len(decode.groups[name].configs)
+    flags[1] = "noisy: test"
+    groups = dict(decode.groups)
+    groups[name] = dataclasses.replace(decode.groups[name], flags={"ET": flags})
+    mix = mix_gains(prefill, dataclasses.replace(decode, groups=groups))
+    assert not mix.groups[name].usable("ET", 1) and mix.groups[name].usable("ET", 0)
+    assert "decode: noisy" in mix.groups[name].flags["ET"][1]
+
+
+def test_bad_objective_input_is_one_clear_error(phases):
+    sens, part, prefill, decode = phases
+    with pytest.raises(ArtifactError, match="needs decode-step gains"):
+        objective_gains(prefill, None, "decode")
+    with pytest.raises(BudgetSpecError, match="objective must be one of"):
+        objective_gains(prefill, decode, "tokens")
+    with pytest.raises(ArtifactError, match="phases"):
+        objective_gains(prefill, prefill, "mix")
+    with pytest.raises(BudgetSpecError, match="mix weights"):
+        mix_gains(prefill, decode, (0.0, 0.0))
+    with pytest.raises(BudgetSpecError, match="mix weights"):
+        mix_gains(prefill, decode, (1.0, math.nan))
+    bad = dataclasses.replace(decode, quality={"consistent": False, "sum_best_gain_s": 1.0})
+    with pytest.raises(ArtifactError, match="decode gains cannot be trusted"):
+        objective_gains(prefill, bad, "decode")
+    s = RunSettings(objective="decode", metric="TT")
+    with pytest.raises(IpampError, match="--objective decode needs"):
+        s.validate()
+    with pytest.raises(IpampError, match="--mix-weights"):
+        RunSettings(objective="mix", mix_weights=[1.0]).validate()
+    assert DEFAULT_MIX_WEIGHTS == tuple(RunSettings().mix_weights)
