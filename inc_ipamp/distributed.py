@@ -32,7 +32,7 @@ _MAX_FIELDS = {"amax"}
 #: Sensitivity fields and how ranks combine them (every other field must be listed, or the merge fails loudly)
 _SENS_RULES = {"model": "same", "seq_len": "same", "formats": "same", "version": "same", "data_source": "same",
                "n_samples": "sum", "n_curvature": "sum", "mean_loss": "mean", "wall_s": "max", "ops": "ops",
-               "unreached": "unreached"}
+               "unreached": "unreached", "noise_models": "same"}
 #: OpSensitivity fields: ``calls`` adds up; the rest are per-sequence properties of the op that every rank must share
 _OP_RULES = {"name": "same", "kind": "same", "calls": "sum", "macs": "same", "weight_numel": "same", "shapes": "same",
              "operands": "operands"}

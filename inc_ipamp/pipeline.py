@@ -135,9 +135,9 @@ class RunSettings:
         if not (isinstance(w, (list, tuple)) and len(w) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x)
                                                                       and x >= 0 for x in w) and sum(w) > 0):
             raise IpampError(f"--mix-weights is two numbers >= 0, not both 0 (w_TTFT,w_TPOT), got {w}")
-        if self.objective != "prefill" and (self.metric != "ET" or self.device == "table"):
-            raise IpampError(f"--objective {self.objective} needs decode-step time measured on a device: --metric ET "
-                             "and a --device other than table")
+        if self.objective != "prefill" and (self.metric not in ("ET", "RT", "M") or self.device == "table"):
+            raise IpampError(f"--objective {self.objective} needs a decode step run on a device (--device other than "
+                             "table) and a metric it gives: ET (measured), RT (roofline of --rt-device) or M")
 
     def save(self, out: Path) -> None:
         save_json(asdict(self), out / "settings.json")
@@ -185,7 +185,7 @@ def stage_calibrate(out: Path, settings: RunSettings, model=None, tok=None):
     formats = sorted(set(settings.calib_formats) | {f for f in settings.formats[1:]})
     sens = calibrate(model, cal, formats, include_lm_head=settings.include_lm_head, model_name=settings.model,
                      batch_size=settings.calib_batch, curvature=settings.curvature,
-                     curvature_share=settings.curvature_share,
+                     curvature_share=settings.curvature_share, noise=settings.noise,
                      data_source=f"{cal.source} ({cal.split}, {len(cal)}x{settings.seq_len} tokens)")
     sens.save(out / "sensitivity.json")
     log.info("calibrated %d ops on %d sequences in %.1f s (mean loss %.3f)", len(sens.ops), sens.n_samples,
@@ -248,7 +248,8 @@ def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
 
         dec = measure_decode_gains(model, part, settings.formats, backend=settings.device,
                                    batch=settings.decode_batch, context=settings.decode_context, reps=settings.reps,
-                                   cache_path=out / "gain_cache.jsonl", span=settings.span, seed=settings.seed)
+                                   cache_path=out / "gain_cache.jsonl", span=settings.span, seed=settings.seed,
+                                   roofline=settings.rt_device)
         dec.inputs = _inputs(out, "partition.json")
         dec.save(out / "gains_decode.json")
     return gains
@@ -308,7 +309,7 @@ def stage_solve(out: Path, settings: RunSettings):
     plan.inputs = inputs
     save_frontier(front, out / "frontier.json", inputs=inputs, objective=settings.objective)
     plot_frontier(front, out / "frontier.png", chosen=plan)
-    if (out / "gains_decode.json").exists() and settings.metric == "ET":  # a frontier per objective, for the report
+    if (out / "gains_decode.json").exists() and settings.metric != "TT":  # a frontier per objective, for the report
         import dataclasses
 
         from .solver import OBJECTIVES
@@ -319,8 +320,8 @@ def stage_solve(out: Path, settings: RunSettings):
             except ArtifactError as e:
                 log.warning("no %s frontier: %s", obj, e)
                 continue
-            save_frontier(frontier(sens, part, g_obj, **guard), out / f"frontier_{obj}.json", inputs=inputs,
-                          objective=obj)
+            save_frontier(frontier(sens, part, g_obj, metric=settings.metric, **guard), out / f"frontier_{obj}.json",
+                          inputs=inputs, objective=obj)
     plan.save(out / "plan.json")
     return plan, front
 

@@ -123,6 +123,8 @@ class Sensitivity:
     n_curvature: int = 0
     #: what the sums mean; files of another version are refused (their terms would be misread, not just stale)
     version: int = LOSS_MODEL_VERSION
+    #: noise models whose sums were collected (``sensitivity.noise_models``); a prediction with another is refused
+    noise_models: list[str] = field(default_factory=lambda: sorted(set(NOISE_MODELS) - {"auto"}))
 
     # -- prediction -------------------------------------------------------------------------------
     def operand_term(self, op: str, operand: str, fmt: str, noise: str = "auto", centred: bool = True) -> float:
@@ -138,6 +140,9 @@ class Sensitivity:
         n = max(self.n_samples, 1)
         if noise == "auto":
             noise = auto_noise(fmt)
+        if noise in NOISE_MODELS and noise not in self.noise_models:
+            raise ArtifactError(f"this sensitivity record holds the sums of the {', '.join(self.noise_models)} noise "
+                                f"model(s), not {noise}: rerun calibrate with --noise {noise}")
         if noise == "coherent" and fmt in st.coh:
             second = st.coh[fmt] / n
             return max(second - (st.lin.get(fmt, 0.0) / n) ** 2, 0.0) if centred else second

@@ -27,13 +27,26 @@ from torch import nn
 from .errors import FormatError, SensitivityError
 from .formats import get_format, quantize, quantize_with_scale, scale_of, weight_scale
 from .ops import find_ops, install_attention, linear_weight, tied_linears
-from .records import OperandStats, OpSensitivity, Sensitivity
+from .records import DEFAULT_NOISE, NOISE_MODELS, OperandStats, OpSensitivity, Sensitivity, auto_noise
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"]
 #: share of calibration batches that get the curvature backward (benchmarks/results/sensitivity.md: cost vs accuracy)
 DEFAULT_CURVATURE_SHARE = 1.0
+#: the diagonal noise models: their sums need each weight's per-sequence gradient squared element by element
+DIAGONAL_MODELS = frozenset({"empirical", "uniform"})
+
+
+def noise_models(noise: str, formats: Iterable[str]) -> list[str]:
+    """The noise models whose sums ``calibrate`` collects for ``noise``: the one each format's ``auto`` picks, the
+    one named, or ``"all"``. Only what a prediction will read is collected: the diagonal models' sums cost ~a third
+    of a calibration (benchmarks/results/sensitivity.md) and the default (coherent) never reads them."""
+    if noise == "all":
+        return sorted(set(NOISE_MODELS) - {"auto"})
+    if noise not in NOISE_MODELS:
+        raise SensitivityError(f"noise model must be one of {NOISE_MODELS} or 'all', got {noise!r}")
+    return sorted({auto_noise(f) for f in formats} if noise == "auto" else {noise})
 
 
 def _sum(t: torch.Tensor) -> float:
@@ -88,8 +101,10 @@ def _block_err2(w_c: torch.Tensor, fmt, scale: torch.Tensor, rows: slice) -> tor
 class _Collector:
     """Hooks and float64 accumulators for one op."""
 
-    def __init__(self, name: str, mod: nn.Module, kind: str, formats: list[str], state: dict | None = None):
+    def __init__(self, name: str, mod: nn.Module, kind: str, formats: list[str], state: dict | None = None,
+                 diagonal: bool = True):
         self.name, self.mod, self.kind = name, mod, kind
+        self.diagonal = diagonal  # collect the diagonal models' sums (g², (x⊙g)², Σg²e², s²/12) too
         self.formats = [get_format(f) for f in formats]
         self.rec = OpSensitivity(name=name, kind=kind)
         ops = ("x", "w") if kind == "linear" else ("a", "b")
@@ -119,21 +134,25 @@ class _Collector:
             return self._curvature(operand, x, g, reduce_dim)
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
-        g2 = g * g
-        g2_sum = _sum(g2)
-        _check(self.name, operand, g2_sum)
-        xg = x * g
-        st.xg2 += _sum(xg * xg)
-        st.g2 += g2_sum
         st.x2 += _sum(x * x)
         st.numel += x.numel()
         st.amax = max(st.amax, float(x.abs().max()))
+        if self.diagonal:
+            g2 = g * g
+            g2_sum = _sum(g2)
+            xg = x * g
+            st.xg2 += _sum(xg * xg)
+            st.g2 += g2_sum
         for f in self.formats:
             e, ge, d = _first_order(x, g, f, reduce_dim)
-            st.coh[f.name] = st.coh.get(f.name, 0.0) + float((d * d).sum())
-            st.lin[f.name] = st.lin.get(f.name, 0.0) + float(d.sum())
-            st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(ge * ge)
+            d2, d1 = float((d * d).sum()), float(d.sum())
+            _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
+            st.coh[f.name] = st.coh.get(f.name, 0.0) + d2
+            st.lin[f.name] = st.lin.get(f.name, 0.0) + d1
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
+            if not self.diagonal:
+                continue
+            st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(ge * ge)
             if f.kind == "int":
                 s = scale_of(x, f, reduce_dim, per_sample=True)
                 u = g2_sum * float(s) ** 2 / 12.0 if s.numel() == 1 else _sum(g2 * (s * s / 12.0))
@@ -217,20 +236,23 @@ class _Collector:
         d = {f.name: [0.0] * n_seq for f in self.formats}
         buf = None
         for rows, w_c in _row_blocks(w):
-            if buf is None:  # the first block is the largest: one buffer for all
+            if buf is None and self.diagonal:  # the first block is the largest: one buffer for all
                 buf = torch.empty(w_c.shape, dtype=torch.promote_types(gy.dtype, x.dtype))
-            g2 = buf[:w_c.shape[0]]
+            g2 = buf[:w_c.shape[0]] if buf is not None else None
             errs = {f.name: quantize_with_scale(w_c, f, _block_scale(scales[f.name], rows)) - w_c
                     for f in self.formats}
+            diagonal = kind == "grad" and self.diagonal  # else only the per-sequence changes d are needed
             for n in range(n_seq):
                 g = gy[n, :, rows].t() @ x[n]
                 for name, e in errs.items():
                     d[name][n] += _sum(g * e)
+                if not diagonal:
+                    continue
                 if n == 0:
                     torch.mul(g, g, out=g2)
                 else:
                     g2.addcmul_(g, g)
-            if kind != "grad":  # the curvature pass needs only the per-sequence changes d
+            if not diagonal:
                 continue
             st.g2 += _sum(g2)
             st.xg2 += _sum(w_c * w_c * g2)
@@ -251,7 +273,8 @@ class _Collector:
         if self.kind != "linear" or self._w is None:
             return
         st = self.rec.operands["w"]
-        _check(self.name, "w", st.g2)
+        for v in st.coh.values():
+            _check(self.name, "w", v)
         w, scales = self._w
         st.numel, st.amax = w.numel() * n_samples, float(w.abs().max())
         x2, err2 = 0.0, dict.fromkeys(scales, 0.0)
@@ -309,7 +332,7 @@ def rebatch(blocks: Iterable[torch.Tensor], batch_size: int) -> Iterator[torch.T
 def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[str] | None = None,
               include_lm_head: bool = True, model_name: str = "", data_source: str = "",
               progress: bool = True, batch_size: int = 1, curvature: bool = True,
-              curvature_share: float = DEFAULT_CURVATURE_SHARE) -> Sensitivity:
+              curvature_share: float = DEFAULT_CURVATURE_SHARE, noise: str = DEFAULT_NOISE) -> Sensitivity:
     """One fwd+bwd per ``batch_size`` sequences over ``blocks`` ((1, T) or (B, T) tensors); returns the record.
 
     Every statistic is per sequence (its own loss, per-sequence scales and weight gradients), so the result
@@ -320,7 +343,9 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     predictions; its squared gradients estimate the Gauss-Newton curvature, hence the second-order part ½eᵀHe of
     each op's mean loss *shift* (``Sensitivity.shift``), which adds linearly over ops where the noise adds in
     quadrature. ``curvature_share``: the share of batches that get it (evenly spread; the shift is a mean, so a
-    subset estimates it at a fraction of the cost). Defaults are the CLI's.
+    subset estimates it at a fraction of the cost). ``noise``: the noise model(s) the record must serve
+    (``noise_models``; ``"all"`` for comparing them): sums no prediction will read are not collected.
+    Defaults are the CLI's.
     """
     if not 0.0 < curvature_share <= 1.0:
         raise SensitivityError(f"curvature_share must be in (0, 1], got {curvature_share}")
@@ -328,11 +353,13 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     for f in formats:
         if get_format(f).kind == "ref":
             raise FormatError(f"{f} is the reference format, not a candidate")
+    models = noise_models(noise, formats)
+    diagonal = bool(DIAGONAL_MODELS.intersection(models))
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
     state: dict[str, Any] = {"phase": "grad", "tokens": 1}
-    cols = [_Collector(o.name, mods[o.name], o.kind, formats, state) for o in ops]
+    cols = [_Collector(o.name, mods[o.name], o.kind, formats, state, diagonal) for o in ops]
     for c in cols:
         c.attach()
     emb = model.get_input_embeddings()
@@ -390,7 +417,8 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                     "precision: %s", len(unreached), ", ".join(unreached[:10]))
     return Sensitivity(model=model_name, n_samples=n, seq_len=seq_len, mean_loss=loss_sum / n, formats=formats,
                        ops={c.name: c.rec for c in cols}, unreached=unreached,
-                       wall_s=time.perf_counter() - t0, data_source=data_source, n_curvature=n_curv)
+                       wall_s=time.perf_counter() - t0, data_source=data_source, n_curvature=n_curv,
+                       noise_models=models)
 
 
 def _len(x) -> int | None:

@@ -35,7 +35,7 @@ def calib_blocks(small_model):
 def small_sensitivity(small_model, calib_blocks):
     from inc_ipamp.sensitivity import calibrate
 
-    return calibrate(small_model[0], calib_blocks, progress=False)
+    return calibrate(small_model[0], calib_blocks, progress=False, noise="all")  # every noise model's sums
 
 
 @pytest.fixture(scope="module")

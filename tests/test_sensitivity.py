@@ -195,8 +195,8 @@ def test_batching_does_not_change_the_statistics():
     model = LlamaForCausalLM(cfg).eval().double()
     install_attention(model)
     ids = torch.randint(0, 256, (6, 32))
-    one = calibrate(model, [ids], progress=False, batch_size=1)
-    four = calibrate(model, [ids], progress=False, batch_size=4)
+    one = calibrate(model, [ids], progress=False, batch_size=1, noise="all")
+    four = calibrate(model, [ids], progress=False, batch_size=4, noise="all")
     assert one.n_samples == four.n_samples == 6 and one.mean_loss == pytest.approx(four.mean_loss, rel=1e-6)
     for name, op in four.ops.items():
         assert op.shapes == one.ops[name].shapes and op.macs == one.ops[name].macs
@@ -227,7 +227,7 @@ def test_unreached_op_is_reported(small_model, calib_blocks):
 def test_streamed_blocks_and_record_roundtrip(tmp_path, small_model, calib_blocks, small_sensitivity):
     from inc_ipamp.records import Sensitivity
 
-    s = calibrate(small_model[0], (b for b in calib_blocks), progress=False)  # a generator, no len()
+    s = calibrate(small_model[0], (b for b in calib_blocks), progress=False, noise="all")  # a generator, no len()
     assert s.n_samples == 4
     op = "model.layers.1.mlp.gate_proj"
     assert s.term(op, "int8") == pytest.approx(small_sensitivity.term(op, "int8"), rel=1e-6)
@@ -315,7 +315,7 @@ def test_gqa_copies_share_one_rounding_error(monkeypatch):
 
     model = _tiny()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-    s = calibrate(model, [ids], ["fp8_e4m3", "int8_pc"], progress=False, curvature=False)
+    s = calibrate(model, [ids], ["fp8_e4m3", "int8_pc"], progress=False, curvature=False, noise="all")
     captured: list[torch.Tensor] = []
     orig = ops_mod._repeat_kv
 
@@ -409,3 +409,33 @@ def test_tied_lm_head_frees_no_memory():
     assert s.ops["lm_head"].tied and not s.ops["model.layers.0.mlp.up_proj"].tied
     assert memory_gain("linear", [[1, 8, 64], [256, 64]], "fp32", "int8", tied=True) == -256 * 64
     assert memory_gain("linear", [[1, 8, 64], [256, 64]], "fp32", "int8") == 256 * 64 * 3
+
+
+def test_default_calibration_collects_only_what_auto_reads(small_model, calib_blocks, small_sensitivity):
+    """The default (coherent) record skips the diagonal models' sums, leaves every sum it keeps as the full record's,
+    and refuses a prediction with a model it did not collect, naming the fix."""
+    from inc_ipamp.errors import ArtifactError
+
+    s = calibrate(small_model[0], calib_blocks, progress=False)
+    assert s.noise_models == ["coherent"] and small_sensitivity.noise_models == ["coherent", "empirical", "uniform"]
+    for name, op in s.ops.items():
+        for k, st in op.operands.items():
+            full = small_sensitivity.ops[name].operands[k]
+            for f in ("coh", "lin", "curv", "err2"):
+                assert getattr(st, f) == pytest.approx(getattr(full, f), rel=1e-9, abs=1e-30), (name, k, f)
+            assert (st.x2, st.amax) == pytest.approx((full.x2, full.amax), rel=1e-9)
+            assert st.emp == {} and st.int_uniform == {} and st.g2 == 0.0
+    ops = dict.fromkeys(list(s.ops)[:6], "int8")
+    assert s.predict(ops) == pytest.approx(small_sensitivity.predict(ops), rel=1e-9)
+    for noise in ("empirical", "uniform"):
+        with pytest.raises(ArtifactError, match=f"rerun calibrate with --noise {noise}"):
+            s.predict(ops, noise)
+    with pytest.raises(SensitivityError, match="noise model must be one of"):
+        calibrate(small_model[0], calib_blocks, progress=False, noise="gaussian")
+
+
+def test_noise_models_survive_a_save(tmp_path, small_model):
+    from inc_ipamp.records import Sensitivity
+
+    s = calibrate(small_model[0], [torch.randint(0, 256, (1, 8))], ["int8"], progress=False, curvature=False)
+    assert Sensitivity.load(s.save(tmp_path / "s.json")).noise_models == ["coherent"]

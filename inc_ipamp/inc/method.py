@@ -266,7 +266,7 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
         rows = [r for b in batches for r in b.split(1)]  # one item per sequence (progress counts); rebatched inside
         sens = calibrate(work, rows, formats, include_lm_head=settings.include_lm_head, model_name=str(name),
                          batch_size=settings.calib_batch, curvature=settings.curvature,
-                         curvature_share=settings.curvature_share,
+                         curvature_share=settings.curvature_share, noise=settings.noise,
                          data_source=f"INC calibration data ({sum(int(b.shape[0]) for b in batches)} sequences)")
         sens.save(ws / "sensitivity.json")
         phases["calibrate_s"] = time.perf_counter() - t
