@@ -99,6 +99,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "decode-step gains (gains_decode.json)")
     d.add_argument("--decode-batch", type=int, help="sequences per timed decode step (default 1)")
     d.add_argument("--decode-context", type=int, help="cached tokens before the timed decode step (default 256)")
+    d.add_argument("--kv-cache", choices=["fp8_e4m3"],
+                   help="also choose each layer's KV-cache format (FP8, INC's KVCache; exported as k_cache/v_cache): "
+                        "needs --objective decode or mix and --metric M or RT")
     d.add_argument("--mix-weights", type=_weights,
                    help="w_TTFT,w_TPOT of --objective mix (default 1,128: the latency saved per request that "
                         "generates 128 tokens)")
@@ -313,7 +316,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             for k, v in files.items():
                 print(f"export {k}: " + (f"skipped ({v['skipped']})" if isinstance(v, dict) and "skipped" in v
                                          else (", ".join(v.values()) if isinstance(v, dict) else str(v))))
-        if cmd in ("run", "evaluate"):
+        if cmd == "run" and s.kv_cache is not None:
+            print("evaluate: skipped: the plan stores KV caches in low precision, which no backend here applies "
+                  "(the export carries it to optimum-habana / vLLM-Gaudi)")
+        elif cmd in ("run", "evaluate"):
             with stage("evaluate"):
                 ev = P.stage_evaluate(out, s, model, tok)
             s.save(out)

@@ -82,6 +82,9 @@ class RunSettings:
     decode_batch: int = 1
     decode_context: int = 256
     mix_weights: list[float] = field(default_factory=lambda: [1.0, 128.0])
+    #: a KV-cache format (fp8_e4m3) makes each attention group also choose its K and V cache formats (kvcache.py);
+    #: needs --objective decode or mix (the cache's geometry comes from the decode step) and --metric M or RT
+    kv_cache: str | None = None
 
     def validate(self) -> None:
         """Refuse impossible values before anything is saved or computed (a rejected --beta used to be saved
@@ -138,6 +141,15 @@ class RunSettings:
         if self.objective != "prefill" and (self.metric not in ("ET", "RT", "M") or self.device == "table"):
             raise IpampError(f"--objective {self.objective} needs a decode step run on a device (--device other than "
                              "table) and a metric it gives: ET (measured), RT (roofline of --rt-device) or M")
+        if self.kv_cache is not None:
+            from .kvcache import KV_FORMATS
+
+            if self.kv_cache not in KV_FORMATS or self.kv_cache not in self.formats[1:]:
+                raise IpampError(f"--kv-cache is a format of the search that INC stores a KV cache in "
+                                 f"({', '.join(KV_FORMATS)}; --formats {','.join(self.formats)}), got {self.kv_cache}")
+            if self.objective == "prefill" or self.metric not in ("M", "RT"):
+                raise IpampError("--kv-cache needs --objective decode or mix (the cache is measured in a decode step) "
+                                 "and --metric M or RT (no KV-cache time gain is measured)")
 
     def save(self, out: Path) -> None:
         save_json(asdict(self), out / "settings.json")
@@ -292,19 +304,25 @@ def stage_solve(out: Path, settings: RunSettings):
     if settings.metric == "ET" and inconsistency(gains.quality):
         raise ArtifactError(inconsistency(gains.quality))
     prefill_gains = gains
-    gains, _ = objective_gains(out, settings, gains)
+    gains, dec = objective_gains(out, settings, gains)
+    if settings.kv_cache is not None:
+        from .kvcache import kv_spec
+
+        guard_kv = {"kv_cache": kv_spec(dec, [settings.kv_cache], settings.rt_device)}
+    else:
+        guard_kv = {}
     inputs = _inputs(out, "sensitivity.json", "partition.json", "gains.json",
                      *(["gains_decode.json"] if settings.objective != "prefill" else []))
     t0 = time.perf_counter()
     guard = {"noise": settings.noise, "min_sqnr_db": settings.min_sqnr_db}
-    front = frontier(sens, part, gains, metric=settings.metric, **guard)
+    front = frontier(sens, part, gains, metric=settings.metric, **guard, **guard_kv)
     log.info("frontier: %d distinct points in %.2f s", len(front), time.perf_counter() - t0)
     if settings.target_speedup is not None:
         # the solver takes the fraction of prefill time saved: speedup S saves 1 - 1/S
         plan = solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup,
-                     **guard)
+                     **guard, **guard_kv)
     else:
-        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard)
+        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard, **guard_kv)
     plan.model = settings.model
     plan.inputs = inputs
     save_frontier(front, out / "frontier.json", inputs=inputs, objective=settings.objective)
@@ -320,8 +338,9 @@ def stage_solve(out: Path, settings: RunSettings):
             except ArtifactError as e:
                 log.warning("no %s frontier: %s", obj, e)
                 continue
-            save_frontier(frontier(sens, part, g_obj, metric=settings.metric, **guard), out / f"frontier_{obj}.json",
-                          inputs=inputs, objective=obj)
+            kv = guard_kv if obj != "prefill" else {}
+            save_frontier(frontier(sens, part, g_obj, metric=settings.metric, **guard, **kv),
+                          out / f"frontier_{obj}.json", inputs=inputs, objective=obj)
     plan.save(out / "plan.json")
     return plan, front
 
@@ -372,6 +391,12 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         model, tok = load(settings)
     plan = Plan.load(out / "plan.json")
     check_fresh(out, "plan.json", plan.inputs)
+    from .kvcache import is_kv_op
+
+    if any(is_kv_op(op) and f != plan.reference_format for op, f in plan.assignment.items()):
+        raise IpampError("the plan stores KV caches in low precision, which neither this device's backend nor the "
+                         "fake quantisation applies: its loss and speed cannot be measured here (the export carries "
+                         "it to optimum-habana / vLLM-Gaudi); re-solve without --kv-cache to evaluate")
     sens = Sensitivity.load(out / "sensitivity.json")
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")

@@ -105,10 +105,9 @@ def objective_gains(prefill: Gains, decode: Gains | None = None, objective: str 
 
 
 def mix_gains(prefill: Gains, decode: Gains, weights: tuple[float, float] = DEFAULT_MIX_WEIGHTS) -> Gains:
-    """ET = w_TTFT·ET_prefill + w_TPOT·ET_decode per (group, config), CIs in quadrature (independent measurements), a
-    config flagged in either phase flagged; M (weight bytes) is the same in both phases; the reference time is the
-    weighted reference (a request's TTFT + w_TPOT·TPOT when w_TTFT = 1). Other metrics are left out: they are
-    per phase."""
+    """Per (group, config) and per time metric both records have (ET, RT): w_TTFT·prefill + w_TPOT·decode; ET's CIs
+    in quadrature (independent measurements), a config flagged in either phase flagged. M (weight bytes) is the same
+    in both phases; the reference time is the weighted reference (a request's TTFT + w_TPOT·TPOT when w_TTFT = 1)."""
     wp, wd = (float(w) for w in weights)
     if not (len(weights) == 2 and all(math.isfinite(w) and w >= 0 for w in (wp, wd)) and wp + wd > 0):
         raise BudgetSpecError(f"mix weights are two finite numbers >= 0, not both 0 (w_TTFT, w_TPOT), got {weights}")
@@ -117,20 +116,23 @@ def mix_gains(prefill: Gains, decode: Gains, weights: tuple[float, float] = DEFA
     groups = {}
     for name, gp in prefill.groups.items():
         gd = decode.groups[name]
-        if "ET" not in gp.gains or "ET" not in gd.gains:
-            raise ArtifactError(f"group {name} has no measured ET gains in both phases")
         n = len(gp.configs)
-        et = [wp * a + wd * b for a, b in zip(gp.gains["ET"], gd.gains["ET"], strict=True)]
-        cp, cd = gp.ci.get("ET") or [0.0] * n, gd.ci.get("ET") or [0.0] * n
-        ci = [math.hypot(wp * a, wd * b) for a, b in zip(cp, cd, strict=True)]
-        fp, fd = gp.flags.get("ET") or [""] * n, gd.flags.get("ET") or [""] * n
-        flags = ["; ".join(f"{ph}: {x}" for ph, x in (("prefill", a), ("decode", b)) if x) for a, b in zip(fp, fd,
-                                                                                                          strict=True)]
-        gains, source = {"ET": et}, {"ET": f"{wp:g} x prefill ({gp.source.get('ET', '')}) + {wd:g} x decode "
-                                           f"({gd.source.get('ET', '')})"}
+        gains: dict[str, list[float]] = {}
+        source: dict[str, str] = {}
+        for m in ("ET", "RT"):
+            if m in gp.gains and m in gd.gains:
+                gains[m] = [wp * a + wd * b for a, b in zip(gp.gains[m], gd.gains[m], strict=True)]
+                source[m] = f"{wp:g} x prefill ({gp.source.get(m, '')}) + {wd:g} x decode ({gd.source.get(m, '')})"
+        if not gains:
+            raise ArtifactError(f"group {name} has no time gains (ET or RT) in both phases")
         if "M" in gp.gains:
             gains["M"], source["M"] = gp.gains["M"], gp.source.get("M", "")
-        groups[name] = GroupGains(name, gp.configs, gains, {"ET": ci}, source, {"ET": flags})
+        cp, cd = gp.ci.get("ET") or [0.0] * n, gd.ci.get("ET") or [0.0] * n
+        fp, fd = gp.flags.get("ET") or [""] * n, gd.flags.get("ET") or [""] * n
+        flags = ["; ".join(f"{ph}: {x}" for ph, x in (("prefill", a), ("decode", b)) if x)
+                 for a, b in zip(fp, fd, strict=True)]
+        groups[name] = GroupGains(name, gp.configs, gains, {"ET": [math.hypot(wp * a, wd * b) for a, b in
+                                                                  zip(cp, cd, strict=True)]}, source, {"ET": flags})
     ref = wp * prefill.reference_time_s + wd * decode.reference_time_s
     quality = {"prefill": prefill.quality, "decode": decode.quality, "weights": [wp, wd],
                "consistent": bool(prefill.quality.get("consistent", True) and decode.quality.get("consistent", True))}
@@ -225,13 +227,14 @@ def _weight_bytes(sens: Sensitivity, op: str, fmt: str) -> float:
 
 def build_instance(
     sensitivity: Sensitivity, partition: Partition, gains: Gains, metric: str = "ET", noise: str = DEFAULT_NOISE,
-    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB, shift: bool = True,
+    min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB, shift: bool = True, kv_cache: Any = None,
 ) -> Instance:
     """Tabulate ε_{g,c} and t_{g,c} for every allowed config; configs that quantize an unreached op are dropped.
 
     ``min_sqnr_db``: also drop configs putting an op in a format whose input SQNR is below this. The Taylor model
     is first order; where the rounding error is not small (per-tensor INT8 on outlier-dominated activations such
     as Llama's down_proj input, SQNR 7-19 dB on SmolLM2) the measured loss MSE exceeds the prediction many times.
+    ``kv_cache`` (a ``kvcache.KVCacheSpec``): each attention group also chooses its K and V cache formats.
     """
     if metric not in METRICS:
         raise BudgetSpecError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -280,7 +283,7 @@ def build_instance(
     ref_bytes = None
     if sensitivity.ops:
         ref_bytes = sum(_weight_bytes(sensitivity, op, ref) for g in groups for op in g.ops)
-    return Instance(
+    inst = Instance(
         model=gains.model or sensitivity.model,
         metric=metric,
         noise=noise,
@@ -292,6 +295,11 @@ def build_instance(
         min_sqnr_db=min_sqnr_db,
         objective=gains.phase,
     )
+    if kv_cache is not None:
+        from .kvcache import add_kv_cache
+
+        inst = add_kv_cache(inst, sensitivity, kv_cache, min_sqnr_db)
+    return inst
 
 
 def _memory_gain(inst: Instance, sens: Sensitivity | None, g: GroupChoices) -> list[float]:
@@ -800,6 +808,7 @@ def solve(
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     shift: bool = True,
     fast: bool = True,
+    kv_cache: Any = None,
 ) -> Plan:
     """Choose one config per group.
 
@@ -807,12 +816,13 @@ def solve(
     loss MSE s.t. gain ≥ target, in the metric's units) or ``target_speedup`` (ET only: the predicted time
     saved ≥ this fraction of ``gains.reference_time_s``; 0.3 = "30 % less prefill time").
     ``memory_budget_bytes`` optionally caps the total weight memory of the quantizable ops. ``fast``: see
-    ``GroupChoiceIP`` (False: the Pyomo path, same answers, slower on large instances).
+    ``GroupChoiceIP`` (False: the Pyomo path, same answers, slower on large instances). ``kv_cache``: a
+    ``kvcache.KVCacheSpec`` (each attention group also chooses its KV-cache formats; metric M or RT).
     """
     given = [x is not None for x in (beta, target_gain, target_speedup)]
     if sum(given) != 1:
         raise BudgetSpecError("give exactly one of beta, target_gain or target_speedup")
-    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift, kv_cache)
     ip = GroupChoiceIP(inst, sensitivity, time_limit_s, fast=fast)
     mem_min = _memory_requirement(ip, memory_budget_bytes)
 
@@ -936,11 +946,12 @@ def frontier(
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB,
     shift: bool = True,
     fast: bool = True,
+    kv_cache: Any = None,
 ) -> list[Plan]:
     """Sweep β over one persistent model; return the de-duplicated Pareto points sorted by gain.
 
     ``fast``: see ``GroupChoiceIP`` (False: the Pyomo path, same answers, slower on large instances)."""
-    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift)
+    inst = build_instance(sensitivity, partition, gains, metric, noise, min_sqnr_db, shift, kv_cache)
     ip = GroupChoiceIP(inst, None, time_limit_s, fast=fast)
     betas = default_betas(inst) if betas is None else list(betas)
     plans, uncertified = [], []

@@ -30,7 +30,10 @@ Which modules an engine has, read from its sources (tests/data/engine_modules/ l
   ``fused_scaled_dot_product_attention``). MoE experts (vLLM's FusedMoE) are not exported: they stay BF16.
 
 Attention helpers follow the BGEMM whose operand they carry (K cache and Q·Kᵀ; V cache, softmax and P·V) and the
-fused kernels doing both products need both: nothing runs FP8 that the plan did not put in FP8.
+fused kernels doing both products need both: nothing runs FP8 that the plan did not put in FP8. A plan that decides
+the KV cache itself (``<attention>.k_cache``/``.v_cache``, ``inc_ipamp.kvcache``) sets those modules as it says
+(under ``self_attn.attn.impl`` for vLLM-Gaudi); a transformers model has no such module, so for engine ``inc`` the
+note says the cache stays high precision there.
 """
 
 from __future__ import annotations
@@ -121,6 +124,8 @@ def _target(op: str, engine: str) -> tuple[str | None, str | None]:
     prefix, _, leaf = op.rpartition(".")
     if leaf in ("matmul_qk", "matmul_av") and prefix:
         return f"{prefix}{ATTENTION_HOME[engine]}.{leaf}", prefix
+    if leaf in ("k_cache", "v_cache") and prefix:  # a KV-cache decision of the plan (inc_ipamp.kvcache)
+        return f"{prefix}{ATTENTION_HOME[engine]}.{leaf}", None
     expert = _EXPERT.match(op)
     if expert and engine == "optimum-habana":
         # GaudiMixtralSparseMoeBlock runs all its experts in one INC op. transformers 5 names Mixtral's block `mlp`;
@@ -207,7 +212,13 @@ def map_plan(plan: Plan, engine: str, on_conflict: str = "bf16") -> EngineMappin
     for prefix, bgemms in attention.items():
         base = f"{prefix}{ATTENTION_HOME[engine]}"
         for helper, deps in HELPERS[engine].items():
+            if f"{prefix}.{helper}" in side:  # the plan decided this cache itself
+                continue
             modules[f"{base}.{helper}"] = "fp8" if all(bgemms.get(d) == "fp8" for d in deps) else "bf16"
+    kv = sorted(op for op in side if op.rpartition(".")[2] in ("k_cache", "v_cache") and side[op] == "fp8")
+    if kv and engine == "inc":
+        notes.append(f"{len(kv)} KV-cache decision(s) in FP8 name optimum-habana's k_cache/v_cache modules: a "
+                     "transformers model has none, so INC leaves its cache in high precision")
     if "lm_head" not in modules:  # plans made without the head leave it out: absent ops are reference
         modules["lm_head"] = "bf16"
         notes.append("lm_head is not in the plan: kept in BF16")

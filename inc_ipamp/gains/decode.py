@@ -41,7 +41,7 @@ from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, prime
 from .cache import MeasurementCache, cache_key
 from .measure import RETRIES, _emulated_configs, check_quality, enclosing_module, time_group_config
-from .theory import memory_gain
+from .theory import memory_gain, roofline_device, roofline_gain
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,15 @@ def decode_op_shapes(model: nn.Module, step: DecodeStep, ops: dict[str, str]) ->
 def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
                          batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 3,
                          cache_path: str | Path | None = None, span: int | None = None, retries: int = RETRIES,
-                         reference_reps: int | None = None, progress: bool = True, seed: int = 0) -> Gains:
+                         reference_reps: int | None = None, progress: bool = True, seed: int = 0,
+                         roofline: str | None = None) -> Gains:
     """Gains record (``phase="decode"``, ``seq_len`` = the context length) of every group × config for one decode
     step: ET measured on sub-graphs with a real KV cache, checked and re-measured like prefill's (``measure``), M the
-    weight bytes saved. ``reference_time_s`` is the all-reference decode step; ``quality.consistent`` whether the best
-    gains of all groups add up to less than it. Configs the backend only emulates are flagged, never timed."""
+    weight bytes saved, RT (with ``roofline``, a device of ``theory.ROOFLINE_DEVICES``) the roofline time saved at the
+    decode step's own operand shapes. ``reference_time_s`` is the all-reference decode step; ``quality.consistent``
+    whether the best gains of all groups add up to less than it; ``quality.kv_cache`` the KV cache's geometry (what a
+    KV-cache precision decision saves, ``inc_ipamp.kvcache``). Configs the backend only emulates are flagged, never
+    timed."""
     from ..runtime import Progress, loaded, machine_state
     from . import get_backend
 
@@ -170,6 +174,9 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     if span is not None and span < 1:
         raise IpampError(f"span must be >= 1 (got {span})")
     ref = formats[0]
+    rt_missing = [f for f in formats if roofline and f not in roofline_device(roofline).peak_tflops]
+    if rt_missing:
+        raise IpampError(f"{roofline} has no published peak for {', '.join(rt_missing)}: no RT decode gains")
     be = backend if isinstance(backend, Backend) else get_backend(backend)
     if be.name == "table":
         raise IpampError("decode gains are measured on a device; the table backend replays prefill gains only")
@@ -218,10 +225,11 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         return {"group": representative[k].name, "signature": k, "config": list(c), **r}
 
     t0 = time.perf_counter()
+    keys: dict[tuple[str, tuple[str, ...]], str] = {}
     with Progress(len(todo), "measure: timing decode-step group configs", unit="config", enabled=progress) as bar:
         for k, g, c in todo:
-            key = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
-                            span=len(timed_with[k]), **base)
+            key = keys[(k, c)] = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
+                                           span=len(timed_with[k]), **base)
             rec = cache.get(key)
             if rec is not None and not rec.get("flag"):
                 counts["reused"] += 1
@@ -240,11 +248,13 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
             recs[(k, c)] = rec
             bar.update()
     for k in representative:  # reference drift over the whole signature, now that every config is in
-        mine = [r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated]
+        mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
         if len(mine) >= 3:
-            med = statistics.median(r["t_ref_s"] for r in mine)
-            for r in mine:
-                r["flag"] = r.get("flag") or check_quality(r, med)
+            med = statistics.median(r["t_ref_s"] for r in mine.values())
+            for c, r in mine.items():
+                if not r.get("flag") and check_quality(r, med):
+                    r["flag"] = check_quality(r, med)
+                    cache.put(keys[(k, c)], r)  # flagged in the cache too: the next run re-times it
     groups: dict[str, GroupGains] = {}
     flagged = []
     for g in partition.groups:
@@ -266,6 +276,10 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
             {"ET": f"measured:{be.name} decode step on sub-graph {enclosing_module(g.ops)}"
                    + (f", mean over {n_t} groups of its signature" if n_t > 1 else ""), "M": "weight bytes saved"},
             {"ET": flags})
+        if roofline:  # shapes captured in the decode step itself: one token against the cache
+            groups[g.name].gains["RT"] = [sum(roofline_gain(kinds[op], shapes[op], ref, f, roofline)
+                                              for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
+            groups[g.name].source["RT"] = f"roofline on {roofline} at the decode step's shapes (datasheet figures)"
     notes.append(f"ET (decode): {len(representative)} signature(s), {counts['timed']} timed sub-graph calls "
                  f"({reps} reps x 2, interleaved, {warmup} warm-up pairs) in {time.perf_counter() - t0:.1f} s, "
                  f"{counts['reused']} config(s) from the cache, {counts['remeasured']} re-measurement(s)")
@@ -275,12 +289,24 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     state_end = machine_state()
     quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
                "flagged": flagged, "sum_best_gain_s": best, "reference_decode_s": ref_t, "consistent": best < ref_t,
-               "loaded": loaded(state_start) or loaded(state_end)}
+               "loaded": loaded(state_start) or loaded(state_end), "kv_cache": kv_geometry(step)}
     if flagged:
         log.warning("decode: %d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s)",
                     len(flagged), len(todo), flagged[0])
     return Gains(partition.model, be.device_string(), list(formats), batch, context, ref_t, groups, counts["timed"],
                  notes, quality, phase="decode")
+
+
+def kv_geometry(step: DecodeStep) -> dict[str, Any]:
+    """Per layer: the cached K (and V) tensor's shape (batch, kv heads, context, head dim) and element count, read from
+    the decode step's real cache (the KV-cache decision's memory and bandwidth gains are computed from it)."""
+    out = {}
+    for i, layer in enumerate(step.cache.layers):
+        if getattr(layer, "keys", None) is not None:
+            b, h, _, d = layer.keys.shape
+            out[str(i)] = {"batch": b, "kv_heads": h, "context": step.context, "head_dim": d,
+                           "numel": b * h * step.context * d}
+    return out
 
 
 def reference_decode_time(model: nn.Module, step: DecodeStep, backend: Backend, reps: int = 10,
