@@ -81,8 +81,9 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     n_sig = len({gr.signature for gr in part.groups})
     n_cfg = sum(len(gr.configs(FORMATS)) - 1 for gr in {gr.signature: gr for gr in part.groups}.values())
     assert n_sig == 5 and n_cfg == 31 + 1 + 3 + 1 + 1
-    # default span: each timed run calls the group in both layers (lm_head: one); reps 2 x (ref, cfg)
-    assert g.timed_runs == 2 * 2 * (2 * 36 + 1) and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    # default span: each timed run calls the group in both layers (lm_head: one); 2 rounds of one shared reference
+    # run + one run per config of the signature (31 + 1 + 3 + 1 in both layers, lm_head 1)
+    assert g.timed_runs == 2 * (2 * (32 + 2 + 4 + 2) + 1 * 2) and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
     assert "mean over 2 groups" in g.groups[part.groups[0].name].source["ET"]
     assert g.reference_time_s and g.reference_time_s > 0
     l0, l1 = part.groups[0].name, part.groups[4].name  # attention of layer 0 and layer 1
@@ -109,17 +110,17 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
 def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
     model, part = tiny
     seen = []
-    real = measure_mod.time_group_config
+    real = measure_mod.time_group_configs
 
-    def spy(model, backend, groups, config, inputs, reps, warmup):
+    def spy(model, backend, groups, configs, inputs, reps, warmup, **kw):
         seen.append([g.name for g in groups])
-        r = real(model, backend, groups, config, inputs, reps, warmup)
-        assert r["span"] == len(groups)
-        return r
+        rs = real(model, backend, groups, configs, inputs, reps, warmup, **kw)
+        assert all(r["span"] == len(groups) for r in rs)
+        return rs
 
-    monkeypatch.setattr(measure_mod, "time_group_config", spy)
+    monkeypatch.setattr(measure_mod, "time_group_configs", spy)
     one = measure_gains(model, part, FORMATS, metrics=("ET",), span=1, **FAST)
-    assert one.timed_runs == 2 * 2 * 37 and all(len(s) == 1 for s in seen)
+    assert one.timed_runs == 2 * (32 + 2 + 4 + 2 + 2) and all(len(s) == 1 for s in seen)
     seen.clear()
     both = measure_gains(model, part, FORMATS, metrics=("ET",), **FAST)
     att = [g.name for g in part.groups if "q_proj" in g.name]
@@ -132,25 +133,25 @@ def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
 def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
     model, part = tiny
     path = tmp_path / "c.jsonl"
-    real = measure_mod.time_group_config
+    real = measure_mod.time_group_configs
     calls = {"n": 0}
 
-    def dies_after_5(*a, **k):
+    def dies_after_2(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 5:
+        if calls["n"] > 2:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(measure_mod, "time_group_config", dies_after_5)
+    monkeypatch.setattr(measure_mod, "time_group_configs", dies_after_2)
     monkeypatch.setattr(measure_mod, "check_quality", lambda rec, med: "")  # flagged records are re-measured
     with pytest.raises(KeyboardInterrupt):
         measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert len(path.read_text().splitlines()) == 5
+    assert len(path.read_text().splitlines()) == 31 + 1  # two signatures: attention and o_proj
     with open(path, "a") as f:  # a crash in the middle of a write
         f.write('{"key": "abc", "gain_')
-    monkeypatch.setattr(measure_mod, "time_group_config", real)
+    monkeypatch.setattr(measure_mod, "time_group_configs", real)
     g = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert g.timed_runs == 2 * 2 * (2 * 36 + 1 - 2 * 5)  # the first 5 configs (2-layer spans) were cached
+    assert g.timed_runs == 2 * (2 * (4 + 2) + 1 * 2)  # gate/up, down (2-layer spans) and lm_head are left
     assert any("skipped 1 corrupt line" in n for n in g.notes)
     again = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
     assert again.timed_runs == 0
@@ -216,3 +217,62 @@ def test_prefill_timers(tiny) -> None:
     c = compare_prefill(model, ids, be, {"lm_head": "int8"}, reps=2, warmup=0)
     assert set(c) >= {"gain_s", "ci_s", "t_ref_s", "t_cfg_s"}
     assert bootstrap_ci([1.0] * 5) == 0.0 and bootstrap_ci([1.0, 2.0, 3.0]) > 0
+
+
+# -- adaptive repetitions with one shared reference per round (base.interleaved_times) --------------------------------
+def _fake_clock(seconds):
+    """A timer that calls nothing: each 'function' is a key whose next duration ``seconds(key, call_no)`` gives."""
+    counts: dict = {}
+
+    def timer(fn, sync):
+        counts[fn] = counts.get(fn, 0) + 1
+        return seconds(fn, counts[fn])
+    return timer, counts
+
+
+def test_interleaved_times_share_one_reference_run_per_round() -> None:
+    from inc_ipamp.gains.base import interleaved_times
+
+    # the machine gets twice as slow from the 4th run of each callable on: the pairs stay in step
+    timer, counts = _fake_clock(lambda fn, n: {"ref": 10.0, "a": 6.0, "b": 8.0}[fn] * (2 if n > 3 else 1))
+    out = interleaved_times("ref", ["a", "b"], reps=6, warmup=0, timer=timer)
+    assert counts == {"ref": 6, "a": 6, "b": 6}  # 18 runs; one reference per config run would be 24
+    for (t_ref, t_cfg), frac in zip(out, (0.6, 0.8), strict=True):
+        assert len(t_ref) == 6 and [c / r for r, c in zip(t_ref, t_cfg, strict=True)] == pytest.approx([frac] * 6)
+
+
+def test_adaptive_repetitions_stop_a_settled_config_early() -> None:
+    from inc_ipamp.gains.base import interleaved_times
+
+    noisy = iter([1.0, 9.0] * 50)
+    timer, counts = _fake_clock(lambda fn, n: {"ref": 10.0, "steady": 5.0}.get(fn) or next(noisy))
+    out = interleaved_times("ref", ["steady", "noisy"], reps=10, warmup=1, min_reps=4, timer=timer,
+                            settled=lambda tr, tc: measure_mod.precise_enough(measure_mod.gain_stats(tr, tc)))
+    assert [len(t) for t, _ in out] == [4, 10]  # the steady gain stops at min_reps, the noisy one runs to reps
+    assert counts == {"ref": 11, "steady": 5, "noisy": 11}  # 1 warm-up round
+    # without a stopping rule every config runs reps rounds
+    out = interleaved_times("ref", ["steady"], reps=7, warmup=0, min_reps=4, timer=_fake_clock(lambda f, n: 1.0)[0])
+    assert len(out[0][0]) == 7
+
+
+def test_precise_enough_rule() -> None:
+    rec = {"gain_s": 2e-3, "ci_s": 0.3e-3, "t_ref_s": 10e-3}
+    assert measure_mod.precise_enough(rec)  # CI within 20% of the gain
+    assert not measure_mod.precise_enough({**rec, "ci_s": 0.5e-3})  # 25% of the gain, 5% of t_ref
+    assert measure_mod.precise_enough({**rec, "gain_s": 0.0, "ci_s": 0.05e-3})  # about nothing, known to 0.5%
+    assert not measure_mod.precise_enough({**rec, "ci_s": float("nan")})
+
+
+def test_measure_gains_times_a_signature_in_one_batch(tiny, monkeypatch) -> None:
+    """All configs of a signature go to one shared-reference batch, with the adaptive floor passed on."""
+    model, part = tiny
+    seen = []
+    real = measure_mod.time_group_configs
+
+    def spy(model, backend, groups, configs, inputs, reps, warmup, **kw):
+        seen.append((len(configs), kw.get("min_reps")))
+        return real(model, backend, groups, configs, inputs, reps, warmup, **kw)
+
+    monkeypatch.setattr(measure_mod, "time_group_configs", spy)
+    measure_gains(model, part, FORMATS, metrics=("ET",), **{**FAST, "measure_emulated": False})
+    assert seen == [(7, measure_mod.MIN_REPS), (1, 5), (3, 5), (1, 5), (1, 5)]

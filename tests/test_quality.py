@@ -38,13 +38,16 @@ def test_check_quality_rules() -> None:
 
 
 def _fake_timer(plan: dict[tuple[str, ...], list[dict]], calls: list):
-    """time_group_config stand-in: per config a list of records returned on successive measurements."""
-    def fake(model, backend, groups, config, inputs, reps, warmup):
+    """time_group_configs stand-in: per config a list of records returned on successive measurements."""
+    def one(config, reps):
         calls.append((tuple(config), reps))
         seq = plan.get(tuple(config))
         if seq is None:
             return _rec(0.5, 0.05)
         return dict(seq[min(sum(1 for c, _ in calls if c == tuple(config)) - 1, len(seq) - 1)])
+
+    def fake(model, backend, groups, configs, inputs, reps, warmup, min_reps=None, seed=0):
+        return [one(c, reps) for c in configs]
     return fake
 
 
@@ -54,7 +57,7 @@ def test_noisy_config_is_remeasured_then_kept_or_flagged(tiny, monkeypatch, tmp_
     good_later = ("int8", "fp32")  # noisy once, fine with twice the repetitions
     always_bad = ("int8", "int8")  # noisy every time, with a huge apparent gain (what burned the user)
     calls: list = []
-    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer(
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer(
         {good_later: [_rec(1.0, 5.0), _rec(1.0, 0.2)], always_bad: [_rec(30.4, 31.3)]}, calls))
     g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
                       metrics=("ET",), cache_path=tmp_path / "c.jsonl")
@@ -79,7 +82,7 @@ def test_noisy_config_is_remeasured_then_kept_or_flagged(tiny, monkeypatch, tmp_
 
     # a later run re-measures the flagged config (the machine may be quieter), reuses the rest
     calls.clear()
-    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({}, calls))
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({}, calls))
     again = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
                           metrics=("ET",), cache_path=tmp_path / "c.jsonl")
     assert [c for c, _ in calls] == [always_bad]
@@ -92,7 +95,7 @@ def test_reference_drift_is_caught_across_siblings(tiny, monkeypatch) -> None:
     att = next(g for g in part.groups if len(g.ops) == 5)
     bad = ("int8", "fp32", "int8", "fp32", "fp32")
     calls: list = []
-    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({bad: [_rec(30.4, 2.0, t_ref_ms=58.8)]}, calls))
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({bad: [_rec(30.4, 2.0, t_ref_ms=58.8)]}, calls))
     g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
                       metrics=("ET",))
     gg = g.groups[att.name]
@@ -100,6 +103,34 @@ def test_reference_drift_is_caught_across_siblings(tiny, monkeypatch) -> None:
     assert sum(1 for c, _ in calls if c == bad) >= 2  # re-measured before being flagged
     others = [f for i, f in enumerate(gg.flags["ET"]) if i != gg.configs.index(list(bad))]
     assert all(f == "" or f.startswith("no real kernel") for f in others)  # the siblings stay usable
+
+
+def test_moderate_reference_drift_is_rescaled_not_flagged(tiny, monkeypatch, tmp_path) -> None:
+    """Table 1's case: the most valuable config timed while the machine was 1.5x faster than during its siblings
+    (t_ref 14.7 vs 22.4 ms) was flagged and never planned. Its gain was paired with reference runs of the same
+    rounds, so it is expressed at the siblings' median reference time instead, without re-measuring."""
+    model, part = tiny
+    att = next(g for g in part.groups if len(g.ops) == 5)
+    fast = ("int8", "int8", "fp32", "fp32", "fp32")
+    calls: list = []
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({fast: [_rec(3.0, 0.3, t_ref_ms=6.6)]}, calls))
+    g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
+                      metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    gg = g.groups[att.name]
+    i = gg.configs.index(list(fast))
+    assert gg.flags["ET"][i] == "" and gg.gains["ET"][i] == pytest.approx(3.0e-3 * 10.0 / 6.6)
+    assert gg.ci["ET"][i] == pytest.approx(0.3e-3 * 10.0 / 6.6)
+    assert sum(1 for c, _ in calls if c == fast) == 1  # rescaled, not re-measured
+    assert any("1 drifted config(s) rescaled" in n for n in g.notes) and g.quality["flagged_configs"] == 0
+    rec = next(r for r in measure_mod.MeasurementCache(tmp_path / "c.jsonl").entries.values()
+               if tuple(r["config"]) == fast)
+    assert rec["gain_s"] == pytest.approx(3.0e-3) and "rescaled" not in rec  # the cache keeps what was measured
+    again = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
+                          metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    assert again.groups[att.name].gains["ET"][i] == pytest.approx(3.0e-3 * 10.0 / 6.6)  # decided alike on reuse
+    # beyond MAX_RESCALE either way: no factor (re-measured, then flagged: test above)
+    assert measure_mod.rescale_drift(_rec(2.0, 0.5, t_ref_ms=58.8), 6.0e-3) == 0.0
+    assert measure_mod.rescale_drift(_rec(2.0, 0.5, t_ref_ms=2.9), 6.0e-3) == 0.0
 
 
 def test_inconsistent_gains_are_refused_by_solve(tiny, monkeypatch, tmp_path) -> None:
@@ -110,7 +141,7 @@ def test_inconsistent_gains_are_refused_by_solve(tiny, monkeypatch, tmp_path) ->
 
     model, part = tiny
     calls: list = []
-    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({}, calls))
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({}, calls))
     monkeypatch.setattr(measure_mod, "time_prefill", lambda *a, **k: {"median_s": 1e-3})  # 1 ms prefill
     g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2)
     assert g.quality["consistent"] is False and g.quality["sum_best_gain_s"] > 1e-3
@@ -154,7 +185,7 @@ def test_emulated_only_configs_are_not_timed_and_never_planned(tiny, monkeypatch
     them in INT8: they are flagged, not timed, so the measurement is cheaper and no plan claims them."""
     model, part = tiny
     calls: list = []
-    monkeypatch.setattr(measure_mod, "time_group_config", _fake_timer({}, calls))
+    monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({}, calls))
     g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
                       metrics=("ET",))
     att = next(x for x in part.groups if len(x.ops) == 5)

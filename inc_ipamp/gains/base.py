@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -236,6 +236,45 @@ def paired_times(fn_ref: Callable[[], object], fn_cfg: Callable[[], object], rep
             t_cfg.append(_timed(fn_cfg, sync))
             t_ref.append(_timed(fn_ref, sync))
     return t_ref, t_cfg
+
+
+def interleaved_times(fn_ref: Callable[[], object], fns: Sequence[Callable[[], object]], reps: int, warmup: int,
+                      sync: Callable[[], None] = lambda: None, min_reps: int | None = None,
+                      settled: Callable[[list[float], list[float]], bool] | None = None, seed: int = 0,
+                      timer: Callable[[Callable[[], object], Callable[[], None]], float] = _timed,
+                      ) -> list[tuple[list[float], list[float]]]:
+    """Time several configs against one shared reference: each round runs the reference and every config still
+    active once, in a fresh random order, so drift cancels as in ``paired_times`` at about half the runs (one
+    reference run per round instead of one per config run), and every config's gain is paired with reference runs
+    made in the same rounds (a machine that slows down slows its reference too).
+
+    Adaptive repetitions: a config leaves after ``min_reps`` rounds once ``settled(t_ref, t_cfg)`` says its gain is
+    known well enough; none runs more than ``reps`` rounds. Returns (t_ref, t_cfg) per config, paired by round.
+    ``timer(fn, sync)`` -> seconds is injectable so the schedule can be tested without a clock.
+    """
+    import random
+
+    n = len(fns)
+    for _ in range(warmup):
+        for f in (fn_ref, *fns):
+            timer(f, sync)
+    t_ref: list[list[float]] = [[] for _ in range(n)]
+    t_cfg: list[list[float]] = [[] for _ in range(n)]
+    active = list(range(n))
+    floor = reps if min_reps is None or settled is None else max(1, min(min_reps, reps))
+    rng = random.Random(seed)
+    for r in range(reps):
+        if not active:
+            break
+        order = [-1, *active]
+        rng.shuffle(order)
+        times = {i: timer(fn_ref if i < 0 else fns[i], sync) for i in order}
+        for i in active:
+            t_ref[i].append(times[-1])
+            t_cfg[i].append(times[i])
+        if r + 1 >= floor and settled is not None:
+            active = [i for i in active if not settled(t_ref[i], t_cfg[i])]
+    return list(zip(t_ref, t_cfg, strict=True))
 
 
 def gain_stats(t_ref: list[float], t_cfg: list[float]) -> dict[str, float]:

@@ -36,7 +36,7 @@ from ..models import model_fingerprint
 from ..ops import install_attention, tied_linears
 from ..partition import default_example_ids, first_calls, list_ops, suffix
 from ..records import Gains, Group, GroupGains, Partition
-from .base import Backend, gain_stats, paired_times, prime, time_prefill
+from .base import Backend, gain_stats, interleaved_times, prime, time_prefill
 from .cache import MeasurementCache, cache_key
 from .theory import (
     BACKEND_DEVICE,
@@ -59,6 +59,15 @@ RETRIES = 1  # re-measurements (each with twice the repetitions) before a config
 #: re-measuring stops (what fails is flagged at once) when it has cost this fraction of the first measurements:
 #: on a badly overloaded machine most configs fail, and re-measuring all of them tripled the stage's time
 REMEASURE_BUDGET = 0.5
+#: a drifted config (its reference time off its signature's median by more than MAX_REF_DRIFT) whose reference
+#: ran at most this factor slower or faster is rescaled to the median instead of flagged: its gain was paired with
+#: reference runs of the same rounds, so a machine that slowed down by s inflated both by s (``rescale_drift``)
+MAX_RESCALE = 2.0
+#: adaptive repetitions: a config is timed at least MIN_REPS rounds and stops early once its CI is within
+#: PRECISE_REL of its gain or PRECISE_ABS of its reference time (``precise_enough``); at most ``reps`` rounds
+MIN_REPS = 5
+PRECISE_REL = 0.2
+PRECISE_ABS = 0.01
 
 
 def enclosing_module(ops: Sequence[str]) -> str:
@@ -77,20 +86,22 @@ def capture_module_inputs(model: nn.Module, names: Sequence[str], ids: torch.Ten
     return first_calls(model, names, ids, lambda n, args, kwargs: (args, kwargs))
 
 
-def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group], config: Sequence[str],
-                      inputs: Sequence[tuple], reps: int, warmup: int) -> dict[str, float]:
-    """Gain per group of running ``groups`` (same signature) in ``config``, rest reference.
+def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Group], configs: Sequence[Sequence[str]],
+                       inputs: Sequence[tuple], reps: int, warmup: int, min_reps: int | None = None,
+                       seed: int = 0) -> list[dict[str, float]]:
+    """Gain per group of running ``groups`` (same signature) in each of ``configs``, the rest reference.
 
-    One timed run calls each group's enclosing module on its own captured inputs, back to back; reference
-    and config runs are interleaved. Gain and CI are divided by ``len(groups)``.
+    One timed run calls each group's enclosing module on its own captured inputs, back to back; the configs are
+    timed together against one shared reference run per round (``base.interleaved_times``). With ``min_reps``, a
+    config stops after that many rounds once ``precise_enough`` holds for it (adaptive repetitions). Gain and
+    CI are divided by ``len(groups)``.
     """
     calls = []
-    assignment: dict[str, str] = {}
     for g, inp in zip(groups, inputs, strict=True):
         encl = enclosing_module(g.ops)
         args, kwargs = inp if encl else (inp[0], {"use_cache": False})
         calls.append((encl, args, kwargs))
-        assignment.update(zip(g.ops, config, strict=True))
+    assignments = [{op: f for g in groups for op, f in zip(g.ops, c, strict=True)} for c in configs]
 
     def run(assign: dict[str, str]) -> Callable[[], object]:
         def fn() -> object:
@@ -98,21 +109,43 @@ def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group
                 return [m.get_submodule(e)(*a, **k) for e, a, k in calls]
         return fn
 
-    prime(backend, model, assignment)
-
-    t_ref, t_cfg = paired_times(run({}), run(assignment), reps, warmup, backend.synchronize)
-    r = gain_stats(t_ref, t_cfg)
+    for a in assignments:
+        prime(backend, model, a)
     n = len(calls)
-    return {k: (v / n if k.endswith("_s") else v) for k, v in r.items()} | {"span": n}
+
+    def settled(t_ref: list[float], t_cfg: list[float]) -> bool:
+        return precise_enough(gain_stats(t_ref, t_cfg))
+
+    timed = interleaved_times(run({}), [run(a) for a in assignments], reps, warmup, backend.synchronize,
+                              min_reps=min_reps, settled=settled if min_reps is not None else None, seed=seed)
+    out = []
+    for t_ref, t_cfg in timed:
+        r = gain_stats(t_ref, t_cfg)
+        out.append({k: (v / n if k.endswith("_s") else v) for k, v in r.items()} | {"span": n})
+    return out
+
+
+def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group], config: Sequence[str],
+                      inputs: Sequence[tuple], reps: int, warmup: int) -> dict[str, float]:
+    """``time_group_configs`` for one config, all ``reps`` rounds."""
+    return time_group_configs(model, backend, groups, [config], inputs, reps, warmup)[0]
+
+
+def precise_enough(rec: dict[str, Any]) -> bool:
+    """Adaptive repetitions' stopping rule: the gain's CI is within ``PRECISE_REL`` of the gain or within
+    ``PRECISE_ABS`` of the reference time (a gain of about nothing, known to be about nothing)."""
+    ci, gain, t_ref = rec["ci_s"], rec["gain_s"], rec["t_ref_s"]
+    return math.isfinite(ci) and (ci <= PRECISE_REL * abs(gain) or ci <= PRECISE_ABS * t_ref)
 
 
 def measure_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
-                  batch: int = 1, seq_len: int = 128, reps: int = 20, warmup: int = 3,
+                  batch: int = 1, seq_len: int = 128, reps: int = 20, warmup: int = 1,
                   cache_path: str | Path | None = None, table_path: str | Path | None = None,
                   metrics: Sequence[str] = METRICS, device_rates: dict[str, float] | str | None = None,
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
                   span: int | None = None, retries: int = RETRIES, roofline: str | None = None,
-                  measure_emulated: bool = False, distributed: bool = False) -> Gains:
+                  measure_emulated: bool = False, distributed: bool = False,
+                  min_reps: int | None = MIN_REPS) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
@@ -124,8 +157,12 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     so no plan contains them; ``measure_emulated=True`` times them anyway (for studies of emulation cost).
     ``cache_path`` (JSON lines) makes a long run resumable: measurements already there are reused.
     ``span``: how many groups of one signature each timed run calls back to back (None: all; 1: the
-    representative alone, hot in cache). ``retries``: re-measurements of a config that fails ``check_quality``
-    (each with twice the repetitions) before it is flagged; 0 flags without re-measuring.
+    representative alone, hot in cache). The configs of one signature are timed together against one shared
+    reference run per round (``time_group_configs``); ``warmup`` untimed rounds first, then up to ``reps`` rounds,
+    a config leaving after ``min_reps`` once its CI is tight (``precise_enough``; None: always ``reps``).
+    ``retries``: re-measurements of a config that fails ``check_quality`` (each with twice the repetitions) before
+    it is flagged; 0 flags without re-measuring. A config whose reference time drifted from its siblings' is
+    rescaled to their median where that is sound (``rescale_drift``), else re-measured once, then flagged.
     ``distributed``: every rank of the initialised ``torch.distributed`` world calls this with the same arguments and
     one shared ``cache_path``; the configurations are dealt to the ranks (``distributed.shard``), each appends its
     timings to the cache, and after a barrier every rank builds the same gains table from all of them (with rank 0's
@@ -205,7 +242,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
             timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
                                                      reference_reps or max(5, reps // 2), kinds, span, retries,
-                                                     measure_emulated, distributed)
+                                                     measure_emulated, distributed, min_reps)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
                  timed_runs, notes, quality)
@@ -230,6 +267,29 @@ def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
         return (f"reference drift: t_ref {t_ref * 1e3:.3g} ms vs {ref_median * 1e3:.3g} ms for the other configs "
                 "of its signature")
     return ""
+
+
+def rescale_drift(rec: dict[str, Any], ref_median: float, apply: bool = False) -> float:
+    """The factor ``ref_median / t_ref`` that expresses a drifted config at its signature's median reference time,
+    or 0.0 beyond ``MAX_RESCALE`` either way (such a config is re-measured or flagged instead).
+
+    Sound because the gain was paired with reference runs of the same rounds: a machine s times slower during
+    them made both t_ref and t_cfg s times longer, so the gain *fraction* gain/t_ref is what was measured, and the
+    signature's median t_ref says at which speed its siblings ran. (Flagging such configs instead kept the {gate,up}
+    INT8 config, the most valuable one, out of Table 1's IP-ET plans; benchmarks/results/table1.md.) ``apply``
+    multiplies the record's times, gain and CI by it and keeps the measured values under ``measured``.
+    """
+    t = rec.get("t_ref_s")
+    if not t or not ref_median or not (math.isfinite(t) and math.isfinite(ref_median)):
+        return 0.0
+    f = ref_median / t
+    if not 1 / MAX_RESCALE <= f <= MAX_RESCALE:
+        return 0.0
+    if apply:
+        keys = [k for k in ("gain_s", "ci_s", "t_ref_s", "t_cfg_s") if k in rec]
+        rec["measured"] = {k: rec[k] for k in keys}
+        rec.update({k: rec[k] * f for k in keys}, rescaled=f)
+    return f
 
 
 def inconsistency(quality: dict[str, Any]) -> str:
@@ -277,7 +337,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
                 reuse: bool, progress: bool, notes: list[str], reference_reps: int, kinds: dict[str, str],
                 span: int | None = None, retries: int = RETRIES, measure_emulated: bool = False,
-                distributed: bool = False) -> tuple[int, float, dict[str, Any]]:
+                distributed: bool = False, min_reps: int | None = MIN_REPS) -> tuple[int, float, dict[str, Any]]:
     """Time every config of every signature, check each measurement, re-measure what fails (module docstring).
     ``kinds``: {op: "linear" | "bgemm"}, to tell which configs the backend only emulates."""
     import statistics
@@ -300,22 +360,25 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     base: dict[str, Any] = dict(model=model_fingerprint(model), device=be.device_string(), batch=int(ids.shape[0]),
                                 seq_len=int(ids.shape[1]), code=__version__, backend=be.version)
     ref = formats[0]
-    counts = {"timed": 0, "reused": 0, "remeasured": 0}
+    counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
     todo = [(k, g, c) for k, g in representative.items() for c in g.configs(formats) if any(f != ref for f in c)]
     recs: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     keys: dict[tuple[str, tuple[str, ...]], str] = {}
 
     spent = {"first": 0.0, "again": 0.0}
 
-    def measure(k: str, g: Group, c: tuple[str, ...], n_reps: int, again: bool = False) -> dict[str, Any]:
+    def measure(k: str, cs: list[tuple[str, ...]], n_reps: int, again: bool = False) -> list[dict[str, Any]]:
+        """Time ``cs`` (configs of signature ``k``) together against one shared reference."""
         together = timed_with[k]
+        g = representative[k]
         t0 = time.perf_counter()
-        r = time_group_config(model, be, together, c,
-                              [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], n_reps, warmup)
+        rs = time_group_configs(model, be, together, cs,
+                                [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], n_reps, warmup,
+                                min_reps=min_reps)
         spent["again" if again else "first"] += time.perf_counter() - t0
-        counts["timed"] += 2 * n_reps * len(together)
-        return {"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops),
-                **r}
+        counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
+        return [{"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops), **r}
+                for c, r in zip(cs, rs, strict=True)]
 
     def affordable() -> bool:
         return spent["again"] <= REMEASURE_BUDGET * spent["first"]
@@ -338,35 +401,42 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     if world > 1 and cache_path is None:
         raise IpampError("a measurement sharded over ranks needs one cache_path that every rank can read and append to")
 
-    def timed(k: str, g: Group, c: tuple[str, ...]) -> dict[str, Any]:
-        """One config from the cache, or measured (with re-measurements while it fails the quality checks)."""
-        key = keys[(k, c)]
-        rec = cache.get(key)
-        if rec is not None and not rec.get("flag"):
-            counts["reused"] += 1
-        else:
-            rec = measure(k, g, c, reps)
-            # a first check against the configs measured so far; drift is re-checked once all are in
-            prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
-            med = statistics.median(prior) if len(prior) >= 2 else None
-            n_reps = reps
-            for _ in range(retries):
-                if not check_quality(rec, med) or not affordable():
-                    break
-                n_reps *= 2
-                counts["remeasured"] += 1
-                rec = measure(k, g, c, n_reps, again=True)
-            rec["flag"] = check_quality(rec, med)
-            cache.put(key, rec)
-        return rec
+    def timed(k: str, cs: list[tuple[str, ...]]) -> None:
+        """Configs of one signature from the cache, or measured together (the ones failing the quality checks
+        re-measured together with twice the repetitions while the budget allows)."""
+        pending = []
+        for c in cs:
+            rec = cache.get(keys[(k, c)])
+            if rec is not None and not rec.get("flag"):
+                counts["reused"] += 1
+                recs[(k, c)] = rec
+            else:
+                pending.append(c)
+        if not pending:
+            return
+        got = dict(zip(pending, measure(k, pending, reps), strict=True))
+        n_reps = reps
+        for _ in range(retries):
+            bad = [c for c in pending if check_quality(got[c], None)]
+            if not bad or not affordable():
+                break
+            n_reps *= 2
+            counts["remeasured"] += len(bad)
+            got.update(zip(bad, measure(k, bad, n_reps, again=True), strict=True))
+        for c in pending:
+            got[c]["flag"] = check_quality(got[c], None)
+            cache.put(keys[(k, c)], got[c])
+            recs[(k, c)] = got[c]
 
-    with Progress(len(todo) if my_share is None else len(my_share), "measure: timing group configs", unit="config",
+    by_sig: dict[str, list[tuple[str, ...]]] = {}
+    for k, _, c in todo:
+        if my_share is None or (k, c) in my_share:
+            by_sig.setdefault(k, []).append(c)
+    with Progress(sum(map(len, by_sig.values())), "measure: timing group configs", unit="config",
                   enabled=progress) as bar:
-        for k, g, c in todo:
-            if my_share is not None and (k, c) not in my_share:
-                continue
-            recs[(k, c)] = timed(k, g, c)
-            bar.update()
+        for k, cs in by_sig.items():
+            timed(k, cs)
+            bar.update(len(cs))
     if my_share is not None:  # every rank's timings are in the shared cache once all ranks pass the barrier
         import torch.distributed as dist
 
@@ -380,24 +450,29 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                 recs[(k, c)] = cache.get(keys[(k, c)])
                 counts["reused"] += 1
         retries = 0  # drift re-checks flag at once: a re-measurement would run on every rank
-    # reference drift over the whole signature, now that every config is in
+    # reference drift over the whole signature, now that every config is in: rescaled where the factor is moderate,
+    # else re-measured once (if the budget allows) and flagged if it still drifts
     for k in representative:
         mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
         if len(mine) < 3:
             continue
         med = statistics.median(r["t_ref_s"] for r in mine.values())
-        for c, rec in mine.items():
-            if rec.get("flag") or not check_quality(rec, med):
-                continue
-            if not retries or not affordable():
+        drifted = [c for c, r in mine.items() if not r.get("flag") and check_quality(r, med)]
+        if drifted and retries and affordable() and any(not rescale_drift(mine[c], med) for c in drifted):
+            far = [c for c in drifted if not rescale_drift(mine[c], med)]
+            counts["remeasured"] += len(far)
+            for c, again in zip(far, measure(k, far, 2 * reps, again=True), strict=True):
+                again["flag"] = check_quality(again, None)
+                cache.put(keys[(k, c)], again)
+                recs[(k, c)] = mine[c] = again
+        # the cache keeps what was measured: rescaling and drift flags follow from the records, so a later run
+        # that reuses them decides the same (and ranks sharing a cache write no line twice)
+        for c in drifted:
+            rec = mine[c]
+            if not rec.get("flag") and check_quality(rec, med):
+                rec = recs[(k, c)] = dict(rec)
+                counts["rescaled"] += bool(rescale_drift(rec, med, apply=True))
                 rec["flag"] = check_quality(rec, med)
-                continue
-            g = representative[k]
-            again = measure(k, g, c, 2 * reps, again=True)
-            counts["remeasured"] += 1
-            again["flag"] = check_quality(again, med)
-            recs[(k, c)] = again
-            cache.put(keys[(k, c)], again)
     flagged = []
     for g in partition.groups:
         k = g.signature if reuse else g.name
@@ -419,9 +494,12 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {enclosing_module(g.ops) or '<model>'}{how}"
     spans = sorted({len(v) for v in timed_with.values()})
     notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
-                 f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls ({reps} reps x 2, "
-                 f"interleaved, {warmup} warm-up pairs), {counts['reused']} config(s) taken from the cache, "
-                 f"{counts['remeasured']} re-measurement(s) after a failed quality check"
+                 f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls (the configs of a "
+                 f"signature in rounds with one shared reference run, random order, {warmup} warm-up round(s); "
+                 + (f"{min_reps}-{reps} rounds, stopping once precise" if min_reps is not None else f"{reps} rounds")
+                 + f"), {counts['reused']} config(s) taken from the cache, "
+                 f"{counts['remeasured']} re-measurement(s) after a failed quality check, {counts['rescaled']} "
+                 "drifted config(s) rescaled to their signature's median reference time"
                  + ("" if affordable() else f" (re-measuring stopped at its budget of {REMEASURE_BUDGET:.0%} of the "
                                             "first measurements' time: later failures were flagged at once)"))
     ref_t = float(time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)["median_s"])
