@@ -360,7 +360,7 @@ def _print_plan(plan, s) -> None:
     elif plan.metric == "RT":
         gain = f"{_ms(plan.predicted_gain)} roofline time saved on {s.rt_device or 'the device'}"
     else:
-        gain = f"{plan.predicted_gain / 2**20:.4g} MiB of weights saved"
+        gain = f"{plan.predicted_gain / 2**20:.4g} MiB of weights{' and KV cache' if s.kv_cache else ''} saved"
     low = sorted({f for f in plan.assignment.values() if f != plan.reference_format})
     print(f"plan: {len(plan.low_precision_ops())} of {len(plan.assignment)} ops in {', '.join(low) or '(none)'}, "
           f"the rest {plan.reference_format}; predicted loss MSE {plan.predicted_loss_mse:.3g}; {gain}")

@@ -609,8 +609,10 @@ def stage_report(out: Path, settings: RunSettings) -> Path:
     front = load_frontier(out / "frontier.json") if (out / "frontier.json").exists() else None
     path = out / "report.md"
     gains = Gains.load(out / "gains.json")
+    solved_on, _ = objective_gains(out, settings, gains)  # the record the plan's gains come from
+    fronts = {p.stem.removeprefix("frontier_"): load_frontier(p) for p in sorted(out.glob("frontier_*.json"))}
     write_report(path, plan, Sensitivity.load(out / "sensitivity.json"), Partition.load(out / "partition.json"),
-                 gains, frontier=front, measured=ev)
+                 solved_on, frontier=front, measured=ev, objective_frontiers=fronts or None)
     if front:
         plot_frontier(front, out / "frontier.png", chosen=plan, evaluation=ev, reference_time_s=gains.reference_time_s)
     return path

@@ -228,6 +228,44 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
     check = (plans.get("ip") or {}).get("speed_check")
     if check:
         lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
+    if any("measured_decode_speedup" in r for r in plans.values()):
+        lines += ["", "Decode step (one new token after the cached context, real KV cache; `--objective decode/mix`):",
+                  "", "| plan | prefill gain predicted | decode-step gain predicted | decode-step gain measured (±CI) "
+                  "| decode speedup measured |", "|---|---|---|---|---|"]
+        for name, r in plans.items():
+            if "measured_decode_speedup" in r:
+                lines.append(f"| {'IP-' + m if name == 'ip' else name} | {r['predicted_prefill_gain'] * 1e3:.3g} ms | "
+                             f"{r['predicted_decode_gain'] * 1e3:.3g} ms | {r['measured_decode_gain_s'] * 1e3:.3g} ms "
+                             f"±{r['measured_decode_gain_ci_s'] * 1e3:.2g} | {r['measured_decode_speedup']:.3f}x |")
+        dcheck = (plans.get("ip") or {}).get("decode_speed_check")
+        if dcheck:
+            lines += ["", ("**Decode speed check: OK.** " if dcheck["ok"] else "**Decode speed check: FAILED.** ")
+                      + dcheck["message"]]
+    return lines
+
+
+_PER = {"prefill": "per prefill", "decode": "per decode step", "mix": "per weighted request"}
+#: what the reference time of each objective's gains record is
+OBJECTIVE_TIME = {"prefill": "reference prefill", "decode": "reference decode step (TPOT)",
+                  "mix": "weighted reference (w_TTFT x TTFT + w_TPOT x TPOT)"}
+
+
+def _objective_frontiers(fronts: dict[str, list[Plan]], m: str) -> list[str]:
+    """One table per objective: the frontier the same sensitivity and gains give when that phase's time is the goal."""
+    from .solver import speedup_of
+
+    lines = ["", "## Frontier per objective (predicted)", "",
+             "The same loss budgets, each objective maximising its own time: prefill (TTFT), decode (TPOT, one decode "
+             "step) and mix (w_TTFT·TTFT + w_TPOT·TPOT). Speedups are against that objective's reference time."]
+    for obj, pts in fronts.items():
+        lines += ["", f"### {obj}", "", "| β | loss MSE | gain | speedup | low-precision ops |",
+                  "|---|---|---|---|---|"]
+        for p in pts:
+            ref = p.solver.get("reference_time_s")
+            sp = f"{speedup_of(p.predicted_gain, ref):.3f}x" if ref and p.metric in ("ET", "RT") else "-"
+            beta = f"{p.beta:.4g}" if p.beta is not None else "-"
+            lines.append(f"| {beta} | {p.predicted_loss_mse:.4g} | {_fmt_gain(p.predicted_gain, p.metric)} | {sp} | "
+                         f"{len(p.low_precision_ops())} |")
     return lines
 
 
@@ -240,9 +278,11 @@ def write_report(
     frontier: list[Plan] | None = None,
     measured: dict[str, Any] | None = None,
     baselines: dict[str, Plan] | None = None,
+    objective_frontiers: dict[str, list[Plan]] | None = None,
 ) -> Path:
     """Markdown report: the plan's totals, the measurement's trustworthiness, measured results with the baselines,
-    per-group reasons and the frontier."""
+    per-group reasons and the frontier (and one per objective, ``objective_frontiers``). ``gains``: the record the
+    plan was solved on (for --objective decode/mix, ``solver.objective_gains``'s)."""
     from .solver import speedup_of
 
     m = plan.metric
@@ -252,14 +292,17 @@ def write_report(
     guard = s.get("min_sqnr_db")
     n_guarded = sum(1 for op in plan.assignment if op in sensitivity.ops and guard is not None
                     and any(sensitivity.sqnr_db(op, f) < guard for f in gains.formats[1:]))
+    objective = s.get("objective", "prefill")
     gain_line = f"- Predicted gain: {_fmt_gain(plan.predicted_gain, m)}"
     if m == "ET" and ref_t:
-        gain_line += (f" of a {ref_t * 1e3:.4g} ms reference prefill (predicted speedup "
+        gain_line += (f" of a {ref_t * 1e3:.4g} ms {OBJECTIVE_TIME.get(objective, 'reference')} (predicted speedup "
                       f"{speedup_of(plan.predicted_gain, ref_t):.3f}x)")
     lines = [
         f"# Mixed-precision plan for `{plan.model}`",
         "",
-        f"- Objective: maximise **{m}** gain ({_UNITS.get(m, (m, 1))[0]}), reference format `{plan.reference_format}`",
+        f"- Objective: maximise **{m}** gain ({_UNITS.get(m, (m, 1))[0].replace('per prefill', _PER[objective])})"
+        + ({"decode": " of the **decode** step (TPOT)", "mix": " of the **mix** (w_TTFT·TTFT + w_TPOT·TPOT)"}
+           .get(objective, "")) + f", reference format `{plan.reference_format}`",
         f"- Budget: β = {plan.beta}, loss MSE ≤ {plan.budget_loss_mse:.4g}" if plan.beta is not None
         and plan.budget_loss_mse is not None
         else f"- Budget: least loss MSE for a gain ≥ {_fmt_gain(s.get('target_gain') or 0.0, m)}",
@@ -282,17 +325,25 @@ def write_report(
     if s.get("note"):
         lines.append(f"- Note: {s['note']}")
     q = gains.quality or {}
-    if q:
-        st = q.get("machine_end", {})
-        lines += ["", "## How far the time measurements can be trusted", "",
-                  f"- Measured on `{gains.device}`; load average {q.get('machine_start', {}).get('load_avg_1min')} at "
-                  f"start, {st.get('load_avg_1min')} at end, on {st.get('cpus')} core(s)"
-                  + (" — **the machine was loaded by other work**" if q.get("loaded") else ""),
-                  f"- Configs that failed the quality checks (kept out of every plan): {q.get('flagged_configs', 0)}"]
-        lines += [f"  - {f}" for f in q.get("flagged", [])[:10]]
-        lines.append(f"- Σ best group gains {q.get('sum_best_gain_s', 0) * 1e3:.4g} ms vs reference prefill "
-                     f"{q.get('reference_prefill_s', 0) * 1e3:.4g} ms: "
-                     + ("consistent" if q.get("consistent", True) else "**inconsistent (not trustworthy)**"))
+    # a mix record carries each phase's own quality record
+    phases = [(p, q[p]) for p in ("prefill", "decode") if isinstance(q.get(p), dict)] if gains.phase == "mix" else \
+        [(gains.phase, q)] if q else []
+    if phases:
+        lines += ["", "## How far the time measurements can be trusted", ""]
+    for phase, pq in phases:
+        st = pq.get("machine_end", {})
+        tag = f" ({phase})" if len(phases) > 1 else ""
+        loaded = " — **the machine was loaded by other work**" if pq.get("loaded") else ""
+        lines += [f"- Measured{tag} on `{gains.device}`; load average "
+                  f"{pq.get('machine_start', {}).get('load_avg_1min')} at start, {st.get('load_avg_1min')} at end, on "
+                  f"{st.get('cpus')} core(s){loaded}",
+                  f"- Configs that failed the quality checks{tag} (kept out of every plan): "
+                  f"{pq.get('flagged_configs', 0)}"]
+        lines += [f"  - {f}" for f in pq.get("flagged", [])[:10]]
+        ref_q = pq.get("reference_prefill_s", pq.get("reference_decode_s", 0))
+        lines.append(f"- Σ best group gains{tag} {pq.get('sum_best_gain_s', 0) * 1e3:.4g} ms vs the "
+                     f"{OBJECTIVE_TIME.get(phase, 'reference')} {ref_q * 1e3:.4g} ms: "
+                     + ("consistent" if pq.get("consistent", True) else "**inconsistent (not trustworthy)**"))
     if measured:
         lines += _measured_section(measured, m)
     lines += [
@@ -322,6 +373,8 @@ def write_report(
             lines.append(f"| {bold}{beta}{bold} | {bold}{p.predicted_loss_mse:.4g}{bold} | "
                          f"{bold}{_fmt_gain(p.predicted_gain, m if i == pos else p.metric)}{bold} | "
                          f"{bold}{len(p.low_precision_ops())}{bold} |")
+    if objective_frontiers:
+        lines += _objective_frontiers(objective_frontiers, m)
     if baselines:
         lines += ["", "## Baselines at the same budget (predicted)", "",
                   "Greedy per-op orders, scored on the same group gain tables as the IP.", "",

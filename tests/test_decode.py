@@ -283,3 +283,33 @@ def test_kv_cache_settings_fail_with_one_sentence():
         with pytest.raises(IpampError, match=msg):
             RunSettings(**kw).validate()
     RunSettings(kv_cache="fp8_e4m3", formats=["fp32", "fp8_e4m3"], objective="decode", metric="M").validate()
+
+
+def test_cli_mix_objective_end_to_end(tmp_path):
+    """`run --objective mix` on a 2-layer prefix of the default model: both gains records, a frontier per objective,
+    the decode step timed in evaluate, the report; then `solve --objective prefill` in the same folder is the
+    prefill plan (scored on gains.json alone)."""
+    from inc_ipamp.cli import main
+    from inc_ipamp.records import Partition, Plan
+
+    out = tmp_path / "run"
+    quick = ["--layers", "2", "--n-calib", "2", "--n-eval", "2", "--seq-len", "32", "--reps", "3", "--gain-seq-len",
+             "32", "--decode-context", "16", "--threads", "1"]
+    assert main(["run", "--out", str(out), *quick, "--objective", "mix", "--mix-weights", "1,64"]) == 0
+    dec = Gains.load(out / "gains_decode.json")
+    assert dec.phase == "decode" and dec.seq_len == 16 and dec.quality["kv_cache"]
+    for obj in ("prefill", "decode", "mix"):
+        assert json.loads((out / f"frontier_{obj}.json").read_text())["objective"] == obj
+    plan = Plan.load(out / "plan.json")
+    assert plan.solver["objective"] == "mix"
+    ev = json.loads((out / "evaluation.json").read_text())
+    ip = ev["plans"]["ip"]
+    assert ip["measured_decode_step_s"] > 0 and "decode_speed_check" in ip
+    assert ip["predicted_gain"] == pytest.approx(ip["predicted_prefill_gain"] + 64 * ip["predicted_decode_gain"])
+    report = (out / "report.md").read_text()
+    assert "## Frontier per objective" in report and "decode speedup measured" in report
+    assert main(["solve", "--out", str(out), "--objective", "prefill"]) == 0
+    pre = Plan.load(out / "plan.json")
+    assert pre.solver["objective"] == "prefill"
+    assert pre.predicted_gain == pytest.approx(plan_gain(pre.assignment, Gains.load(out / "gains.json"),
+                                                         Partition.load(out / "partition.json")))
