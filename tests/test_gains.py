@@ -20,7 +20,9 @@ from inc_ipamp.records import Gains
 FORMATS = ["fp32", "int8"]
 # retries=0: no adaptive re-measurement, so the numbers of timed runs below are exact (test_quality covers it)
 # measure_emulated: time the emulated INT8 BGEMM configs too, so every config of the tiny model is timed
-FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retries=0, measure_emulated=True)
+# probe_rounds=0: no speed probe, so gains reused from the cache compare equal
+FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retries=0, measure_emulated=True,
+            probe_rounds=0)
 
 
 @pytest.fixture(scope="module")
@@ -276,3 +278,50 @@ def test_measure_gains_times_a_signature_in_one_batch(tiny, monkeypatch) -> None
     monkeypatch.setattr(measure_mod, "time_group_configs", spy)
     measure_gains(model, part, FORMATS, metrics=("ET",), **{**FAST, "measure_emulated": False})
     assert seen == [(7, measure_mod.MIN_REPS), (1, 5), (3, 5), (1, 5), (1, 5)]
+
+
+def test_speed_probe_times_every_signature_in_each_round() -> None:
+    order = []
+
+    def timer(fn, sync):
+        order.append(fn)
+        return {"a": 1.0, "b": 2.0, "c": 3.0}[fn] * (10 if len(order) == 5 else 1)  # one disturbed call
+
+    med = measure_mod.speed_probe({"a": "a", "b": "b", "c": "c"}, rounds=3, timer=timer)
+    assert med == {"a": 1.0, "b": 2.0, "c": 3.0}  # medians shrug off the disturbed call
+    assert len(order) == 3 * 3 and all(sorted(order[i:i + 3]) == ["a", "b", "c"] for i in range(0, 9, 3))
+
+
+def test_align_to_probe_brings_a_signature_to_the_common_speed() -> None:
+    recs = [{"gain_s": 2.279e-3, "ci_s": 0.4e-3, "t_ref_s": 3.43e-3, "t_cfg_s": 1.151e-3}]
+    f = measure_mod.align_to_probe(recs, 1.53e-3)  # o_proj measured at 2.2x the speed of the end of the run
+    assert f == pytest.approx(1.53 / 3.43) and recs[0]["t_ref_s"] == pytest.approx(1.53e-3)
+    assert recs[0]["gain_s"] / recs[0]["t_ref_s"] == pytest.approx(2.279 / 3.43)  # the measured fraction is kept
+    assert recs[0]["measured"]["gain_s"] == 2.279e-3
+    same = [{"gain_s": 1e-3, "ci_s": 1e-4, "t_ref_s": 3e-3, "t_cfg_s": 2e-3}]
+    assert measure_mod.align_to_probe(same, 3.5e-3) == 1.0 and same[0]["gain_s"] == 1e-3  # within MAX_REF_DRIFT
+    assert measure_mod.align_to_probe(same, 10e-3) == 0.0 and same[0]["gain_s"] == 1e-3  # beyond MAX_RESCALE
+
+
+def test_measure_gains_rescales_a_signature_measured_at_another_speed(tiny, monkeypatch) -> None:
+    model, part = tiny
+    o_sig = next(g.signature for g in part.groups if g.ops[-1].endswith("o_proj"))
+    monkeypatch.setattr(measure_mod, "time_group_configs", lambda model, be, groups, configs, *a, **k: [
+        {"gain_s": 1e-3, "ci_s": 1e-4, "t_ref_s": 4e-3, "t_cfg_s": 3e-3, "reps": 2, "span": len(groups)}
+        for _ in configs])
+    probed = {}
+
+    def probe(fns, rounds, sync):
+        probed.update(fns)
+        # every signature's reference at the speed it was measured at (4 ms per group) but o_proj's at 2 ms
+        span = {k: sum(g.signature == k for g in part.groups) for k in fns}  # groups per timed run
+        return {k: (2e-3 if k == o_sig else 4e-3) * span[k] for k in fns}
+
+    monkeypatch.setattr(measure_mod, "speed_probe", probe)
+    g = measure_gains(model, part, FORMATS, metrics=("ET",), **{**FAST, "probe_rounds": 3})
+    assert len(probed) == 5
+    for gr in part.groups:
+        want = 0.5e-3 if gr.signature == o_sig else 1e-3
+        assert g.groups[gr.name].gains["ET"][1:2] == [pytest.approx(want)], gr.name
+    assert list(g.quality["speed_probe_rescaled"].values()) == [pytest.approx(0.5)]
+    assert any("speed probe (3 rounds): rescaled" in n for n in g.notes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from ..models import model_fingerprint
 from ..ops import install_attention, tied_linears
 from ..partition import default_example_ids, first_calls, list_ops, suffix
 from ..records import Gains, Group, GroupGains, Partition
-from .base import Backend, gain_stats, interleaved_times, prime, time_prefill
+from .base import Backend, _timed, gain_stats, interleaved_times, prime, time_prefill
 from .cache import MeasurementCache, cache_key
 from .theory import (
     BACKEND_DEVICE,
@@ -62,12 +63,15 @@ REMEASURE_BUDGET = 0.5
 #: a drifted config (its reference time off its signature's median by more than MAX_REF_DRIFT) whose reference
 #: ran at most this factor slower or faster is rescaled to the median instead of flagged: its gain was paired with
 #: reference runs of the same rounds, so a machine that slowed down by s inflated both by s (``rescale_drift``)
-MAX_RESCALE = 2.0
+MAX_RESCALE = 3.0
 #: adaptive repetitions: a config is timed at least MIN_REPS rounds and stops early once its CI is within
 #: PRECISE_REL of its gain or PRECISE_ABS of its reference time (``precise_enough``); at most ``reps`` rounds
 MIN_REPS = 5
 PRECISE_REL = 0.2
 PRECISE_ABS = 0.01
+#: rounds of the speed probe (every signature's reference run at one moment, right before the reference prefill;
+#: ``align_to_probe``): about 3 prefills' time
+PROBE_ROUNDS = 3
 
 
 def enclosing_module(ops: Sequence[str]) -> str:
@@ -96,22 +100,13 @@ def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Grou
     config stops after that many rounds once ``precise_enough`` holds for it (adaptive repetitions). Gain and
     CI are divided by ``len(groups)``.
     """
-    calls = []
-    for g, inp in zip(groups, inputs, strict=True):
-        encl = enclosing_module(g.ops)
-        args, kwargs = inp if encl else (inp[0], {"use_cache": False})
-        calls.append((encl, args, kwargs))
     assignments = [{op: f for g in groups for op, f in zip(g.ops, c, strict=True)} for c in configs]
-
-    def run(assign: dict[str, str]) -> Callable[[], object]:
-        def fn() -> object:
-            with torch.no_grad(), backend.apply(model, assign) as m:
-                return [m.get_submodule(e)(*a, **k) for e, a, k in calls]
-        return fn
-
     for a in assignments:
         prime(backend, model, a)
-    n = len(calls)
+    n = len(groups)
+
+    def run(assign: dict[str, str]) -> Callable[[], object]:
+        return group_run(model, backend, groups, inputs, assign)
 
     def settled(t_ref: list[float], t_cfg: list[float]) -> bool:
         return precise_enough(gain_stats(t_ref, t_cfg))
@@ -123,6 +118,69 @@ def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Grou
         r = gain_stats(t_ref, t_cfg)
         out.append({k: (v / n if k.endswith("_s") else v) for k, v in r.items()} | {"span": n})
     return out
+
+
+def group_run(model: nn.Module, backend: Backend, groups: Sequence[Group], inputs: Sequence[tuple],
+              assignment: dict[str, str]) -> Callable[[], object]:
+    """One timed run: each group's enclosing module called on its own captured inputs, back to back, inside
+    ``backend.apply(assignment)`` (the reference too enters ``apply``, with an empty assignment)."""
+    calls = []
+    for g, inp in zip(groups, inputs, strict=True):
+        encl = enclosing_module(g.ops)
+        args, kwargs = inp if encl else (inp[0], {"use_cache": False})
+        calls.append((encl, args, kwargs))
+
+    def fn() -> object:
+        with torch.no_grad(), backend.apply(model, assignment) as m:
+            return [m.get_submodule(e)(*a, **k) for e, a, k in calls]
+    return fn
+
+
+def speed_probe(fns: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None] = lambda: None,
+                seed: int = 0, timer: Callable[[Callable[[], object], Callable[[], None]], float] = _timed,
+                ) -> dict[str, float]:
+    """Median time of each callable over ``rounds`` rounds, all of them in every round in a fresh random order: the
+    reference run of every signature at one common moment (each has just been warmed by its own measurement)."""
+    import random
+
+    rng = random.Random(seed)
+    keys = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(rounds):
+        rng.shuffle(keys)
+        for k in keys:
+            times[k].append(timer(fns[k], sync))
+    return {k: statistics.median(v) for k, v in times.items() if v}
+
+
+def align_to_probe(recs: Sequence[dict[str, Any]], probe_t: float) -> float:
+    """Rescale a signature's records (in place) to the machine speed of the probe, if they were measured at a speed
+    that differs by more than ``MAX_REF_DRIFT`` and at most ``MAX_RESCALE``; the factor used, 1.0 if none was
+    needed, 0.0 if it was beyond ``MAX_RESCALE`` (left as measured, the caller notes it).
+
+    Signatures are measured one after another, so on a shared machine one of them can run at another speed than
+    the rest (on SmolLM2 under load: o_proj's reference at 3.43 ms against 1.0-1.5 ms in three other runs, which
+    made its gains look 2.2x larger than the other signatures'). Within a signature the shared reference keeps the
+    configs consistent; this makes the signatures consistent with each other and with the reference prefill timed
+    right after the probe.
+    """
+    ts = [r["t_ref_s"] for r in recs if r.get("t_ref_s")]
+    if not ts or not probe_t or not math.isfinite(probe_t):
+        return 1.0
+    f = probe_t / statistics.median(ts)
+    if abs(f - 1) <= MAX_REF_DRIFT:
+        return 1.0
+    if not 1 / MAX_RESCALE <= f <= MAX_RESCALE:
+        return 0.0
+    for r in recs:
+        _scale(r, f)
+    return f
+
+
+def _scale(rec: dict[str, Any], f: float) -> None:
+    keys = [k for k in ("gain_s", "ci_s", "t_ref_s", "t_cfg_s") if k in rec]
+    rec.setdefault("measured", {k: rec[k] for k in keys})
+    rec.update({k: rec[k] * f for k in keys}, rescaled=rec.get("rescaled", 1.0) * f)
 
 
 def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group], config: Sequence[str],
@@ -145,7 +203,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                   reuse: bool = True, progress: bool = True, reference_reps: int | None = None,
                   span: int | None = None, retries: int = RETRIES, roofline: str | None = None,
                   measure_emulated: bool = False, distributed: bool = False,
-                  min_reps: int | None = MIN_REPS) -> Gains:
+                  min_reps: int | None = MIN_REPS, probe_rounds: int = PROBE_ROUNDS) -> Gains:
     """Gains record for every group × config of ``partition`` (``formats[0]`` is the reference).
 
     ET is measured with ``backend`` ("cpu", "cuda", "hpu") or replayed from ``table_path`` ("table");
@@ -163,6 +221,8 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     ``retries``: re-measurements of a config that fails ``check_quality`` (each with twice the repetitions) before
     it is flagged; 0 flags without re-measuring. A config whose reference time drifted from its siblings' is
     rescaled to their median where that is sound (``rescale_drift``), else re-measured once, then flagged.
+    ``probe_rounds``: rounds of the speed probe that brings every signature to one machine speed
+    (``align_to_probe``; 0: none; not run when sharded).
     ``distributed``: every rank of the initialised ``torch.distributed`` world calls this with the same arguments and
     one shared ``cache_path``; the configurations are dealt to the ranks (``distributed.shard``), each appends its
     timings to the cache, and after a barrier every rank builds the same gains table from all of them (with rank 0's
@@ -242,7 +302,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
             timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
                                                      cache_path, reuse, progress, notes,
                                                      reference_reps or max(5, reps // 2), kinds, span, retries,
-                                                     measure_emulated, distributed, min_reps)
+                                                     measure_emulated, distributed, min_reps, probe_rounds)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
                  timed_runs, notes, quality)
@@ -286,9 +346,7 @@ def rescale_drift(rec: dict[str, Any], ref_median: float, apply: bool = False) -
     if not 1 / MAX_RESCALE <= f <= MAX_RESCALE:
         return 0.0
     if apply:
-        keys = [k for k in ("gain_s", "ci_s", "t_ref_s", "t_cfg_s") if k in rec]
-        rec["measured"] = {k: rec[k] for k in keys}
-        rec.update({k: rec[k] * f for k in keys}, rescaled=f)
+        _scale(rec, f)
     return f
 
 
@@ -337,10 +395,10 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                 groups: dict[str, GroupGains], reps: int, warmup: int, cache_path: str | Path | None,
                 reuse: bool, progress: bool, notes: list[str], reference_reps: int, kinds: dict[str, str],
                 span: int | None = None, retries: int = RETRIES, measure_emulated: bool = False,
-                distributed: bool = False, min_reps: int | None = MIN_REPS) -> tuple[int, float, dict[str, Any]]:
+                distributed: bool = False, min_reps: int | None = MIN_REPS,
+                probe_rounds: int = PROBE_ROUNDS) -> tuple[int, float, dict[str, Any]]:
     """Time every config of every signature, check each measurement, re-measure what fails (module docstring).
     ``kinds``: {op: "linear" | "bgemm"}, to tell which configs the backend only emulates."""
-    import statistics
 
     from ..runtime import Progress, loaded, machine_state
 
@@ -367,14 +425,15 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
 
     spent = {"first": 0.0, "again": 0.0}
 
+    def inputs_of(k: str) -> list[tuple]:
+        return [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in timed_with[k]]
+
     def measure(k: str, cs: list[tuple[str, ...]], n_reps: int, again: bool = False) -> list[dict[str, Any]]:
         """Time ``cs`` (configs of signature ``k``) together against one shared reference."""
         together = timed_with[k]
         g = representative[k]
         t0 = time.perf_counter()
-        rs = time_group_configs(model, be, together, cs,
-                                [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in together], n_reps, warmup,
-                                min_reps=min_reps)
+        rs = time_group_configs(model, be, together, cs, inputs_of(k), n_reps, warmup, min_reps=min_reps)
         spent["again" if again else "first"] += time.perf_counter() - t0
         counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
         return [{"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops), **r}
@@ -473,6 +532,27 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                 rec = recs[(k, c)] = dict(rec)
                 counts["rescaled"] += bool(rescale_drift(rec, med, apply=True))
                 rec["flag"] = check_quality(rec, med)
+    # the speed probe: every measured signature's reference run again, all at one moment, right before the
+    # reference prefill; a signature measured while the machine ran at another speed is rescaled to it
+    aligned: dict[str, float] = {}
+    mismatch: list[str] = []
+    if probe_rounds and my_share is None:  # (sharded: each rank would probe its own moment; tables must agree)
+        sigs = [k for k in representative if any(kk == k and (kk, c) not in emulated for kk, c in recs)]
+        probe = speed_probe({k: group_run(model, be, timed_with[k], inputs_of(k), {}) for k in sigs}, probe_rounds,
+                            be.synchronize)
+        for k, t in probe.items():
+            mine = [(kk, c) for kk, c in recs if kk == k and (kk, c) not in emulated and not recs[(kk, c)].get("flag")]
+            for key in mine:
+                recs[key] = dict(recs[key])
+            f = align_to_probe([recs[key] for key in mine], t / len(timed_with[k]))
+            if f == 0.0:
+                mismatch.append(f"{representative[k].name}: reference {recs[mine[0]]['t_ref_s'] * 1e3:.3g} ms when "
+                                f"measured vs {t / len(timed_with[k]) * 1e3:.3g} ms at the probe")
+            elif f != 1.0:
+                aligned[representative[k].name] = f
+        if mismatch:
+            log.warning("the machine's speed changed more than %gx between measuring a signature and the end; its "
+                        "gains are left as measured: %s", MAX_RESCALE, "; ".join(mismatch))
     flagged = []
     for g in partition.groups:
         k = g.signature if reuse else g.name
@@ -500,6 +580,10 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
                  + f"), {counts['reused']} config(s) taken from the cache, "
                  f"{counts['remeasured']} re-measurement(s) after a failed quality check, {counts['rescaled']} "
                  "drifted config(s) rescaled to their signature's median reference time"
+                 + (f"; speed probe ({probe_rounds} rounds): rescaled " + ", ".join(
+                     f"{n} x{f:.3g}" for n, f in aligned.items()) if aligned else "")
+                 + (f"; left as measured (speed changed more than {MAX_RESCALE:g}x): " + "; ".join(mismatch)
+                    if mismatch else "")
                  + ("" if affordable() else f" (re-measuring stopped at its budget of {REMEASURE_BUDGET:.0%} of the "
                                             "first measurements' time: later failures were flagged at once)"))
     ref_t = float(time_prefill(model, ids, be, {}, reps=reference_reps, warmup=1)["median_s"])
@@ -514,7 +598,8 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     state_end = machine_state()
     quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
                "flagged": flagged, "sum_best_gain_s": best, "reference_prefill_s": ref_t,
-               "consistent": best < ref_t, "loaded": loaded(state_start) or loaded(state_end)}
+               "consistent": best < ref_t, "loaded": loaded(state_start) or loaded(state_end),
+               "speed_probe_rescaled": aligned, "speed_probe_mismatch": mismatch}
     if flagged:
         log.warning("%d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s); "
                     "load %.2f on %d cores with %d threads", len(flagged), len(todo), flagged[0],
