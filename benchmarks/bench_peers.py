@@ -159,7 +159,9 @@ def run_ipet(settings, n_points: int) -> tuple[list[Any], dict[str, float], dict
     _, front = pipeline.stage_solve(out, settings)
     phases["solve (frontier)"] = time.perf_counter() - t
     info = {"frontier_points": len(front), "flagged_configs": gains.quality.get("flagged_configs"),
-            "gains_reference_prefill_s": gains.reference_time_s, "out": str(out)}
+            "gains_reference_prefill_s": gains.reference_time_s, "timed_runs": gains.timed_runs,
+            "speed_probe_rescaled": gains.quality.get("speed_probe_rescaled"),
+            "measure_notes": [n for n in gains.notes if n.startswith("ET:")], "out": str(out)}
     del model
     return pick_budget_points(front, n_points), phases, info
 
