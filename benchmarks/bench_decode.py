@@ -9,6 +9,10 @@
 3. Plans at equal budget: IP with the prefill, decode and mix objectives, Random (several seeds) and Prefix (the
    greedy baselines, on the decode record's allowed configs), each measured for its decode-step speedup and its
    prefill speedup with the real kernels (all plans of a budget in rotated rounds), and its held-out loss MSE.
+4. KV cache in FP8-E4M3: the loss predicted from the BGEMMs' b-operand sums (``kvcache.kv_loss``) vs the loss MSE
+   measured on held-out text with K and V rounded as the attention reads them (per-call scale, as the sums assume,
+   and INC's static calibration-max scale); and whether a low-precision KV cache is faster on this CPU
+   (transformers' ``QuantizedCache("fp8")`` vs its fp32 ``DynamicCache``, one decode step, interleaved).
 
 The pipeline's own stages make the records in ``--work`` (calibrate, partition, measure with ``--objective mix``, so
 gains.json and gains_decode.json), so an interrupted run resumes from the measurement cache.
@@ -29,13 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import spearmanr
 
 from inc_ipamp import pipeline
 from inc_ipamp.baselines import baseline
 from inc_ipamp.evaluate import loss_change, sequence_losses
 from inc_ipamp.gains import compare_prefill, get_backend
+from inc_ipamp.gains.base import gain_stats
 from inc_ipamp.gains.cpu import dynamic_int8_linear
 from inc_ipamp.gains.decode import compare_decode, decode_step
+from inc_ipamp.kvcache import fake_quant_kv, kv_loss, static_scales
 from inc_ipamp.records import Gains, Partition, Plan, Sensitivity
 from inc_ipamp.runtime import machine_state, set_threads
 from inc_ipamp.solver import mix_gains, plan_gain, solve, speedup_of
@@ -230,6 +237,76 @@ def measure_plans(ctx: dict[str, Any], plans: dict[str, Plan], rounds: int, reps
     return out
 
 
+# -- 4. KV cache -----------------------------------------------------------------------------------------------------
+def kv_validation(ctx: dict[str, Any], sens: Sensitivity, seeds: list[int]) -> list[dict[str, Any]]:
+    model = ctx["model"]
+    attn = sorted(op.rpartition(".")[0] for op in sens.ops if op.endswith(".matmul_qk"))
+    n = len(attn)
+    sets = {"K and V, all layers": [f"{a}.{c}" for a in attn for c in ("k_cache", "v_cache")],
+            "K only, all layers": [f"{a}.k_cache" for a in attn], "V only, all layers": [f"{a}.v_cache" for a in attn],
+            f"K and V, layers 0-{n // 3 - 1}": [f"{a}.{c}" for a in attn[: n // 3] for c in ("k_cache", "v_cache")],
+            f"K and V, layers {n - n // 3}-{n - 1}": [f"{a}.{c}" for a in attn[n - n // 3:]
+                                                     for c in ("k_cache", "v_cache")]}
+    for s in seeds:
+        half = random.Random(s).sample(attn, n // 2)
+        sets[f"K and V, random half of the layers (seed {s})"] = [f"{a}.{c}" for a in half
+                                                                 for c in ("k_cache", "v_cache")]
+    rows = []
+    for name, ops in sets.items():
+        a = {op: "fp8_e4m3" for op in ops}
+        pred = kv_loss(sens, a)
+        dyn = loss_change(model, ctx["ev"], {}, ctx["ref_losses"], lambda m, _a, a=a: fake_quant_kv(m, a))
+        sta = loss_change(model, ctx["ev"], {}, ctx["ref_losses"],
+                          lambda m, _a, a=a: fake_quant_kv(m, a, static_scales(sens, a)))
+        rows.append({"caches": name, "n": len(ops), "predicted_loss_mse": pred,
+                     "measured_loss_mse_call_scale": dyn["measured_loss_mse"],
+                     "measured_loss_mse_static_scale": sta["measured_loss_mse"]})
+        log(f"kv {name}: predicted {pred:.3g}, measured {dyn['measured_loss_mse']:.3g} (per-call scale) / "
+            f"{sta['measured_loss_mse']:.3g} (static scale)")
+    return rows
+
+
+def kv_cpu_timing(model, batch: int, context: int, reps: int) -> dict[str, Any]:
+    """One decode step with transformers' fp32 DynamicCache vs its FP8 QuantizedCache, interleaved; each timed step
+    starts from a fresh copy of the prefilled cache (copied outside the timing)."""
+    import copy
+
+    from transformers import DynamicCache, QuantizedCache
+
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=g)
+    caches = {"fp32": DynamicCache(config=model.config), "fp8": QuantizedCache("fp8", model.config)}
+    with torch.no_grad():
+        for c in caches.values():
+            nxt = model(prompt, cache=c, use_cache=True).logits[:, -1:].argmax(-1)
+    pos = torch.tensor([[context]])
+
+    def step(kind: str):
+        fresh = {}
+
+        def fn() -> object:
+            return model(nxt, position_ids=pos, cache=fresh["c"], use_cache=True)
+
+        def timed() -> object:
+            fresh["c"] = copy.deepcopy(caches[kind])
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            return time.perf_counter() - t0
+        return timed
+
+    ref, low = step("fp32"), step("fp8")
+    t_ref, t_low = [], []
+    for i in range(reps):
+        pair = [(t_ref, ref), (t_low, low)] if i % 2 == 0 else [(t_low, low), (t_ref, ref)]
+        for out, f in pair:
+            out.append(f())
+    st = gain_stats(t_ref[1:], t_low[1:])  # the first pair warms up
+    log(f"kv cache on CPU: fp32 DynamicCache step {st['t_ref_s'] * 1e3:.2f} ms, FP8 QuantizedCache step "
+        f"{st['t_cfg_s'] * 1e3:.2f} ms")
+    return st
+
+
 # -- report ----------------------------------------------------------------------------------------------------------
 def write_md(res: dict[str, Any], path: Path) -> None:
     L = ["# Decode step (TPOT) gains and objectives: SmolLM2-135M on this CPU (issue 17)", "",
@@ -297,6 +374,28 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                  f"Prefix {b['plans']['Prefix']['measured']['decode_speedup']:.3f}x; the prefill-objective plan "
                  f"{b['plans']['IP prefill']['measured']['decode_speedup']:.3f}x.")
         L.append("")
+    kv = res["kv_cache"]
+    L += ["## 4. KV cache in FP8-E4M3: predicted vs measured loss, and its speed on this CPU", "",
+          "Predicted: the attention BGEMMs' b-operand sums (K for matmul_qk, V for matmul_av; noise + shift², "
+          "`kvcache.kv_loss`). Measured: loss MSE on the held-out text with K and V rounded to FP8-E4M3 as the "
+          "attention reads them (a cache stores them rounded), with each call's own per-tensor scale (what the sums "
+          "assume) and with INC's static scale (the calibration's max |K|, |V| / 448).", "",
+          "| caches in FP8 | caches | predicted loss MSE | measured (per-call scale) | measured (static scale) |",
+          "|---|---|---|---|---|"]
+    for r in kv["validation"]:
+        L.append(f"| {r['caches']} | {r['n']} | {r['predicted_loss_mse']:.3g} | {r['measured_loss_mse_call_scale']:.3g}"
+                 f" | {r['measured_loss_mse_static_scale']:.3g} |")
+    ratios = [r["measured_loss_mse_call_scale"] / r["predicted_loss_mse"] for r in kv["validation"]]
+    L += ["", f"measured/predicted (per-call scale): median {statistics.median(ratios):.2f}, range "
+          f"{min(ratios):.2f}-{max(ratios):.2f}; Spearman ρ {kv['spearman']:.2f}.", "",
+          f"KV cache size at the decode step (batch {res['decode_batch']}, {res['decode_context']} tokens): "
+          f"{kv['bytes_fp32'] / 2**20:.3g} MiB in fp32, {kv['bytes_fp8'] / 2**20:.3g} MiB in FP8. "
+          f"On this CPU one decode step took {kv['cpu']['t_ref_s'] * 1e3:.2f} ms with transformers' fp32 "
+          f"DynamicCache and {kv['cpu']['t_cfg_s'] * 1e3:.2f} ms with its FP8 QuantizedCache (gain "
+          f"{kv['cpu']['gain_s'] * 1e3:+.2f} ± {kv['cpu']['ci_s'] * 1e3:.2f} ms): "
+          + ("faster beyond its CI" if kv["cpu"]["gain_s"] - kv["cpu"]["ci_s"] > 0 else
+             "not faster beyond its CI, so the IP gives a KV-cache decision no ET value here (M and RT plans use it)")
+          + ".", ""]
     L += ["Load average during the run: " + ", ".join(f"{x}" for x in res["loads"]) + ".", ""]
     path.write_text("\n".join(L))
 
@@ -331,7 +430,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     settings = pipeline.RunSettings(n_calib=args.n_calib, n_eval=args.n_eval, seq_len=args.seq_len, device="cpu",
                                     formats=["fp32", "int8"], gain_seq_len=args.gain_seq_len, reps=args.reps,
-                                    objective="mix", decode_batch=args.decode_batch,
+                                    objective="mix", decode_batch=args.decode_batch, calib_formats=["fp8_e4m3"],
                                     decode_context=args.decode_context, mix_weights=list(weights), threads=args.threads)
     settings.validate()
     settings.save(work)
@@ -376,6 +475,15 @@ def main() -> None:
         budgets.append({"beta": beta, "budget_loss_mse": plans["IP decode"].budget_loss_mse,
                         "plans": measure_plans(ctx, plans, args.rounds, args.reps)})
         loads.append(machine_state()["load_avg_1min"])
+    seeds = [int(s) for s in args.seeds.split(",")]
+    kv_rows = kv_validation(ctx, sens, seeds)
+    geo = dec.quality["kv_cache"]
+    kv = {"validation": kv_rows, "spearman": float(spearmanr([r["predicted_loss_mse"] for r in kv_rows],
+                                                             [r["measured_loss_mse_call_scale"] for r in kv_rows])[0]),
+          "bytes_fp32": 2 * 4 * sum(v["numel"] for v in geo.values()),
+          "bytes_fp8": 2 * 1 * sum(v["numel"] for v in geo.values()),
+          "cpu": kv_cpu_timing(model, args.decode_batch, args.decode_context, 2 * args.reps + 1)}
+    loads.append(machine_state()["load_avg_1min"])
     prov["machine_end"] = machine_state()
     res = {"provenance": prov, "settings": {k: getattr(settings, k) for k in ("n_calib", "n_eval", "seq_len",
                                                                             "gain_seq_len", "reps")},
@@ -383,7 +491,7 @@ def main() -> None:
            "kernels": kernels, "reference_prefill_s": gains.reference_time_s,
            "reference_decode_s": dec.reference_time_s,
            "decode_quality": dec.quality, "decode_notes": dec.notes, "measure_s": measure_s, "sum_vs_e2e": rows,
-           "error_summary": summary, "rounds": args.rounds, "budgets": budgets, "loads": loads,
+           "error_summary": summary, "rounds": args.rounds, "budgets": budgets, "kv_cache": kv, "loads": loads,
            "wall_s": time.perf_counter() - t_start}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

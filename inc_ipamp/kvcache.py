@@ -23,7 +23,9 @@ The decision's names are the engines' module names (``<attention>.k_cache``/``.v
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -103,11 +105,15 @@ def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: f
     if inst.metric not in ("M", "RT"):
         raise IpampError(f"a KV-cache decision needs a metric that values the cache's bytes (M, or RT with "
                          f"--rt-device): no KV-cache time gain was measured, so {inst.metric} cannot rank it")
+    if inst.metric == "RT" and spec.rt_device is None:
+        raise IpampError("an RT plan with a KV-cache decision needs the roofline device (--rt-device)")
     ref = inst.reference_format
     use_shift = inst.uses_shift
     kv_choices = [ref, *spec.formats]
     groups = []
     for g in inst.groups:
+        if spec.rt_device is None and "RT" in g.gain:  # the cache's RT is unknown without its device: no RT total
+            g = replace(g, gain={m: v for m, v in g.gain.items() if m != "RT"})
         prefixes = attention_prefixes(g.ops)
         if not prefixes:
             groups.append(g)
@@ -154,8 +160,6 @@ def _kv_gain(metric: str, saved_bytes: float, spec: KVCacheSpec) -> float:
     if metric == "M":
         return saved_bytes
     if metric == "RT":
-        if spec.rt_device is None:
-            raise IpampError("an RT plan with a KV-cache decision needs the roofline device (--rt-device)")
         return saved_bytes / (roofline_device(spec.rt_device).mem_tb_s * 1e12)
     return 0.0  # other metrics of the record (ET beside an M or RT plan): the cache adds nothing measured
 
@@ -166,3 +170,66 @@ def _operand_sqnr(sens: Sensitivity, op: str, operand: str, fmt: str) -> float:
     st = sens.ops[op].operands[operand]
     e = st.err2.get(fmt, 0.0)
     return float("inf") if e <= 0 else 10 * math.log10(st.x2 / e)
+
+
+def kv_loss(sens: Sensitivity, assignment: dict[str, str], noise: str = "auto") -> float:
+    """Predicted loss MSE of KV caches alone in low precision ({``<attention>.k_cache``: format}, the BGEMMs and
+    everything else in the reference): Σ b-operand noise + (Σ b-operand shift)², as ``Sensitivity.predict`` adds."""
+    use_shift = sens.has_shift
+    noise_sum, shift = 0.0, 0.0
+    for op, f in assignment.items():
+        if get_format(f).kind == "ref":
+            continue
+        prefix, _, leaf = op.rpartition(".")
+        mm = f"{prefix}.{KV_LEAVES[leaf]}"
+        noise_sum += sens.operand_term(mm, "b", f, noise, centred=use_shift)
+        shift += operand_shift(sens, mm, "b", f) if use_shift else 0.0
+    return noise_sum + shift**2
+
+
+def static_scales(sens: Sensitivity, assignment: dict[str, str]) -> dict[str, float]:
+    """Per cache op: the per-tensor scale INC's MEASURE pass would give it (max |K| or |V| over the calibration / the
+    format's max), from the b operand's ``amax`` in the sensitivity record."""
+    out = {}
+    for op, f in assignment.items():
+        prefix, _, leaf = op.rpartition(".")
+        amax = sens.ops[f"{prefix}.{KV_LEAVES[leaf]}"].operands["b"].amax
+        out[op] = max(amax / get_format(f).qmax, 1e-30)
+    return out
+
+
+@contextlib.contextmanager
+def fake_quant_kv(model: Any, assignment: dict[str, str], scales: dict[str, float] | None = None) -> Iterator[Any]:
+    """Round the K and V the attention reads, as a low-precision KV cache would: the ``b`` operand of ``matmul_qk``
+    (Kᵀ) and ``matmul_av`` (V) of each cache in ``assignment``, per tensor, with the call's own scale (``quantize``,
+    what the calibration sums assume) or a fixed one per cache (``scales``, e.g. ``static_scales``: INC's). Hooks on
+    the modules the model holds when entered; removed on exit (an applier for ``evaluate.loss_change``)."""
+    import torch
+
+    from .formats import quantize, quantize_with_scale
+
+    mods = dict(model.named_modules())
+    handles = []
+
+    def hook(fmt: str, s: float | None):
+        f = get_format(fmt)
+
+        def pre(mod: Any, args: tuple) -> tuple:
+            a, b = args
+            qb = quantize(b, f) if s is None else quantize_with_scale(b, f, torch.tensor(s, dtype=b.dtype))
+            return a, qb
+        return pre
+
+    try:
+        for op, fmt in assignment.items():
+            if get_format(fmt).kind == "ref":
+                continue
+            prefix, _, leaf = op.rpartition(".")
+            mm = f"{prefix}.{KV_LEAVES[leaf]}"
+            if mm not in mods:
+                raise IpampError(f"no module {mm} for the KV cache {op}")
+            handles.append(mods[mm].register_forward_pre_hook(hook(fmt, (scales or {}).get(op))))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

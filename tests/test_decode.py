@@ -313,3 +313,42 @@ def test_cli_mix_objective_end_to_end(tmp_path):
     assert pre.solver["objective"] == "prefill"
     assert pre.predicted_gain == pytest.approx(plan_gain(pre.assignment, Gains.load(out / "gains.json"),
                                                          Partition.load(out / "partition.json")))
+
+
+def test_kv_fake_quant_rounds_what_the_attention_reads(llama, kv_records):
+    from inc_ipamp.formats import get_format, quantize, quantize_with_scale
+    from inc_ipamp.kvcache import fake_quant_kv, kv_loss, kv_spec, static_scales
+    from inc_ipamp.solver import build_instance
+
+    sens, part, dec = kv_records
+    attn = "model.layers.0.self_attn"
+    qk = llama.get_submodule(f"{attn}.matmul_qk")
+    seen: list[torch.Tensor] = []
+
+    def capture(mod, args):
+        seen.append(args[1])
+
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    kv = {f"{attn}.k_cache": "fp8_e4m3"}
+    scales = static_scales(sens, kv)
+    assert scales[f"{attn}.k_cache"] == pytest.approx(sens.ops[f"{attn}.matmul_qk"].operands["b"].amax / 448)
+    with torch.no_grad():
+        h = qk.register_forward_pre_hook(capture)
+        base = llama(ids, use_cache=False).logits
+        h.remove()
+        for sc in (None, scales):
+            with fake_quant_kv(llama, kv, sc):
+                h = qk.register_forward_pre_hook(capture)  # after the cache's hook: sees what the product reads
+                out = llama(ids, use_cache=False).logits
+                h.remove()
+            assert not torch.equal(out, base)
+        assert torch.equal(llama(ids, use_cache=False).logits, base)  # the hooks are gone
+    raw, dynamic, static = seen
+    f8 = get_format("fp8_e4m3")
+    assert torch.equal(dynamic, quantize(raw, f8)) and not torch.equal(dynamic, raw)
+    assert torch.equal(static, quantize_with_scale(raw, f8, torch.tensor(scales[f"{attn}.k_cache"])))
+    # kv_loss is the IP's loss of the same choice (both layers' caches in FP8, everything else reference)
+    inst = build_instance(sens, part, dec, "M", min_sqnr_db=None, kv_cache=kv_spec(dec, ["fp8_e4m3"]))
+    caches = {op: "fp8_e4m3" for g in inst.groups for op in g.ops if op.endswith(("k_cache", "v_cache"))}
+    choice = [g.configs.index(tuple(caches.get(op, "fp32") for op in g.ops)) for g in inst.groups]
+    assert kv_loss(sens, caches) == pytest.approx(inst.loss_of(choice))
