@@ -5,8 +5,8 @@ from memory instead of reusing them over a long prompt; the same group configura
 the time (on SmolLM2's k/v projections INT8 is slower than fp32 at one token, faster at 128). Which low-precision
 kernel is fastest at one token on this CPU was measured, not assumed (``benchmarks/results/decode.md``, kernel
 table): torch.ao's dynamic INT8 Linear (fbgemm), the kernel prefill uses, beat ``aten._weight_int8pack_mm``
-int8 weight-only (8-20x slower than fp32 here: no AVX-512) and torchao's int8 weight-only (2-9x slower). So the
-decode gains are timed with the same backend modules as prefill and the loss model needs no new numerics.
+int8 weight-only and torchao's int8 weight-only, both slower than fp32 at every SmolLM2 shape here (no AVX-512). So
+the decode gains are timed with the same backend modules as prefill and the loss model needs no new numerics.
 
 How (the prefill machinery, reused): a prompt of ``context`` random tokens is run once into a transformers
 ``StaticCache`` (``FixedSlotCache``), then one decode step is run with hooks that capture each group's sub-graph
