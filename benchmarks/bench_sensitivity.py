@@ -18,6 +18,7 @@ Writes benchmarks/results/<stem>.json and .md (stem: sensitivity).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import resource
@@ -76,8 +77,10 @@ def child(mode: str, layers: int | None, n: int, seq: int) -> None:
             p.requires_grad_(True)
         for ids in blocks:
             sequence_loss(model, ids).sum().backward()
-    elif mode == "first_order":
+    elif mode == "first_order":  # the default noise model's sums only
         calibrate(model, blocks, ["int8"], progress=False, curvature=False)
+    elif mode == "first_order_all":  # every noise model's sums (as before 0.3)
+        calibrate(model, blocks, ["int8"], progress=False, curvature=False, noise="all")
     else:  # curvature_<share>
         calibrate(model, blocks, ["int8"], progress=False, curvature_share=float(mode.split("_")[1]))
     print(json.dumps({"mode": mode, "wall_s": time.perf_counter() - t0,
@@ -94,6 +97,7 @@ def validate(a: argparse.Namespace, formats: list[str], shares: list[float]) -> 
     """Predicted vs measured (real CPU kernels) loss MSE per format, text set, noise model and curvature share."""
     from inc_ipamp.data import load_blocks
     from inc_ipamp.evaluate import sequence_losses
+    from inc_ipamp.formats import get_format
     from inc_ipamp.gains import get_backend
     from inc_ipamp.models import load_model
     from inc_ipamp.sensitivity import calibrate
@@ -106,9 +110,13 @@ def validate(a: argparse.Namespace, formats: list[str], shares: list[float]) -> 
     sens = {}
     for share in shares:
         t0 = time.perf_counter()
-        sens[share] = calibrate(model, calib, formats, progress=False, curvature_share=share)
+        sens[share] = calibrate(model, calib, formats, progress=False, curvature_share=share, noise="all")
         print(f"calibrated (curvature share {share}) in {time.perf_counter() - t0:.0f} s", flush=True)
     main = sens[shares[0]]
+    # the same record without the output operand (bf16 kernels round their output): what the model predicted before
+    no_y = copy.deepcopy(main)
+    for o in no_y.ops.values():
+        o.operands.pop("y", None)
     backend = get_backend("cpu")
     backend.prepare(model, "fp32")
     refs = {k: sequence_losses(model, v) for k, v in sets.items()}
@@ -129,6 +137,8 @@ def validate(a: argparse.Namespace, formats: list[str], shares: list[float]) -> 
                 for share, s in sens.items():
                     row["predicted"][f"{noise}+shift" + ("" if share == shares[0] else f"@{share}")] = s.predict(
                         asg, noise)
+            if get_format(fmt).output_rounded:
+                row["predicted"][f"{DEFAULT_MODEL} without output term"] = no_y.predict(asg)
             for share, s in sens.items():
                 row["predicted_shift"][str(share)] = sum(s.shift(o, f) for o, f in asg.items())
             rows.append(row)
@@ -187,7 +197,7 @@ def main() -> None:
             "--threads", str(torch.get_num_threads())]
     if a.layers:
         base += ["--layers", str(a.layers)]
-    modes = ["plain", "first_order", *[f"curvature_{s}" for s in shares]]
+    modes = ["plain", "first_order", "first_order_all", *[f"curvature_{s}" for s in shares]]
     runs = []
     for _ in range(0 if a.skip_cost else 2):
         for mode in modes:
@@ -225,7 +235,8 @@ def write_md(res: dict, a: argparse.Namespace) -> None:
              "measured/predicted / share of assignments within 2x. `+shift` = variance + (Σ mean shift)² (the "
              f"default, `{DEFAULT_MODEL}`); `@s` = curvature on a share s of the calibration batches "
              f"(default share {res['default_curvature_share']}). guard25 = assignments whose every op has input "
-             "SQNR ≥ 25 dB (the solver's default guard).", ""]
+             "SQNR ≥ 25 dB (the solver's guard before 0.3, now 5 dB). `without output term`: the same record less "
+             "the output operand of kernels that round their output (bf16), i.e. what the model predicted before.", ""]
     c = res.get("cost")
     if c:
         lines += ["## Calibration cost (int8, batches of 1, best of 2, separate processes)", "",

@@ -32,8 +32,8 @@ def fake_quant(model: nn.Module, assignment: dict[str, str], reference: str | No
     """Quantise inputs and weights of the assigned ops and restore them on exit. Ops in a reference-kind format or
     in ``reference`` (a plan's reference format, e.g. bf16 on Gaudi: those ops run as the model does) are left alone.
 
-    Numerics are ``formats.quantize`` (activations, per call) and ``formats.quantize_weight``: the deployed kernels'
-    and the sensitivity collector's.
+    Numerics are ``formats.quantize`` (activations, per call) and ``formats.quantize_weight``, and a cast kernel's
+    rounded output (``Format.output_rounded``): the deployed kernels' and the sensitivity collector's.
     """
     install_attention(model)
     mods = dict(model.named_modules())
@@ -46,6 +46,9 @@ def fake_quant(model: nn.Module, assignment: dict[str, str], reference: str | No
             if name not in mods:
                 raise KeyError(f"op {name!r} of the assignment is not a module of this model")
             mod = mods[name]
+            if fmt.output_rounded:  # the cast kernel returns its output in the format
+                dt = getattr(torch, fmt.torch_dtype)
+                handles.append(mod.register_forward_hook(lambda m, a, out, dt=dt: out.to(dt).to(out.dtype)))
             if isinstance(mod, Matmul):
                 handles.append(mod.register_forward_pre_hook(
                     lambda m, a, f=fmt: (quantize(a[0], f, -1), quantize(a[1], f, -2), *a[2:])))

@@ -25,8 +25,9 @@ DEFAULT_NOISE = "auto"
 #: INT8 numerics were the symmetric 8-bit ones) now excluded every Linear of SmolLM2 but ~40.
 DEFAULT_MIN_SQNR_DB = 5.0
 #: version of the sums in a sensitivity record: 2 = weight first-order (coh, lin) sums, GQA copies folded, curvature
-#: weighted by each sequence's T' and over ``n_curvature`` sequences, INT8 activations with the kernel's numerics
-LOSS_MODEL_VERSION = 2
+#: weighted by each sequence's T' and over ``n_curvature`` sequences, INT8 activations with the kernel's numerics;
+#: 3 = an output operand "y" for the formats whose kernels round their output (bf16)
+LOSS_MODEL_VERSION = 3
 
 
 def check_finite(obj: Any, where: str) -> None:
@@ -78,6 +79,7 @@ class OperandStats:
     position. lin[f]: Σ_n d_n, whose mean is the first-order part of the mean shift (so coh/N − (lin/N)² is the
     variance). curv[f]: from the sampled-label backward, Σ_n T'_n (ĝ_n·e)² over the sequences that had it
     (``Sensitivity.n_curvature``); ½·curv/n_curvature estimates the second-order mean shift ½eᵀHe.
+    Operand "y" is the op's output, for formats whose kernel rounds it (``Format.output_rounded``, bf16).
     """
 
     xg2: float = 0.0
@@ -135,6 +137,8 @@ class Sensitivity:
         twice). The other models estimate noise alone."""
         f = get_format(fmt)
         if f.kind == "ref":
+            return 0.0
+        if operand == "y" and not f.output_rounded:  # the output operand: kernels that round their output only
             return 0.0
         st = self.ops[op].operands[operand]
         n = max(self.n_samples, 1)
@@ -198,7 +202,9 @@ class Sensitivity:
         import math
 
         vals = []
-        for st in self.ops[op].operands.values():
+        for k, st in self.ops[op].operands.items():
+            if k == "y":  # an output, not an input
+                continue
             e = st.err2.get(fmt, 0.0)
             vals.append(float("inf") if e <= 0 else 10 * math.log10(st.x2 / e))
         return min(vals)

@@ -32,8 +32,9 @@ from .records import DEFAULT_NOISE, NOISE_MODELS, OperandStats, OpSensitivity, S
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"]
-#: share of calibration batches that get the curvature backward (benchmarks/results/sensitivity.md: cost vs accuracy)
-DEFAULT_CURVATURE_SHARE = 1.0
+#: share of calibration batches that get the curvature backward: a quarter kept every format's out-of-sample
+#: acceptance and costs ~1.15x a first-order calibration, all of them ~1.65x (benchmarks/results/sensitivity.md)
+DEFAULT_CURVATURE_SHARE = 0.25
 #: the diagonal noise models: their sums need each weight's per-sequence gradient squared element by element
 DIAGONAL_MODELS = frozenset({"empirical", "uniform"})
 
@@ -108,22 +109,26 @@ class _Collector:
         self.formats = [get_format(f) for f in formats]
         self.rec = OpSensitivity(name=name, kind=kind)
         ops = ("x", "w") if kind == "linear" else ("a", "b")
-        self.rec.operands = {o: OperandStats() for o in ops}
+        #: formats whose kernel rounds the op's output (bf16): their output error is an operand "y" of its own
+        self.out_formats = [f for f in self.formats if f.output_rounded]
+        self.rec.operands = {o: OperandStats() for o in ops + (("y",) if self.out_formats else ())}
         self._w: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None  # weight and its scales per format
         self.state = state if state is not None else {"phase": "grad"}
         self.handles: list = []
 
-    def _curvature(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int) -> None:
+    def _curvature(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, formats: list) -> None:
         """Sampled-label pass: Σ_n T'_n (ĝ·e)², T'_n (ĝ·e)² an unbiased estimate of eᵀ(GN Hessian)e of sequence n
         (full quadratic form); T'_n = its predicted tokens, so sequences of different lengths weigh right."""
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
-        for f in self.formats:
+        for f in formats:
             d = _first_order(x, g, f, reduce_dim)[2]
             st.curv[f.name] = st.curv.get(f.name, 0.0) + self.state["tokens"] * float((d * d).sum())
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
-    def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, copies: int = 1) -> None:
+    def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, copies: int = 1,
+                formats: list | None = None) -> None:
+        formats = self.formats if formats is None else formats
         if copies > 1:
             # GQA: K/V heads were repeated before the product, so the copies of one head carry one and the same
             # rounding error; its first-order effect is (Σ_copies g)·e, not independent Σ g²e² per copy
@@ -131,7 +136,7 @@ class _Collector:
             x = x.reshape(b, h // copies, copies, *rest)[:, :, 0]
             g = g.reshape(b, h // copies, copies, *rest).sum(2)
         if self.state["phase"] == "curvature":
-            return self._curvature(operand, x, g, reduce_dim)
+            return self._curvature(operand, x, g, reduce_dim, formats)
         st = self.rec.operands[operand]
         x, g = _wide(x), _wide(g)
         st.x2 += _sum(x * x)
@@ -143,7 +148,7 @@ class _Collector:
             xg = x * g
             st.xg2 += _sum(xg * xg)
             st.g2 += g2_sum
-        for f in self.formats:
+        for f in formats:
             e, ge, d = _first_order(x, g, f, reduce_dim)
             d2, d1 = float((d * d).sum()), float(d.sum())
             _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
@@ -170,7 +175,7 @@ class _Collector:
 
     def attach(self) -> None:
         self.handles.append(self.mod.register_forward_pre_hook(self._pre))
-        if self.kind == "linear":
+        if self.kind == "linear" or self.out_formats:
             self.handles.append(self.mod.register_forward_hook(self._post))
 
     def detach(self) -> None:
@@ -200,8 +205,13 @@ class _Collector:
         if not out.requires_grad:
             return
         x = args[0].detach()
+        y = out.detach() if self.out_formats else None
 
-        def weight_grad(gy: torch.Tensor) -> None:
+        def output_grad(gy: torch.Tensor) -> None:
+            if y is not None:  # the output's own rounding (bf16 kernels), reduced as an activation
+                self._reduce("y", y, gy, -1, formats=self.out_formats)
+            if self.kind != "linear":
+                return
             if self.state["phase"] == "curvature":
                 # Sampled-label gradients are independent and zero-mean across sequences, so the square of the
                 # batch's gradient is an unbiased estimate of Σ_n ĝ_W,n²: one gradient, not one per sequence.
@@ -209,7 +219,7 @@ class _Collector:
             else:  # per sequence: Σ_n g_W,n², not (Σ_n g_W,n)²
                 self._weight_sums(gy, x, "grad")
 
-        out.register_hook(weight_grad)
+        out.register_hook(output_grad)
 
     # -- weight operand: reduced per batch, block by block; nothing weight-sized is kept ---------------
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -378,8 +388,10 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             if not torch.isfinite(loss).all():
                 raise SensitivityError(f"non-finite calibration loss on sequence(s) {n}..{n + len(batch) - 1}: "
                                        f"{loss.tolist()}")
-            # batch i gets the curvature backward when the running share crosses an integer: evenly spread
-            curv_now = curvature and int((n_batches + 1) * curvature_share) > int(n_batches * curvature_share)
+            # batch i gets the curvature backward when the running share's ceiling steps up: evenly spread, and
+            # the first batch always (a calibration of fewer than 1/share batches still gets a shift estimate)
+            curv_now = curvature and math.ceil((n_batches + 1) * curvature_share) > math.ceil(
+                n_batches * curvature_share)
             n_batches += 1
             loss.sum().backward(retain_graph=curv_now)
             if curv_now:

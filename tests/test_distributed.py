@@ -36,7 +36,8 @@ def _worker(rank: int, model, part, tmp: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
     try:
-        mine = calibrate(model, shard(_blocks(), rank, WORLD), FORMATS, progress=False, batch_size=1)
+        mine = calibrate(model, shard(_blocks(), rank, WORLD), FORMATS, progress=False, batch_size=1,
+                         curvature_share=1.0)  # a share < 1 picks every k-th batch of each rank's own shard
         merged = allreduce_sensitivity(mine)
         gains = measure_gains(model, part, ["fp32", "int8"], "cpu", seq_len=16, reps=3, warmup=1, metrics=("ET",),
                               cache_path=f"{tmp}/shared.jsonl", progress=False, distributed=True)
@@ -59,7 +60,7 @@ def runs(tiny_llama, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: the thread count is part of a measurement's cache key
     try:
-        single = calibrate(tiny_llama, _blocks(), FORMATS, progress=False, batch_size=1)
+        single = calibrate(tiny_llama, _blocks(), FORMATS, progress=False, batch_size=1, curvature_share=1.0)
         one = measure_gains(tiny_llama, part, ["fp32", "int8"], "cpu", seq_len=16, reps=3, warmup=1,
                             metrics=("ET",), cache_path=tmp / "single.jsonl", progress=False)
     finally:

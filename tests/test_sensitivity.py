@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -74,8 +75,9 @@ def test_every_op_reached_with_shapes_and_macs(small_sensitivity):
     q = s.ops["model.layers.0.self_attn.q_proj"]
     assert q.macs == 64 * 576 * 576 and q.weight_numel == 576 * 576
     for op in s.ops.values():
-        for st in op.operands.values():
-            assert st.g2 > 0 and set(st.emp) == set(s.formats)
+        assert set(op.operands) == ({"x", "w", "y"} if op.kind == "linear" else {"a", "b", "y"})
+        for k, st in op.operands.items():  # the output operand: for the formats whose kernel rounds it (bf16)
+            assert st.g2 > 0 and set(st.emp) == ({"bf16"} if k == "y" else set(s.formats))
 
 
 def test_prediction_is_additive_and_zero_for_reference(small_sensitivity):
@@ -248,7 +250,7 @@ def test_mean_shifts_match_in_sample(small_model, calib_blocks):
     from inc_ipamp.evaluate import fake_quant, sequence_losses
 
     model = small_model[0]
-    s = calibrate(model, calib_blocks, ["int8"], progress=False)
+    s = calibrate(model, calib_blocks, ["int8"], progress=False, curvature_share=1.0)
     assert s.has_curvature and s.n_curvature == s.n_samples
     assert all(st.curv and st.lin for op in s.ops.values() for st in op.operands.values())
     plan = {o: "int8" for o in s.op_names if s.sqnr_db(o, "int8") >= 25}
@@ -369,9 +371,11 @@ def test_curvature_is_weighted_by_each_sequences_length():
 def test_curvature_share_spreads_the_second_backward():
     model = _tiny()
     ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(4))
-    full = calibrate(model, [ids], ["int8"], progress=False)
+    full = calibrate(model, [ids], ["int8"], progress=False, curvature_share=1.0)
     quarter = calibrate(model, [ids], ["int8"], progress=False, curvature_share=0.25)
     assert full.n_curvature == 8 and quarter.n_curvature == 2 and quarter.n_samples == 8
+    # fewer batches than 1/share: the first batch still gets the pass (no silent loss of the shift's second order)
+    assert calibrate(model, [ids[:2]], ["int8"], progress=False, curvature_share=0.25).n_curvature == 1
     op = "model.layers.0.mlp.down_proj"
     assert quarter.ops[op].operands["x"].emp == full.ops[op].operands["x"].emp  # first pass untouched
     with pytest.raises(SensitivityError, match="curvature_share"):
@@ -439,3 +443,23 @@ def test_noise_models_survive_a_save(tmp_path, small_model):
 
     s = calibrate(small_model[0], [torch.randint(0, 256, (1, 8))], ["int8"], progress=False, curvature=False)
     assert Sensitivity.load(s.save(tmp_path / "s.json")).noise_models == ["coherent"]
+
+
+def test_bf16_output_rounding_is_a_term_of_its_own(small_model, calib_blocks, small_sensitivity):
+    """A bf16 kernel returns its output in bf16: that rounding is an operand ("y") of the op. The term must be
+    there, predict the measured loss change of the real cast kernel on lm_head (whose logits' rounding is most of
+    it), and be absent for formats whose GEMMs return fp32."""
+    from inc_ipamp.gains import get_backend
+
+    s, model = small_sensitivity, small_model[0]
+    y = s.operand_term("lm_head", "y", "bf16")
+    assert y > s.operand_term("lm_head", "x", "bf16") + s.operand_term("lm_head", "w", "bf16")
+    assert s.operand_term("lm_head", "y", "int8") == 0.0 == s.operand_term("lm_head", "y", "fp8_e4m3")
+    backend = get_backend("cpu")
+    measured = measured_loss_mse(model, calib_blocks, {"lm_head": "bf16"}, apply=backend.apply)
+    assert 0.5 < measured / s.predict({"lm_head": "bf16"}) < 2
+    without = copy.deepcopy(s)  # the record less the output operand: what the model predicted before
+    for op in without.ops.values():
+        op.operands.pop("y")
+    inputs_only = without.predict({"lm_head": "bf16"})
+    assert measured / inputs_only > 2 * measured / s.predict({"lm_head": "bf16"})  # the term is most of it
