@@ -12,10 +12,12 @@ How (the prefill machinery, reused): a prompt of ``context`` random tokens is ru
 ``StaticCache`` (``FixedSlotCache``), then one decode step is run with hooks that capture each group's sub-graph
 inputs — the (B, 1, d) hidden states, the rotary embeddings, the mask and the cache itself. The cache writes the new
 token's K/V into one fixed slot on every call, so a sub-graph (or the whole step) can be called again and again and
-always attends to the same ``context`` cached tokens plus itself; reference and configuration are timed
-interleaved (``base.paired_times``) on the sub-graphs of every group of a signature back to back (``span``), checked
-with the prefill's quality checks (``measure.check_quality``), cached (``cache.MeasurementCache``, the key says
-"decode" and the context), and the end-to-end step is timed the same way (``compare_decode``).
+always attends to the same ``context`` cached tokens plus itself; a signature's configurations are timed together
+against one shared reference run per round with adaptive repetitions (``measure.time_group_configs``) on the
+sub-graphs of every group of the signature back to back (``span``), checked with the prefill's quality checks
+(``measure.check_quality``; a drifted reference rescaled, ``measure.rescale_drift``), cached
+(``cache.MeasurementCache``, the key says "decode" and the context), and the end-to-end step is timed interleaved
+with the reference (``compare_decode``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,15 @@ from ..partition import list_ops, suffix, tensor_shapes
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, prime
 from .cache import MeasurementCache, cache_key
-from .measure import RETRIES, _emulated_configs, check_quality, enclosing_module, time_group_config
+from .measure import (
+    MIN_REPS,
+    RETRIES,
+    _emulated_configs,
+    check_quality,
+    enclosing_module,
+    rescale_drift,
+    time_group_configs,
+)
 from .theory import memory_gain, roofline_device, roofline_gain
 
 log = logging.getLogger(__name__)
@@ -153,10 +163,10 @@ def decode_op_shapes(model: nn.Module, step: DecodeStep, ops: dict[str, str]) ->
 
 
 def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
-                         batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 3,
+                         batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 1,
                          cache_path: str | Path | None = None, span: int | None = None, retries: int = RETRIES,
                          reference_reps: int | None = None, progress: bool = True, seed: int = 0,
-                         roofline: str | None = None) -> Gains:
+                         roofline: str | None = None, min_reps: int | None = MIN_REPS) -> Gains:
     """Gains record (``phase="decode"``, ``seq_len`` = the context length) of every group × config for one decode
     step: ET measured on sub-graphs with a real KV cache, checked and re-measured like prefill's (``measure``), M the
     weight bytes saved, RT (with ``roofline``, a device of ``theory.ROOFLINE_DEVICES``) the roofline time saved at the
@@ -215,46 +225,63 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     todo = [(k, g, tuple(c)) for k, g in representative.items() for c in g.configs(formats)
             if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
     cache = MeasurementCache(cache_path)
-    counts = {"timed": 0, "reused": 0, "remeasured": 0}
+    counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
+    keys = {(k, c): cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
+                              span=len(timed_with[k]), **base) for k, g, c in todo}
 
-    def measure(k: str, c: tuple[str, ...], n_reps: int) -> dict[str, Any]:
+    def measure(k: str, cs: list[tuple[str, ...]], n_reps: int) -> list[dict[str, Any]]:
+        """``cs`` (configs of signature ``k``) timed together against one shared reference per round, adaptive
+        repetitions: prefill's ``time_group_configs``."""
         together = timed_with[k]
-        r = time_group_config(model, be, together, c, [inputs[enclosing_module(x.ops)] for x in together], n_reps,
-                              warmup)
-        counts["timed"] += 2 * n_reps * len(together)
-        return {"group": representative[k].name, "signature": k, "config": list(c), **r}
+        rs = time_group_configs(model, be, together, cs, [inputs[enclosing_module(x.ops)] for x in together], n_reps,
+                                warmup, min_reps=min_reps)
+        counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
+        return [{"group": representative[k].name, "signature": k, "config": list(c), **r}
+                for c, r in zip(cs, rs, strict=True)]
 
     t0 = time.perf_counter()
-    keys: dict[tuple[str, tuple[str, ...]], str] = {}
+    by_sig: dict[str, list[tuple[str, ...]]] = {}
+    for k, _, c in todo:
+        by_sig.setdefault(k, []).append(c)
     with Progress(len(todo), "measure: timing decode-step group configs", unit="config", enabled=progress) as bar:
-        for k, g, c in todo:
-            key = keys[(k, c)] = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
-                                           span=len(timed_with[k]), **base)
-            rec = cache.get(key)
-            if rec is not None and not rec.get("flag"):
-                counts["reused"] += 1
-            else:
-                prior = [r["t_ref_s"] for (kk, _), r in recs.items() if kk == k and not r.get("flag")]
-                med = statistics.median(prior) if len(prior) >= 2 else None
-                rec, n_reps = measure(k, c, reps), reps
-                for _ in range(retries):
-                    if not check_quality(rec, med):
+        for k, cs in by_sig.items():
+            pending = []
+            for c in cs:
+                rec = cache.get(keys[(k, c)])
+                if rec is not None and not rec.get("flag"):
+                    counts["reused"] += 1
+                    recs[(k, c)] = rec
+                else:
+                    pending.append(c)
+            if pending:
+                got = dict(zip(pending, measure(k, pending, reps), strict=True))
+                n_reps = reps
+                for _ in range(retries):  # what fails is re-measured together, with twice the repetitions
+                    bad = [c for c in pending if check_quality(got[c], None)]
+                    if not bad:
                         break
                     n_reps *= 2
-                    counts["remeasured"] += 1
-                    rec = measure(k, c, n_reps)
-                rec["flag"] = check_quality(rec, med)
-                cache.put(key, rec)
-            recs[(k, c)] = rec
-            bar.update()
-    for k in representative:  # reference drift over the whole signature, now that every config is in
+                    counts["remeasured"] += len(bad)
+                    got.update(zip(bad, measure(k, bad, n_reps), strict=True))
+                for c in pending:
+                    got[c]["flag"] = check_quality(got[c], None)
+                    cache.put(keys[(k, c)], got[c])
+                    recs[(k, c)] = got[c]
+            bar.update(len(cs))
+    # reference drift over the whole signature: rescaled to its median where moderate (the gain was paired with
+    # reference runs of the same rounds, ``measure.rescale_drift``), else flagged
+    for k in representative:
         mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
         if len(mine) >= 3:
             med = statistics.median(r["t_ref_s"] for r in mine.values())
             for c, r in mine.items():
-                if not r.get("flag") and check_quality(r, med):
+                if r.get("flag") or not check_quality(r, med):
+                    continue
+                if rescale_drift(r, med, apply=True):
+                    counts["rescaled"] += 1
+                else:
                     r["flag"] = check_quality(r, med)
-                    cache.put(keys[(k, c)], r)  # flagged in the cache too: the next run re-times it
+                cache.put(keys[(k, c)], r)  # as used: a flagged one is re-timed by the next run
     groups: dict[str, GroupGains] = {}
     flagged = []
     for g in partition.groups:
@@ -281,8 +308,9 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
                                               for op, f in zip(g.ops, c, strict=True)) for c in cfgs]
             groups[g.name].source["RT"] = f"roofline on {roofline} at the decode step's shapes (datasheet figures)"
     notes.append(f"ET (decode): {len(representative)} signature(s), {counts['timed']} timed sub-graph calls "
-                 f"({reps} reps x 2, interleaved, {warmup} warm-up pairs) in {time.perf_counter() - t0:.1f} s, "
-                 f"{counts['reused']} config(s) from the cache, {counts['remeasured']} re-measurement(s)")
+                 f"(a signature's configs against one shared reference per round, {min_reps or reps}-{reps} rounds, "
+                 f"{warmup} warm-up rounds) in {time.perf_counter() - t0:.1f} s, {counts['reused']} config(s) from the "
+                 f"cache, {counts['remeasured']} re-measurement(s), {counts['rescaled']} rescaled for reference drift")
     notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     ref_t = reference_decode_time(model, step, be, reference_reps or max(5, reps // 2))
     best = sum(max([0.0, *(x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i))]) for gg in groups.values())
