@@ -60,7 +60,7 @@ def decode_gains(llama, tmp_path_factory):
     part = partition_model(llama)
     cache = tmp_path_factory.mktemp("dec") / "cache.jsonl"
     g = measure_decode_gains(llama, part, ["fp32", "int8"], batch=2, context=16, reps=3, warmup=1, cache_path=cache,
-                             progress=False)
+                             progress=False, probe_rounds=0)
     return part, g, cache
 
 
@@ -83,11 +83,11 @@ def test_decode_gains_record(decode_gains, tmp_path):
 def test_decode_gains_are_reused_from_the_cache(llama, decode_gains):
     part, g, cache = decode_gains
     again = measure_decode_gains(llama, part, ["fp32", "int8"], batch=2, context=16, reps=3, warmup=1,
-                                 cache_path=cache, progress=False)
+                                 cache_path=cache, progress=False, probe_rounds=0)
     assert any("from the cache" in n and " 0 config(s) from the cache" not in n for n in again.notes)
-    kept = [(name, i) for name, gg in g.groups.items() for i, f in enumerate(gg.flags["ET"]) if not f and i]
-    assert kept  # every trusted timing is reused as it was; flagged ones are timed again
-    assert all(again.groups[name].gains["ET"][i] == g.groups[name].gains["ET"][i] for name, i in kept)
+    # a group none of whose configs was re-timed (all trusted, or never timed) comes back exactly as it was
+    kept = [name for name, gg in g.groups.items() if all(not f or f.startswith(EMULATED) for f in gg.flags["ET"])]
+    assert kept and all(again.groups[name].gains["ET"] == g.groups[name].gains["ET"] for name in kept)
 
 
 def test_compare_decode_restores_the_model(llama):
@@ -293,8 +293,10 @@ def test_cli_mix_objective_end_to_end(tmp_path):
     from inc_ipamp.records import Partition, Plan
 
     out = tmp_path / "run"
+    # without lm_head, whose INT8 saves most of a 2-layer model's time: Σ best gains stay far below the reference
+    # step whatever the load, so neither phase's consistency refusal can fire on a noisy machine
     quick = ["--layers", "2", "--n-calib", "2", "--n-eval", "2", "--seq-len", "32", "--reps", "3", "--gain-seq-len",
-             "32", "--decode-context", "16", "--threads", "1"]
+             "32", "--decode-context", "16", "--threads", "1", "--no-lm-head"]
     assert main(["run", "--out", str(out), *quick, "--objective", "mix", "--mix-weights", "1,64"]) == 0
     dec = Gains.load(out / "gains_decode.json")
     assert dec.phase == "decode" and dec.seq_len == 16 and dec.quality["kv_cache"]

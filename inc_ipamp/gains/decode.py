@@ -15,7 +15,8 @@ token's K/V into one fixed slot on every call, so a sub-graph (or the whole step
 always attends to the same ``context`` cached tokens plus itself; a signature's configurations are timed together
 against one shared reference run per round with adaptive repetitions (``measure.time_group_configs``) on the
 sub-graphs of every group of the signature back to back (``span``), checked with the prefill's quality checks
-(``measure.check_quality``; a drifted reference rescaled, ``measure.rescale_drift``), cached
+(``measure.check_quality``; a drifted reference rescaled, ``measure.rescale_drift``), brought to the machine speed of
+the reference step by prefill's speed probe (``measure.speed_probe``, ``align_to_probe``), cached
 (``cache.MeasurementCache``, the key says "decode" and the context), and the end-to-end step is timed interleaved
 with the reference (``compare_decode``).
 """
@@ -44,11 +45,15 @@ from .base import Backend, gain_stats, paired_times, prime
 from .cache import MeasurementCache, cache_key
 from .measure import (
     MIN_REPS,
+    PROBE_ROUNDS,
     RETRIES,
     _emulated_configs,
+    align_to_probe,
     check_quality,
     enclosing_module,
+    group_run,
     rescale_drift,
+    speed_probe,
     time_group_configs,
 )
 from .theory import memory_gain, roofline_device, roofline_gain
@@ -166,7 +171,8 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
                          batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 1,
                          cache_path: str | Path | None = None, span: int | None = None, retries: int = RETRIES,
                          reference_reps: int | None = None, progress: bool = True, seed: int = 0,
-                         roofline: str | None = None, min_reps: int | None = MIN_REPS) -> Gains:
+                         roofline: str | None = None, min_reps: int | None = MIN_REPS,
+                         probe_rounds: int = PROBE_ROUNDS) -> Gains:
     """Gains record (``phase="decode"``, ``seq_len`` = the context length) of every group × config for one decode
     step: ET measured on sub-graphs with a real KV cache, checked and re-measured like prefill's (``measure``), M the
     weight bytes saved, RT (with ``roofline``, a device of ``theory.ROOFLINE_DEVICES``) the roofline time saved at the
@@ -277,11 +283,29 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
             for c, r in mine.items():
                 if r.get("flag") or not check_quality(r, med):
                     continue
+                r = recs[(k, c)] = dict(r)  # the cache keeps what was measured
                 if rescale_drift(r, med, apply=True):
                     counts["rescaled"] += 1
                 else:
                     r["flag"] = check_quality(r, med)
-                cache.put(keys[(k, c)], r)  # as used: a flagged one is re-timed by the next run
+                    cache.put(keys[(k, c)], r)  # flagged: the next run re-times it
+    # prefill's speed probe: every signature's reference run again at one moment, right before the reference decode
+    # step, and a signature measured at another machine speed rescaled to it (``measure.align_to_probe``)
+    aligned, mismatch = {}, []
+    if probe_rounds:
+        sigs = [k for k in representative if any(kc[0] == k and kc not in emulated for kc in recs)]
+        probe = speed_probe({k: group_run(model, be, timed_with[k], [inputs[enclosing_module(x.ops)]
+                                                                     for x in timed_with[k]], {}) for k in sigs},
+                            probe_rounds, be.synchronize)
+        for k, t in probe.items():
+            mine_keys = [kc for kc in recs if kc[0] == k and kc not in emulated and not recs[kc].get("flag")]
+            for kc in mine_keys:
+                recs[kc] = dict(recs[kc])
+            f = align_to_probe([recs[kc] for kc in mine_keys], t / len(timed_with[k]))
+            if f == 0.0:
+                mismatch.append(representative[k].name)
+            elif f != 1.0:
+                aligned[representative[k].name] = f
     groups: dict[str, GroupGains] = {}
     flagged = []
     for g in partition.groups:
@@ -310,14 +334,19 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     notes.append(f"ET (decode): {len(representative)} signature(s), {counts['timed']} timed sub-graph calls "
                  f"(a signature's configs against one shared reference per round, {min_reps or reps}-{reps} rounds, "
                  f"{warmup} warm-up rounds) in {time.perf_counter() - t0:.1f} s, {counts['reused']} config(s) from the "
-                 f"cache, {counts['remeasured']} re-measurement(s), {counts['rescaled']} rescaled for reference drift")
+                 f"cache, {counts['remeasured']} re-measurement(s), {counts['rescaled']} rescaled for reference drift"
+                 + (f"; speed probe ({probe_rounds} rounds): rescaled " + ", ".join(f"{n} x{f:.3g}" for n, f in
+                                                                                   aligned.items()) if aligned else "")
+                 + (f"; left as measured (speed changed more than the rescale limit): {', '.join(mismatch)}"
+                    if mismatch else ""))
     notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     ref_t = reference_decode_time(model, step, be, reference_reps or max(5, reps // 2))
     best = sum(max([0.0, *(x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i))]) for gg in groups.values())
     state_end = machine_state()
     quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
                "flagged": flagged, "sum_best_gain_s": best, "reference_decode_s": ref_t, "consistent": best < ref_t,
-               "loaded": loaded(state_start) or loaded(state_end), "kv_cache": kv_geometry(step)}
+               "loaded": loaded(state_start) or loaded(state_end), "kv_cache": kv_geometry(step),
+               "speed_probe_rescaled": aligned, "speed_probe_mismatch": mismatch}
     if flagged:
         log.warning("decode: %d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s)",
                     len(flagged), len(todo), flagged[0])
