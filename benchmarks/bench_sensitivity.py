@@ -127,11 +127,16 @@ def validate(a: argparse.Namespace, formats: list[str], shares: list[float]) -> 
         rows = []
         for name, asg in assignments(ops, fmt, a.n_random, rng):
             row: dict = {"name": name, "n_ops": len(asg), "min_sqnr_db": min(main.sqnr_db(o, fmt) for o in asg),
-                         "measured": {}, "measured_shift": {}, "predicted": {}, "predicted_shift": {}}
+                         "measured": {}, "measured_shift": {}, "predicted": {}, "predicted_shift": {},
+                         "top_sequence_share": {}, "measured_without_top": {}}
             with backend.apply(model, asg) as m:
                 for k, blocks in sets.items():
                     d = sequence_losses(m, blocks) - refs[k]
-                    row["measured"][k], row["measured_shift"][k] = float((d ** 2).mean()), float(d.mean())
+                    d2 = d ** 2
+                    row["measured"][k], row["measured_shift"][k] = float(d2.mean()), float(d.mean())
+                    # how much one sequence carries: a heavy tail the calibration text may never show
+                    row["top_sequence_share"][k] = float(d2.max() / d2.sum()) if float(d2.sum()) > 0 else 0.0
+                    row["measured_without_top"][k] = float((d2.sum() - d2.max()) / max(len(d2) - 1, 1))
             for noise in NOISES:
                 row["predicted"][noise] = main.predict(asg, noise, shift=False)
                 for share, s in sens.items():
@@ -153,6 +158,11 @@ def validate(a: argparse.Namespace, formats: list[str], shares: list[float]) -> 
                 summary[k][model_name] = {"all": stats(p, m_)}
                 if ok.sum() >= 3:
                     summary[k][model_name]["guard25"] = stats(p[ok], m_[ok])
+            if "top_sequence_share" in rows[0]:
+                top = np.array([r["top_sequence_share"][k] for r in rows])
+                p = np.array([r["predicted"][DEFAULT_MODEL] for r in rows])
+                summary[k]["tail"] = {"median_top_share": float(np.median(top)), "max_top_share": float(top.max()),
+                                      "without_top": stats(p, np.array([r["measured_without_top"][k] for r in rows]))}
             ms = np.array([r["measured_shift"][k] for r in rows])
             summary[k]["shift"] = {share: {"spearman": float(spearmanr(
                 [r["predicted_shift"][str(share)] for r in rows], ms)[0]), "median_measured_over_predicted": float(
@@ -262,11 +272,18 @@ def write_md(res: dict, a: argparse.Namespace) -> None:
                   "| model | " + " | ".join(f"{k}: all | {k}: guard25" for k in sets) + " |",
                   "|---|" + "---|" * (2 * len(sets))]
         for model_name in s[sets[0]]:
-            if model_name == "shift":
+            if model_name in ("shift", "tail"):
                 continue
             lines.append(f"| {model_name} | " + " | ".join(
                 f"{_cell(s[k][model_name]['all'])} | {_cell(s[k][model_name].get('guard25'))}" for k in sets) + " |")
         lines.append("")
+        if "tail" in s[sets[0]]:
+            lines.append("Heavy tail: the largest single sequence's share of the measured loss MSE (median / max over "
+                         "the assignments), and the default model against the measured MSE without that sequence (a "
+                         "diagnostic, not the acceptance): " + "; ".join(
+                             f"{k} {s[k]['tail']['median_top_share']:.0%} / {s[k]['tail']['max_top_share']:.0%}, "
+                             f"{_cell(s[k]['tail']['without_top'])}" for k in sets) + ".")
+            lines.append("")
         lines.append("Mean shift alone, predicted vs measured (rho / median measured/predicted): " + "; ".join(
             f"{k} @share {sh}: {s[k]['shift'][sh]['spearman']:.2f} / "
             f"{s[k]['shift'][sh]['median_measured_over_predicted']:.2f}" for k in sets for sh in shares))
