@@ -159,8 +159,8 @@ def align_to_probe(recs: Sequence[dict[str, Any]], probe_t: float) -> float:
     needed, 0.0 if it was beyond ``MAX_RESCALE`` (left as measured, the caller notes it).
 
     Signatures are measured one after another, so on a shared machine one of them can run at another speed than
-    the rest (on SmolLM2 under load: o_proj's reference at 3.43 ms against 1.0-1.5 ms in three other runs, which
-    made its gains look 2.2x larger than the other signatures'). Within a signature the shared reference keeps the
+    the rest, and its gains then look larger or smaller than the other signatures' by that factor (peers.json at
+    eb9f8dc: down_proj x1.40, lm_head x0.736). Within a signature the shared reference keeps the
     configs consistent; this makes the signatures consistent with each other and with the reference prefill timed
     right after the probe.
     """
