@@ -8,6 +8,7 @@ table is solved with this checkout's solver at the default budget, and each plan
 reference prefill) is evaluated with every run's table, so a plan is judged by tables other than its own.
 
     python benchmarks/bench_measure_ab.py            # 2 x (old, new), writes benchmarks/results/measure_ab.md
+    # beside other work in the checkout: PYTHONPATH=<git archive HEAD inc_ipamp, unpacked> python benchmarks/...
 """
 
 from __future__ import annotations
@@ -58,12 +59,15 @@ def main() -> None:
     ap.add_argument("--gain-seq-len", type=int, default=128)
     ap.add_argument("--out", default=str(RESULTS / "measure_ab.md"))
     a = ap.parse_args()
+    import inc_ipamp
     from inc_ipamp import pipeline
     from inc_ipamp.records import Gains, Partition, Plan
     from inc_ipamp.runtime import machine_state, set_threads
 
     set_threads(1)
-    dirty = git("status", "--porcelain", "--", "inc_ipamp").replace("\n", "; ")
+    new_src = Path(inc_ipamp.__file__).resolve().parents[1]  # run with PYTHONPATH=<an export of HEAD> to isolate it
+    dirty = ("none" if new_src != ROOT else git("status", "--porcelain", "--", "inc_ipamp").replace("\n", "; ")) + (
+        f" (inc_ipamp imported from {new_src})" if new_src != ROOT else "")
     work = Path(tempfile.mkdtemp(prefix="bench_measure_ab_"))
     old_src = work / "old"
     old_src.mkdir()
@@ -77,7 +81,7 @@ def main() -> None:
     pipeline.stage_partition(base, s, model, tok)
     runs: list[str] = []
     for i in range(a.repeats):
-        for which, src in (("old", old_src), ("new", ROOT)):
+        for which, src in (("old", old_src), ("new", new_src)):
             name = f"{which}{i + 1}"
             d = work / name
             d.mkdir()
