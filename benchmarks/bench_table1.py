@@ -36,7 +36,8 @@ from inc_ipamp import pipeline, tasks
 from inc_ipamp.baselines import baseline
 from inc_ipamp.evaluate import loss_change, sequence_losses
 from inc_ipamp.gains import compare_prefill, get_backend
-from inc_ipamp.records import DEFAULT_MIN_SQNR_DB, Gains, Partition, Plan, Sensitivity
+from inc_ipamp.lossmodel import DEFAULT_MIN_SQNR_DB
+from inc_ipamp.records import Gains, Partition, Plan, Sensitivity
 from inc_ipamp.runtime import machine_state
 from inc_ipamp.solver import build_instance, solve
 

@@ -17,7 +17,8 @@ import random
 import time
 
 from .errors import ArtifactError
-from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, Gains, Partition, Plan, Sensitivity
+from .lossmodel import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE
+from .records import Gains, Partition, Plan, Sensitivity
 from .solver import BudgetSpecError, Instance, build_instance, plan_from_choice
 
 BASELINES = ("random", "prefix", "sqnr", "prefix_reversed", "sqnr_reversed")

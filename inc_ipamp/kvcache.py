@@ -74,15 +74,6 @@ def kv_spec(decode_gains: Gains, formats: list[str], rt_device: str | None = Non
                        f"{first['head_dim']} per layer")
 
 
-def operand_shift(sens: Sensitivity, op: str, operand: str, fmt: str) -> float:
-    """Mean loss shift of one operand of one op in ``fmt`` (``Sensitivity.shift`` is per op, summed over operands)."""
-    st = sens.ops[op].operands[operand]
-    lin = st.lin.get(fmt, 0.0) / max(sens.n_samples, 1)
-    if sens.n_curvature <= 0:
-        return lin
-    return lin + 0.5 * st.curv.get(fmt, 0.0) / sens.n_curvature
-
-
 def attention_prefixes(ops: list[str]) -> list[str]:
     """Attention modules whose two BGEMMs are both in ``ops`` (one group holds q, k, v, qk, av)."""
     qk = {op.rpartition(".")[0] for op in ops if op.endswith(".matmul_qk")}
@@ -142,7 +133,7 @@ def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: f
                         saved += spec.bytes_saved(layer, ref, f)
                         if cfg[g.ops.index(mm)] != f:  # the BGEMM does not already round b in this format
                             add_loss += sens.operand_term(mm, "b", f, inst.noise, centred=use_shift)
-                            add_shift += operand_shift(sens, mm, "b", f) if use_shift else 0.0
+                            add_shift += sens.operand_shift(mm, "b", f) if use_shift else 0.0
                 if not ok:
                     continue
                 if all(f == ref for f in (*cfg, *combo)):
@@ -183,7 +174,7 @@ def kv_loss(sens: Sensitivity, assignment: dict[str, str], noise: str = "auto") 
         prefix, _, leaf = op.rpartition(".")
         mm = f"{prefix}.{KV_LEAVES[leaf]}"
         noise_sum += sens.operand_term(mm, "b", f, noise, centred=use_shift)
-        shift += operand_shift(sens, mm, "b", f) if use_shift else 0.0
+        shift += sens.operand_shift(mm, "b", f) if use_shift else 0.0
     return noise_sum + shift**2
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .errors import ArtifactError, IpampError
 from .io import load_json, save_json
-from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE
+from .lossmodel import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE
 from .sensitivity import DEFAULT_CURVATURE_SHARE
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,9 @@ from torch import nn
 
 from .errors import FormatError, SensitivityError
 from .formats import get_format, quantize, quantize_with_scale, scale_of, weight_scale
+from .lossmodel import DEFAULT_NOISE, NOISE_MODELS, auto_noise
 from .ops import find_ops, install_attention, linear_weight, tied_linears
-from .records import DEFAULT_NOISE, NOISE_MODELS, OperandStats, OpSensitivity, Sensitivity, auto_noise
+from .records import OperandStats, OpSensitivity, Sensitivity
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from .formats import get_format
 from .gains.measure import METRICS
 from .gains.theory import weight_bytes_saved
 from .io import load_json, save_json
-from .records import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, NOISE_MODELS, Gains, GroupGains, Partition, Plan, Sensitivity
+from .lossmodel import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, NOISE_MODELS
+from .records import Gains, GroupGains, Partition, Plan, Sensitivity
 
 #: Relative MIP gap asked of HiGHS (its default, 1e-4, is loose enough to lose a whole small group).
 MIP_REL_GAP = 1e-7
