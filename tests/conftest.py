@@ -1,4 +1,4 @@
-"""Shared fixtures: the real embedded default model (a 2-layer prefix, loaded once) and shipped data."""
+"""Shared fixtures: the real embedded default model (all 30 layers, loaded once) and shipped data."""
 
 from __future__ import annotations
 

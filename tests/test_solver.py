@@ -153,7 +153,7 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
     s = sens.shift("layers.0.op0", "int8") + sens.shift("layers.1.op1", "fp8_e4m3")
     assert s != 0 and predict(sens, assign) == pytest.approx(noise + s * s, rel=1e-12)
     shifts = [x for g in inst.groups for x in g.shift]
-    assert min(shifts) < 0 < max(shifts)  # signed: the chords must bound z² on both sides
+    assert min(shifts) < 0 < max(shifts)  # signed: the tangent cuts must bound z² on both sides
 
     def best(eps):
         top = -math.inf

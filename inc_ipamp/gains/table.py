@@ -1,7 +1,7 @@
 """Replay empirical gains measured elsewhere (e.g. on a Gaudi) from a JSON Gains record or a CSV file.
 
 CSV columns: ``group`` (a group signature or group name), ``config`` (formats joined by '+'), ``gain_s``,
-``ci_s`` (optional). JSON: a saved Gains record (``inc-ipamp gains`` output), looked up by group name.
+``ci_s`` (optional). JSON: a saved Gains record (``inc-ipamp measure``'s gains.json), looked up by group name.
 """
 
 from __future__ import annotations
