@@ -41,7 +41,9 @@ g = measure_gains(model, part, ["fp32", "int8"], backend="cpu", batch=1, seq_len
                   reps=int(sys.argv[3]), cache_path=out + "/gain_cache.jsonl", progress=False)
 dt = time.perf_counter() - t
 g.save(out + "/gains.json")
-json.dump({"measure_s": dt, "timed_runs": g.timed_runs, "flagged": g.quality.get("flagged_configs"),
+import inc_ipamp, pathlib
+json.dump({"inc_ipamp": str(pathlib.Path(inc_ipamp.__file__).resolve().parents[1]), "measure_s": dt,
+           "timed_runs": g.timed_runs, "flagged": g.quality.get("flagged_configs"),
            "start": st, "end": machine_state(), "notes": [n for n in g.notes if n.startswith("ET:")]},
           open(out + "/run.json", "w"))
 """
@@ -88,8 +90,12 @@ def main() -> None:
             for f in ("settings.json", "sensitivity.json", "partition.json"):
                 (d / f).write_bytes((base / f).read_bytes())
             env = {**os.environ, "PYTHONPATH": str(src)}
+            # cwd outside the checkout: ``python -c`` puts the cwd before PYTHONPATH on sys.path
             subprocess.run([sys.executable, "-c", MEASURE, str(d), str(a.gain_seq_len), str(a.reps)], check=True,
-                           env=env)
+                           env=env, cwd=work)
+            ran = json.loads((d / "run.json").read_text())["inc_ipamp"]
+            if Path(ran).resolve() != Path(src).resolve():
+                raise SystemExit(f"{name} imported inc_ipamp from {ran}, not {src}")
             pipeline.stage_solve(d, s)
             runs.append(name)
             print(name, json.loads((d / "run.json").read_text())["measure_s"], flush=True)
