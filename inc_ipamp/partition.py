@@ -13,9 +13,9 @@ the parallel branch that skips it, e.g. v around q·kᵀ).
 Residual connections make "every input→output path passes through a node" impossible inside a decoder
 layer (the skip path bypasses the block), so the cut is defined on the paths *leaving* the group; this
 gives exactly {q,k,v,qk,av}, {o}, {gate,up}, {down} for a Llama layer and {c_attn}, {qk,av}, {attn.c_proj},
-{c_fc}, {mlp.c_proj} for GPT-2 (its fused c_attn emits one tensor that every path to qk/av passes: a cut). (A dominator-based variant — "the nearest common dominator of all later
-ops is dominated by every op of G" — never cuts on a residual network: the residual stream, not the
-block's output, dominates everything later.)
+{c_fc}, {mlp.c_proj} for GPT-2 (its fused c_attn emits one tensor that every path to qk/av passes: a cut).
+(A dominator-based variant — "the nearest common dominator of all later ops is dominated by every op of G" —
+never cuts on a residual network: the residual stream, not the block's output, dominates everything later.)
 """
 
 from __future__ import annotations
