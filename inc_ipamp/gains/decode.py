@@ -55,6 +55,7 @@ from .measure import (
     rescale_drift,
     speed_probe,
     time_group_configs,
+    time_signature,
 )
 from .theory import memory_gain, roofline_device, roofline_gain
 
@@ -250,29 +251,9 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     for k, _, c in todo:
         by_sig.setdefault(k, []).append(c)
     with Progress(len(todo), "measure: timing decode-step group configs", unit="config", enabled=progress) as bar:
-        for k, cs in by_sig.items():
-            pending = []
-            for c in cs:
-                rec = cache.get(keys[(k, c)])
-                if rec is not None and not rec.get("flag"):
-                    counts["reused"] += 1
-                    recs[(k, c)] = rec
-                else:
-                    pending.append(c)
-            if pending:
-                got = dict(zip(pending, measure(k, pending, reps), strict=True))
-                n_reps = reps
-                for _ in range(retries):  # what fails is re-measured together, with twice the repetitions
-                    bad = [c for c in pending if check_quality(got[c], None)]
-                    if not bad:
-                        break
-                    n_reps *= 2
-                    counts["remeasured"] += len(bad)
-                    got.update(zip(bad, measure(k, bad, n_reps), strict=True))
-                for c in pending:
-                    got[c]["flag"] = check_quality(got[c], None)
-                    cache.put(keys[(k, c)], got[c])
-                    recs[(k, c)] = got[c]
+        for k, cs in by_sig.items():  # cached, or timed together; what fails re-measured with twice the reps
+            time_signature(k, cs, lambda k_, cs_, n, _again: measure(k_, cs_, n), cache, keys, recs, counts, reps,
+                           retries)
             bar.update(len(cs))
     # reference drift over the whole signature: rescaled to its median where moderate (the gain was paired with
     # reference runs of the same rounds, ``measure.rescale_drift``), else flagged

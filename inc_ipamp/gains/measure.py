@@ -308,6 +308,38 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                  timed_runs, notes, quality)
 
 
+def time_signature(k: str, cs: list[tuple[str, ...]], measure: Callable[..., list[dict[str, Any]]],
+                   cache: MeasurementCache, keys: dict, recs: dict, counts: dict[str, int], reps: int, retries: int,
+                   affordable: Callable[[], bool] = lambda: True) -> None:
+    """Configs ``cs`` of signature ``k`` from the cache, or timed together by ``measure(k, configs, reps, again)``;
+    the ones failing the quality checks re-measured together with twice the repetitions (``retries`` times, while
+    ``affordable()``). Results go to ``recs`` and the cache (flag included: the next run re-times what failed);
+    ``counts`` gets "reused" and "remeasured". One loop for the prefill and the decode-step measurements."""
+    pending = []
+    for c in cs:
+        rec = cache.get(keys[(k, c)])
+        if rec is not None and not rec.get("flag"):
+            counts["reused"] += 1
+            recs[(k, c)] = rec
+        else:
+            pending.append(c)
+    if not pending:
+        return
+    got = dict(zip(pending, measure(k, pending, reps, False), strict=True))
+    n_reps = reps
+    for _ in range(retries):
+        bad = [c for c in pending if check_quality(got[c], None)]
+        if not bad or not affordable():
+            break
+        n_reps *= 2
+        counts["remeasured"] += len(bad)
+        got.update(zip(bad, measure(k, bad, n_reps, True), strict=True))
+    for c in pending:
+        got[c]["flag"] = check_quality(got[c], None)
+        cache.put(keys[(k, c)], got[c])
+        recs[(k, c)] = got[c]
+
+
 def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
     """"" if a measured config can be trusted, else why not.
 
@@ -461,31 +493,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         raise IpampError("a measurement sharded over ranks needs one cache_path that every rank can read and append to")
 
     def timed(k: str, cs: list[tuple[str, ...]]) -> None:
-        """Configs of one signature from the cache, or measured together (the ones failing the quality checks
-        re-measured together with twice the repetitions while the budget allows)."""
-        pending = []
-        for c in cs:
-            rec = cache.get(keys[(k, c)])
-            if rec is not None and not rec.get("flag"):
-                counts["reused"] += 1
-                recs[(k, c)] = rec
-            else:
-                pending.append(c)
-        if not pending:
-            return
-        got = dict(zip(pending, measure(k, pending, reps), strict=True))
-        n_reps = reps
-        for _ in range(retries):
-            bad = [c for c in pending if check_quality(got[c], None)]
-            if not bad or not affordable():
-                break
-            n_reps *= 2
-            counts["remeasured"] += len(bad)
-            got.update(zip(bad, measure(k, bad, n_reps, again=True), strict=True))
-        for c in pending:
-            got[c]["flag"] = check_quality(got[c], None)
-            cache.put(keys[(k, c)], got[c])
-            recs[(k, c)] = got[c]
+        time_signature(k, cs, measure, cache, keys, recs, counts, reps, retries, affordable)
 
     by_sig: dict[str, list[tuple[str, ...]]] = {}
     for k, _, c in todo:
