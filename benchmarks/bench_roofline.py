@@ -31,8 +31,8 @@ from scipy.stats import spearmanr
 from inc_ipamp.gains.cpu import dynamic_int8_linear
 from inc_ipamp.gains.theory import RooflineDevice, capture_op_shapes, roofline_gain
 from inc_ipamp.models import load_model
-from inc_ipamp.ops import install_attention
-from inc_ipamp.partition import default_example_ids, list_ops
+from inc_ipamp.ops import find_ops, install_attention
+from inc_ipamp.partition import default_example_ids
 from inc_ipamp.records import Gains, Partition
 
 
@@ -80,7 +80,7 @@ def main() -> None:
     part = Partition.load(run / "partition.json")
     model, _ = load_model(num_layers=args.layers)
     install_attention(model)
-    kinds = {o.name: o.kind for o in list_ops(model)}
+    kinds = {o.name: o.kind for o in find_ops(model, ordered=False)}
     ids = default_example_ids(model, gains.batch, gains.seq_len)
     shapes = capture_op_shapes(model, kinds, ids)
     dev, figs = measure_cpu_device()

@@ -125,8 +125,9 @@ def tied_linears(model: nn.Module) -> set[str]:
             if is_linear(mod) and holders.get(id(getattr(mod, "weight", None)), 0) > 1}
 
 
-def find_ops(model: nn.Module, include_lm_head: bool = True) -> list[OpInfo]:
-    """Quantizable ops in execution order (found by a 4-token forward). Call ``install_attention`` first."""
+def find_ops(model: nn.Module, include_lm_head: bool = True, ordered: bool = True) -> list[OpInfo]:
+    """Quantizable ops (every Linear/Conv1D and attention Matmul) in execution order (found by a 4-token forward),
+    or in module-definition order with ``ordered=False`` (no forward). Call ``install_attention`` first."""
     ops = []
     for name, mod in model.named_modules():
         if isinstance(mod, Matmul):
@@ -137,6 +138,8 @@ def find_ops(model: nn.Module, include_lm_head: bool = True) -> list[OpInfo]:
             ops.append(OpInfo(name, "linear"))
     if not any(o.kind == "bgemm" for o in ops):
         raise UnsupportedModelError("no attention batch-GEMM modules; call install_attention(model) first")
+    if not ordered:
+        return ops
     order = execution_order(model, [o.name for o in ops])
     return sorted(ops, key=lambda o: order.get(o.name, len(order)))
 

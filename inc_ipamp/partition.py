@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import UnsupportedModelError
-from .ops import Matmul, OpInfo, decoder_layer_index, install_attention, is_linear, linear_weight
+from .ops import OpInfo, decoder_layer_index, find_ops, install_attention, linear_weight
 from .records import Group, Partition
 
 log = logging.getLogger(__name__)
@@ -55,19 +55,6 @@ class DataflowGraph:
 def model_name(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__)
-
-
-def list_ops(model: nn.Module) -> list[OpInfo]:
-    """Quantizable ops (every Linear/Conv1D and attention Matmul) in module-definition order."""
-    ops = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, Matmul):
-            ops.append(OpInfo(name, "bgemm"))
-        elif is_linear(mod):
-            ops.append(OpInfo(name, "linear"))
-    if not any(o.kind == "bgemm" for o in ops):
-        raise UnsupportedModelError("no attention batch-GEMM modules; call install_attention(model) first")
-    return ops
 
 
 def default_example_ids(model: nn.Module, batch: int = 1, seq_len: int = 16) -> torch.Tensor:
@@ -384,7 +371,7 @@ def partition_model(model: nn.Module, example_ids: torch.Tensor | None = None, m
 
 def _partition(model: nn.Module, example_ids: torch.Tensor | None, method: str, notes: list[str]) -> Partition:
     ids = default_example_ids(model) if example_ids is None else example_ids
-    ops = list_ops(model)
+    ops = find_ops(model, ordered=False)
     used = method
     if method in ("auto", "torch.export"):
         try:

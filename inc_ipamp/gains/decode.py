@@ -38,8 +38,8 @@ from .. import __version__
 from ..errors import IpampError
 from ..formats import get_format
 from ..models import model_fingerprint
-from ..ops import install_attention, linear_weight, tied_linears
-from ..partition import list_ops, suffix, tensor_shapes
+from ..ops import find_ops, install_attention, linear_weight, tied_linears
+from ..partition import suffix, tensor_shapes
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, gain_stats, paired_times, prime
 from .cache import MeasurementCache, cache_key
@@ -200,7 +200,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     be.check()
     install_attention(model)
     be.prepare(model, ref)
-    kinds = {o.name: o.kind for o in list_ops(model)}
+    kinds = {o.name: o.kind for o in find_ops(model, ordered=False)}
     unknown = [op for g in partition.groups for op in g.ops if op not in kinds]
     if unknown:
         raise IpampError(f"partition names ops the model does not have (e.g. {unknown[0]}); was it made for another "

@@ -34,8 +34,8 @@ from .. import __version__
 from ..errors import IpampError
 from ..formats import get_format
 from ..models import model_fingerprint
-from ..ops import install_attention, tied_linears
-from ..partition import default_example_ids, first_calls, list_ops, suffix
+from ..ops import find_ops, install_attention, tied_linears
+from ..partition import default_example_ids, first_calls, suffix
 from ..records import Gains, Group, GroupGains, Partition
 from .base import Backend, _timed, gain_stats, interleaved_times, prime, time_prefill
 from .cache import MeasurementCache, cache_key
@@ -246,7 +246,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     install_attention(model)
     if "ET" in metrics and be.name != "table":
         be.prepare(model, ref)
-    kinds = {o.name: o.kind for o in list_ops(model)}
+    kinds = {o.name: o.kind for o in find_ops(model, ordered=False)}
     tied = tied_linears(model)
     measuring = "ET" in metrics and be.name != "table"
     dev = be.device() if measuring else next(model.parameters()).device
