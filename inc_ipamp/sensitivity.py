@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FORMATS = ["fp8_e4m3", "fp8_e5m2", "int8", "int8_pc", "bf16"]
 #: share of calibration batches that get the curvature backward. All of them: with a quarter (4 of 16 sequences)
 #: INT8 plans measured a median 1.5x (held-out Wikipedia) and 2.3x (Lee news) their predicted loss MSE, with all
-#: 1.0x and 1.4x (benchmarks/results/sensitivity.md); the pass costs ~0.7x a plain fwd+bwd on top
+#: 1.0x and 1.4x (benchmarks/results/sensitivity.md); the pass costs ~0.85x a plain fwd+bwd on top (sensitivity_cost.md)
 DEFAULT_CURVATURE_SHARE = 1.0
 #: the diagonal noise models: their sums need each weight's per-sequence gradient squared element by element
 DIAGONAL_MODELS = frozenset({"empirical", "uniform"})
