@@ -43,8 +43,9 @@ DIAGONAL_MODELS = frozenset({"empirical", "uniform"})
 
 def noise_models(noise: str, formats: Iterable[str]) -> list[str]:
     """The noise models whose sums ``calibrate`` collects for ``noise``: the one each format's ``auto`` picks, the
-    one named, or ``"all"``. Only what a prediction will read is collected: the diagonal models' sums cost ~a third
-    of a calibration (benchmarks/results/sensitivity.md) and the default (coherent) never reads them."""
+    one named, or ``"all"``. Only what a prediction will read is collected: the diagonal models' sums took a
+    first-order calibration from 1.19x to 1.32x a plain fwd+bwd (benchmarks/results/sensitivity_cost.md) and the
+    default (coherent) never reads them."""
     if noise == "all":
         return sorted(set(NOISE_MODELS) - {"auto"})
     if noise not in NOISE_MODELS:
@@ -246,14 +247,14 @@ class _Collector:
         gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
         n_seq = gy.shape[0]
         d = {f.name: [0.0] * n_seq for f in self.formats}
+        diagonal = kind == "grad" and self.diagonal  # else only the per-sequence changes d are needed
         buf = None
         for rows, w_c in _row_blocks(w):
-            if buf is None and self.diagonal:  # the first block is the largest: one buffer for all
+            if diagonal and buf is None:  # the first block is the largest: one buffer for all
                 buf = torch.empty(w_c.shape, dtype=torch.promote_types(gy.dtype, x.dtype))
-            g2 = buf[:w_c.shape[0]] if buf is not None else None
+            g2 = buf[:w_c.shape[0]] if diagonal else None
             errs = {f.name: quantize_with_scale(w_c, f, _block_scale(scales[f.name], rows)) - w_c
                     for f in self.formats}
-            diagonal = kind == "grad" and self.diagonal  # else only the per-sequence changes d are needed
             for n in range(n_seq):
                 g = gy[n, :, rows].t() @ x[n]
                 for name, e in errs.items():
