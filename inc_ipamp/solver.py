@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyomo.environ as pyo
 from pyomo.contrib.solver.common.results import SolutionStatus
 from pyomo.contrib.solver.solvers.highs import Highs
@@ -330,6 +331,40 @@ def _interruptible(opt: Any) -> None:
     hm._ipamp_interruptible = True
 
 
+def dominated_below(gain: np.ndarray, noise: np.ndarray, shift: np.ndarray, mem: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """Per config of one group, the loss budget E* up to which (E ≤ E*) another config of the group dominates it,
+    or -1 where none is found: at such a budget no optimal plan needs it, so the solver may forbid it.
+
+    Why it is exact: c' dominates c at budget E when it gains no less (memory too, if budgeted), and swapping c for
+    c' in any plan within E never raises the predicted loss Σ noise + S². The plan's total shift S satisfies
+    S² ≤ E, and the swap changes the loss by (s'−s)(2S + s'−s) − (noise − noise') ≤ 2|δ|√E + δ² − Δnoise, δ = s'−s:
+    so c' dominates c for every √E ≤ (Δnoise − δ²) / (2|δ|) (every E if δ = 0 and Δnoise ≥ 0). Ties are broken by
+    index, so the relation is acyclic and a chain of swaps ends at a config that is kept. Dominators are searched
+    among the group's (gain, noise) Pareto configs only: fewer pairs, and it found all but 0.1% of what the full
+    search found on the 70B-shaped instance."""
+    n = len(gain)
+    order = np.lexsort((noise, -gain))  # most gain first; among equal gains the least noise
+    pareto, best = [], math.inf
+    for c in order:
+        if noise[c] < best:
+            pareto.append(c)
+            best = noise[c]
+    p = np.asarray(pareto, dtype=np.int64)
+    ok = gain[p][None, :] >= gain[:, None]
+    dn = noise[:, None] - noise[p][None, :]
+    d = shift[p][None, :] - shift[:, None]
+    ok &= dn >= d * d
+    if mem is not None:
+        ok &= mem[p][None, :] >= mem[:, None]
+    strict = (gain[p][None, :] > gain[:, None]) | (noise[p][None, :] < noise[:, None])
+    ok &= strict | (p[None, :] < np.arange(n)[:, None])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.where(d == 0.0, np.inf, (dn - d * d) / (2.0 * np.abs(d)))
+    root = np.where(ok, root, -np.inf).max(axis=1)
+    return np.where(root >= 0.0, root * root, -1.0)
+
+
 class GroupChoiceIP:
     """The multiple-choice knapsack, built once; budgets are mutable Params, solved by persistent HiGHS."""
 
@@ -353,7 +388,12 @@ class GroupChoiceIP:
             self.loose_eps = max(self.loose_eps, 2.0 * (1.0 + z_max**2))
         if self.mem:
             self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
-        self._ub = {k: 1 for k in idx}
+        self._ub = [np.ones(len(g.configs), dtype=bool) for g in inst.groups]
+        self._noise = [np.asarray(g.loss, dtype=float) for g in inst.groups]
+        self._dominated_below = [dominated_below(
+            np.asarray(g.gain[inst.metric], dtype=float), self._noise[gi],
+            np.asarray([g.shift_of(ci) for ci in range(len(g.configs))], dtype=float),
+            np.asarray(self.mem[gi], dtype=float) if self.mem else None) for gi, g in enumerate(inst.groups)]
         self.fast = fast
         if fast:
             self.direct = _DirectHighs(self, time_limit_s)
@@ -415,18 +455,24 @@ class GroupChoiceIP:
         _interruptible(self.opt)
 
     def _restrict(self, eps_max: float | None) -> None:
-        """Forbid single configs whose own noise exceeds the whole budget (noise terms are ≥ 0, so this cuts
-        nothing feasible; a shift is signed and may be cancelled by others); it makes β=0 exact instead of
-        'zero within the solver's feasibility tolerance'."""
-        for gi, g in enumerate(self.inst.groups):
-            for ci, e in enumerate(g.loss):
-                ub = 0 if (eps_max is not None and e > eps_max) else 1
-                if self._ub[gi, ci] != ub:
-                    if self.fast:
-                        self.direct.set_ub(gi, ci, ub)
-                    else:
-                        self.m.y[gi, ci].setub(ub)
-                    self._ub[gi, ci] = ub
+        """Forbid, for this budget, configs no optimal plan needs: those whose own noise exceeds the whole budget
+        (noise terms are ≥ 0, so this cuts nothing feasible; it makes β=0 exact instead of 'zero within the
+        solver's feasibility tolerance'), and those another config of their group dominates at this budget
+        (``dominated_below``: on a Llama-70B-shaped instance ~9 of 10 binaries, which halved a frontier sweep)."""
+        changed: list[tuple[int, int, int]] = []
+        for gi, ub_old in enumerate(self._ub):
+            if eps_max is None:
+                ub = np.ones_like(ub_old)
+            else:
+                ub = (self._noise[gi] <= eps_max) & (self._dominated_below[gi] < eps_max)
+            for ci in np.flatnonzero(ub != ub_old):
+                changed.append((gi, int(ci), int(ub[ci])))
+            self._ub[gi] = ub
+        if self.fast:
+            self.direct.set_ubs(changed)
+        else:
+            for gi, ci, ub in changed:
+                self.m.y[gi, ci].setub(ub)
 
     def _need_mem(self, sensitivity: Sensitivity | None) -> bool:
         return all("M" in g.gain for g in self.inst.groups) or sensitivity is not None
@@ -646,8 +692,14 @@ class _DirectHighs:
         self.rows += 1
         return self.rows - 1
 
-    def set_ub(self, gi: int, ci: int, ub: int) -> None:
-        self._solver_model.changeColBounds(int(self.start[gi]) + ci, 0.0, float(ub))
+    def set_ubs(self, changed: list[tuple[int, int, int]]) -> None:
+        """New upper bounds (0 or 1) of some y columns, given as (group, config, ub), in one call."""
+        if not changed:
+            return
+        np = self.np
+        cols = np.array([int(self.start[gi]) + ci for gi, ci, _ in changed], dtype=np.int32)
+        self._solver_model.changeColsBounds(len(cols), cols, np.zeros(len(cols)),
+                                            np.array([float(ub) for _, _, ub in changed]))
 
     def set_budgets(self, eps: float, gain_min: float, mem_min: float | None) -> None:
         """Scaled budgets, as the Pyomo model's mutable Params (the cuts' right-hand sides move with ε_max)."""

@@ -373,3 +373,44 @@ def test_unreachable_rt_target_is_one_clear_error(records):
         gg.gains["RT"] = list(gg.gains["TT"])
     with pytest.raises(InfeasibleBudgetError, match="largest achievable gain .* s"):
         solve(sens, part, gains, metric="RT", target_gain=1e9)
+
+
+def _best_gain(groups, eps, keep=None):
+    """Brute force: the most gain of one config per group with Σ noise + (Σ shift)² ≤ eps (configs in ``keep``)."""
+    top = -math.inf
+    for ch in itertools.product(*[range(len(g[0])) for g in groups]):
+        if keep is not None and not all(keep[gi][c] for gi, c in enumerate(ch)):
+            continue
+        noise = sum(g[1][c] for g, c in zip(groups, ch, strict=True))
+        shift = sum(g[2][c] for g, c in zip(groups, ch, strict=True))
+        if noise + shift * shift <= eps:
+            top = max(top, sum(g[0][c] for g, c in zip(groups, ch, strict=True)))
+    return top
+
+
+def test_dominance_pruning_keeps_every_optimum():
+    """Configs ``dominated_below`` lets the solver forbid at a budget never change the optimum there (brute force
+    over random groups with signed shifts as large as the noise); a (gain, noise)-only rule would (checked)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pruned = naive_wrong = 0
+    for _ in range(30):
+        groups = []
+        for _ in range(3):
+            n = 6
+            gain, noise = rng.uniform(0, 1, n), rng.uniform(0, 1, n)
+            gain[0] = noise[0] = 0.0  # the reference config
+            shift = rng.uniform(-0.8, 0.8, n) * rng.uniform(0, 1)
+            shift[0] = 0.0
+            groups.append((gain, noise, shift))
+        crit = [_solver.dominated_below(*g) for g in groups]
+        for eps in (0.05, 0.2, 0.6, 1.5, 4.0):
+            keep = [c < eps for c in crit]
+            pruned += sum(int((~k).sum()) for k in keep)
+            assert _best_gain(groups, eps, keep) == pytest.approx(_best_gain(groups, eps), abs=1e-12)
+            naive = [np.array([not any(g[0][o] >= g[0][c] and g[1][o] <= g[1][c] and (g[0][o], -g[1][o], -o) >
+                                       (g[0][c], -g[1][c], -c) for o in range(len(g[0]))) for c in range(len(g[0]))])
+                     for g in groups]
+            naive_wrong += _best_gain(groups, eps, naive) < _best_gain(groups, eps) - 1e-12
+    assert pruned > 100 and naive_wrong > 0
