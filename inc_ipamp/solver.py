@@ -19,6 +19,7 @@ number put in a Plan is recomputed in plain Python from the records, not read ba
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -247,6 +248,11 @@ def build_instance(
     ref = gains.formats[0]
     unreached = set(sensitivity.unreached)
     use_shift = shift and sensitivity.has_shift
+    # per (op, format) once: a group's configs repeat each op's few formats (Llama-70B's {q,k,v} groups: 243
+    # configs, 27x each pair), and recomputing them was most of build_instance's time there
+    term = functools.cache(lambda op, f: _op_term(sensitivity, op, f, ref, noise, use_shift))
+    sqnr = functools.cache(lambda op, f: sensitivity.sqnr_db(op, f))
+    op_shift = functools.cache(lambda op, f: sensitivity.shift(op, f))
     groups: list[GroupChoices] = []
     for grp in partition.groups:
         gg = gains.groups.get(grp.name)
@@ -267,14 +273,13 @@ def build_instance(
             if not gg.usable(metric, i):  # its measurement failed the quality checks: never in a plan
                 continue
             if min_sqnr_db is not None and any(
-                    f != ref and sensitivity.sqnr_db(op, f) < min_sqnr_db for op, f in zip(grp.ops, cfg, strict=True)):
+                    f != ref and sqnr(op, f) < min_sqnr_db for op, f in zip(grp.ops, cfg, strict=True)):
                 continue
             if all(f == ref for f in cfg):
                 ref_index = len(configs)
             configs.append(cfg)
-            loss.append(sum(_op_term(sensitivity, op, f, ref, noise, use_shift)
-                            for op, f in zip(grp.ops, cfg, strict=True)))
-            shifts.append(sum(sensitivity.shift(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
+            loss.append(sum(term(op, f) for op, f in zip(grp.ops, cfg, strict=True)))
+            shifts.append(sum(op_shift(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
                           if use_shift else 0.0)
             for m, vals in gg.gains.items():
                 gain[m].append(float(vals[i]))
