@@ -46,7 +46,11 @@ _PIN_SLACK = 1e-9
 #: Cutting-plane rounds per solve with a shift term (each adds ≤ 2 tangent cuts; usually 1-4 rounds suffice).
 MAX_CUT_ROUNDS = 100
 #: HiGHS options both paths set (tight feasibility: a budget row of 1e-9 scaled units must hold exactly)
-_HIGHS_OPTIONS = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9}
+#: one HiGHS thread: a frontier is ~100 small MIP solves, and the thread pool's start-up and hand-offs cost more than
+#: they gave (2-core machine under load ~3, side by side: SmolLM2 frontier 12-13 s -> 8.6-8.8 s, Llama-70B-shaped
+#: 11.0 s -> 10.2 s). Seeding tangent cuts at ±√ε before each β's first solve was tried and dropped: 46 -> 30 cut
+#: rounds on SmolLM2 but no faster, and 8x slower on the 70B shape (each cut is a dense row over every binary).
+_HIGHS_OPTIONS = {"mip_feasibility_tolerance": 1e-9, "primal_feasibility_tolerance": 1e-9, "threads": 1}
 
 
 class BudgetSpecError(IpampError):
@@ -525,6 +529,17 @@ class GroupChoiceIP:
             choice.append(max(range(len(vals)), key=vals.__getitem__))
         return choice, info
 
+    def add_tangent(self, a: float) -> bool:
+        """The budget's tangent cut loss + 2az − a² ≤ ε_max at z = a (scaled), unless one is there already."""
+        if round(a, 15) in self.cut_points:
+            return False
+        self.cut_points.add(round(a, 15))
+        if self.fast:
+            self.direct.add_tangent(a)
+        else:
+            self.m.budget_cuts.add(self.m.loss + 2 * a * self.m.z - a * a <= self.m.eps_max)
+        return True
+
     def _add_cuts(self, res: Any, sense: str) -> bool:
         """Add the tangent cut at the solution's z where it violates the budget (or, minimising loss, where
         the epigraph variable under-states z²); True if a cut was added, i.e. the solution must be re-solved."""
@@ -535,9 +550,7 @@ class GroupChoiceIP:
         z, loss, k = pyo.value(m.z), pyo.value(m.loss), pyo.value(m.eps_max)
         added = False
         tol = 1e-9 * max(k, 1e-12)
-        if loss + z * z > k + tol and round(z, 15) not in self.cut_points:
-            self.cut_points.add(round(z, 15))
-            m.budget_cuts.add(m.loss + 2 * z * m.z - z * z <= m.eps_max)
+        if loss + z * z > k + tol and self.add_tangent(z):
             added = True
         if sense == "min_loss" and pyo.value(m.t) < z * z - 1e-9 * max(z * z, 1e-12):
             m.objective_cuts.add(m.t >= 2 * z * m.z - z * z)
@@ -772,6 +785,13 @@ class _DirectHighs:
             x[self.t] = x[self.z] ** 2
         self._solver_model.setSolution(len(x), np.arange(len(x), dtype=np.int32), x)
 
+    def add_tangent(self, a: float) -> None:
+        """The row loss + 2az ≤ ε_max + a² (``GroupChoiceIP.add_tangent``); its bound moves with ε_max."""
+        cols = self.np.arange(self.n_y + 1, dtype=self.np.int32)
+        cols[-1] = self.z
+        row = self._row(-self.hs.kHighsInf, self.eps_max + a * a, cols, self.np.append(self.eps, 2 * a))
+        self.budget_cuts.append((row, a * a))
+
     def _add_cuts(self, x: Any, sense: str) -> bool:
         """``GroupChoiceIP._add_cuts`` on the solution array ``x``."""
         if x is None:
@@ -780,12 +800,7 @@ class _DirectHighs:
         z, loss, k = float(x[self.z]), float(self.eps @ x[:self.n_y]), self.eps_max
         added = False
         tol = 1e-9 * max(k, 1e-12)
-        if loss + z * z > k + tol and round(z, 15) not in ip.cut_points:
-            ip.cut_points.add(round(z, 15))
-            cols = self.np.arange(self.n_y + 1, dtype=self.np.int32)
-            cols[-1] = self.z
-            row = self._row(-self.hs.kHighsInf, k + z * z, cols, self.np.append(self.eps, 2 * z))
-            self.budget_cuts.append((row, z * z))
+        if loss + z * z > k + tol and ip.add_tangent(z):
             added = True
         if sense == "min_loss" and float(x[self.t]) < z * z - 1e-9 * max(z * z, 1e-12):
             self._row(-z * z, self.hs.kHighsInf, self.np.array([self.t, self.z], dtype=self.np.int32),
