@@ -58,12 +58,13 @@ row["machine_end"] = machine_state()
 print(json.dumps(row))
 """
 
-CASES = [  # (shape, formats, SQNR guard (<0: none), also run the Pyomo path)
-    ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2", 25.0, True),
-    ("mixtral-8x7b", "bf16,fp8_e4m3,fp8_e5m2", 25.0, True),
-    ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2,int8_pc", 25.0, False),
-    ("mixtral-8x7b", "bf16,fp8_e4m3,fp8_e5m2,int8_pc", 25.0, False),
+CASES = [  # (shape, formats, SQNR guard (<0: none), also run the Pyomo path); 5 dB is the solver's default guard
+    ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2", 5.0, True),
+    ("mixtral-8x7b", "bf16,fp8_e4m3,fp8_e5m2", 5.0, True),
+    ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2,int8_pc", 5.0, False),
+    ("mixtral-8x7b", "bf16,fp8_e4m3,fp8_e5m2,int8_pc", 5.0, False),
     ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2", -1.0, False),
+    ("llama-70b", "bf16,fp8_e4m3,fp8_e5m2", 25.0, False),
 ]
 
 
