@@ -23,20 +23,16 @@ The decision's names are the engines' module names (``<attention>.k_cache``/``.v
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import ArtifactError, IpampError
 from .formats import get_format
 from .gains.theory import roofline_device
-from .ops import decoder_layer_index
+from .ops import KV_LEAVES, decoder_layer_index
 from .records import Gains, Sensitivity
 
-#: cache module leaf -> the BGEMM whose ``b`` operand it stores
-KV_LEAVES = {"k_cache": "matmul_qk", "v_cache": "matmul_av"}
 #: formats a KV cache can take: INC patches KVCache for FP8 only (``PatchedKVCache`` allocates float8_e4m3fn)
 KV_FORMATS = ("fp8_e4m3",)
 
@@ -90,9 +86,7 @@ def is_kv_op(op: str) -> bool:
 
 def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: float | None = None) -> Any:
     """``solver.Instance`` with each attention group's configs crossed with its K and V cache formats (module
-    docstring): loss, shift and gains of every combination; low-precision caches left out of ET and TT instances."""
-    from .solver import GroupChoices
-
+    docstring): noise, shift and gains of every combination; low-precision caches left out of ET and TT instances."""
     if inst.metric not in ("M", "RT"):
         raise IpampError(f"a KV-cache decision needs a metric that values the cache's bytes (M, or RT with "
                          f"--rt-device): no KV-cache time gain was measured, so {inst.metric} cannot rank it")
@@ -117,11 +111,11 @@ def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: f
                 raise ArtifactError(f"no KV-cache geometry for the attention {p} (layer {layer}): measure again")
             ops += kv_ops(p)
             extra.append((p, layer))
-        configs, loss, shifts, gains = [], [], [], {m: [] for m in g.gain}
+        configs, noises, shifts, gains = [], [], [], {m: [] for m in g.gain}
         ref_index = -1
         for ci, cfg in enumerate(g.configs):
             for combo in itertools.product(kv_choices, repeat=2 * len(extra)):
-                add_loss, add_shift, ok = 0.0, 0.0, True
+                add_noise, add_shift, ok = 0.0, 0.0, True
                 saved = 0.0
                 for j, (p, layer) in enumerate(extra):
                     for leaf, f in zip(KV_LEAVES, combo[2 * j: 2 * j + 2], strict=True):
@@ -132,18 +126,19 @@ def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: f
                             ok = False
                         saved += spec.bytes_saved(layer, ref, f)
                         if cfg[g.ops.index(mm)] != f:  # the BGEMM does not already round b in this format
-                            add_loss += sens.operand_term(mm, "b", f, inst.noise, centred=use_shift)
+                            add_noise += sens.operand_term(mm, "b", f, inst.noise, centred=use_shift)
                             add_shift += sens.operand_shift(mm, "b", f) if use_shift else 0.0
                 if not ok:
                     continue
                 if all(f == ref for f in (*cfg, *combo)):
                     ref_index = len(configs)
                 configs.append(tuple(cfg) + tuple(combo))
-                loss.append(g.loss[ci] + add_loss)
+                noises.append(g.noise[ci] + add_noise)
                 shifts.append(g.shift_of(ci) + add_shift)
                 for m, vals in g.gain.items():
                     gains[m].append(vals[ci] + _kv_gain(m, saved, spec))
-        groups.append(GroupChoices(g.name, ops, configs, loss, gains, ref_index, shifts if g.shift else None))
+        groups.append(replace(g, ops=ops, configs=configs, noise=noises, gain=gains, ref_index=ref_index,
+                              shift=shifts if g.shift else None))
     return replace(inst, groups=groups)
 
 
@@ -187,40 +182,3 @@ def static_scales(sens: Sensitivity, assignment: dict[str, str]) -> dict[str, fl
         amax = sens.ops[f"{prefix}.{KV_LEAVES[leaf]}"].operands["b"].amax
         out[op] = max(amax / get_format(f).qmax, 1e-30)
     return out
-
-
-@contextlib.contextmanager
-def fake_quant_kv(model: Any, assignment: dict[str, str], scales: dict[str, float] | None = None) -> Iterator[Any]:
-    """Round the K and V the attention reads, as a low-precision KV cache would: the ``b`` operand of ``matmul_qk``
-    (Kᵀ) and ``matmul_av`` (V) of each cache in ``assignment``, per tensor, with the call's own scale (``quantize``,
-    what the calibration sums assume) or a fixed one per cache (``scales``, e.g. ``static_scales``: INC's). Hooks on
-    the modules the model holds when entered; removed on exit (an applier for ``evaluate.loss_change``)."""
-    import torch
-
-    from .formats import quantize, quantize_with_scale
-
-    mods = dict(model.named_modules())
-    handles = []
-
-    def hook(fmt: str, s: float | None):
-        f = get_format(fmt)
-
-        def pre(mod: Any, args: tuple) -> tuple:
-            a, b = args
-            qb = quantize(b, f) if s is None else quantize_with_scale(b, f, torch.tensor(s, dtype=b.dtype))
-            return a, qb
-        return pre
-
-    try:
-        for op, fmt in assignment.items():
-            if get_format(fmt).kind == "ref":
-                continue
-            prefix, _, leaf = op.rpartition(".")
-            mm = f"{prefix}.{KV_LEAVES[leaf]}"
-            if mm not in mods:
-                raise IpampError(f"no module {mm} for the KV cache {op}")
-            handles.append(mods[mm].register_forward_pre_hook(hook(fmt, (scales or {}).get(op))))
-        yield model
-    finally:
-        for h in handles:
-            h.remove()

@@ -197,3 +197,14 @@ def model_fingerprint(model) -> str:
     cfg = model.config.to_dict()
     keep = {k: cfg.get(k) for k in sorted(cfg) if k not in ("_name_or_path", "transformers_version")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_content_hash(model: torch.nn.Module) -> str:
+    """Architecture fingerprint plus a hash of every parameter's name, shape and two float64 moments (fast: a
+    second model with other weights gets another workspace)."""
+    h = hashlib.sha256(model_fingerprint(model).encode() if hasattr(model, "config") else b"")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            d = p.detach().double()
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(d.sum())!r}:{float((d * d).sum())!r}".encode())
+    return h.hexdigest()[:16]

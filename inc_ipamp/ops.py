@@ -16,6 +16,10 @@ from torch import nn
 from .errors import UnsupportedModelError
 
 ATTN_IMPL = "ipamp"
+#: the attention BGEMMs' module names (leaves of the attention module's name)
+BGEMM_LEAVES = ("matmul_qk", "matmul_av")
+#: a KV cache op (``<attention>.k_cache``/``.v_cache``, kvcache.py) -> the BGEMM whose ``b`` operand reads that cache
+KV_LEAVES = {"k_cache": "matmul_qk", "v_cache": "matmul_av"}
 
 
 class Matmul(nn.Module):
@@ -103,6 +107,11 @@ class OpInfo:
     @property
     def operands(self) -> tuple[str, str]:
         return ("x", "w") if self.kind == "linear" else ("a", "b")
+
+
+def is_bgemm_name(op: str) -> bool:
+    """Whether an op name is an attention BGEMM's (``…matmul_qk`` / ``…matmul_av``), for callers with names only."""
+    return op.rsplit(".", 1)[-1] in BGEMM_LEAVES
 
 
 def is_linear(mod: nn.Module) -> bool:

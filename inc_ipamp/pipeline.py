@@ -346,14 +346,14 @@ def stage_solve(out: Path, settings: RunSettings):
 
 
 def stage_export(out: Path, settings: RunSettings) -> dict[str, Any]:
-    from .export import ExportError, export_cpu, export_gaudi
+    from .export import ENGINES, ExportError, export_cpu, export_gaudi
     from .records import Plan
 
     plan = Plan.load(out / "plan.json")
     check_fresh(out, "plan.json", plan.inputs)
     files: dict[str, Any] = {}
     # A plan made for one device may use formats another cannot run (INT8 on Gaudi FP8): record why, go on.
-    for engine in ("optimum-habana", "vllm-gaudi"):
+    for engine in ENGINES:
         try:
             files[f"gaudi:{engine}"] = {k: str(v) for k, v in export_gaudi(plan, out / "export" / engine,
                                                                             engine=engine).items()}
@@ -382,8 +382,9 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     The plan's measured speedup is checked against its prediction (``speed_check``): when it falls outside the
     combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
     """
+    from .apply.fake import fake_quant
     from .baselines import baseline
-    from .evaluate import fake_quant, loss_change, sequence_losses
+    from .evaluate import loss_change, sequence_losses
     from .records import Gains, Partition, Plan, Sensitivity
     from .runtime import Progress, machine_state
 

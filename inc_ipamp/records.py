@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from .errors import ArtifactError
 from .io import load_json, save_json
@@ -42,6 +42,30 @@ def _record(path: str | Path, kind: str) -> dict[str, Any]:
     return d
 
 
+_R = TypeVar("_R", bound="StageRecord")
+
+
+class StageRecord:
+    """One stage's file: saved with ``"record": RECORD`` beside the dataclass fields, and refused on load when the
+    file holds another kind of record. Subclasses are dataclasses with a ``from_json`` that validates."""
+
+    RECORD: ClassVar[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[_R], d: dict[str, Any]) -> _R:
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        return save_json({"record": self.RECORD, **self.to_json()}, path)
+
+    @classmethod
+    def load(cls: type[_R], path: str | Path) -> _R:
+        return cls.from_json(_record(path, cls.RECORD))
+
+
 @dataclass
 class OperandStats:
     """Sums over calibration samples for one operand of one op (divide by n_samples for means).
@@ -51,8 +75,8 @@ class OperandStats:
     With GQA the repeated K/V heads are folded back first (the copies share one rounding error: g = Σ_copies g).
     coh[f]: Σ_n d_n², d_n = Σ_i g_i (Q_f(x)−x)_i the first-order loss change of sequence n summed coherently before
     squaring. It keeps the correlation between rounding errors that the diagonal Σg²e² drops: per-tensor INT8
-    zeroing most of an outlier-dominated activation is a bias, not noise; a weight's error is the same at every
-    position. lin[f]: Σ_n d_n, whose mean is the first-order part of the mean shift (so coh/N − (lin/N)² is the
+    zeroing most of an outlier-dominated activation is a systematic shift, not noise; a weight's error is the same at
+    every position. lin[f]: Σ_n d_n, whose mean is the first-order part of the mean shift (so coh/N − (lin/N)² is the
     variance). curv[f]: from the sampled-label backward, Σ_n T'_n (ĝ_n·e)² over the sequences that had it
     (``Sensitivity.n_curvature``); ½·curv/n_curvature estimates the second-order mean shift ½eᵀHe.
     Operand "y" is the op's output, for formats whose kernel rounds it (``Format.output_rounded``, bf16).
@@ -85,10 +109,11 @@ class OpSensitivity:
 
 
 @dataclass
-class Sensitivity(LossModel):
+class Sensitivity(StageRecord, LossModel):
     """Output of ``calibrate``: per-op, per-operand sums and the reference loss (the predictions on them:
     ``lossmodel.LossModel``)."""
 
+    RECORD = "sensitivity"
     model: str
     n_samples: int
     seq_len: int
@@ -106,9 +131,6 @@ class Sensitivity(LossModel):
     noise_models: list[str] = field(default_factory=lambda: sorted(set(NOISE_MODELS) - {"auto"}))
 
     # -- io ---------------------------------------------------------------------------------------
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Sensitivity:
         if d.get("version", 1) != LOSS_MODEL_VERSION:
@@ -123,13 +145,6 @@ class Sensitivity(LossModel):
             return cls(**{**d, "ops": ops})
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"not a sensitivity record ({e})") from None
-
-    def save(self, path: str | Path) -> Path:
-        return save_json({"record": "sensitivity", **self.to_json()}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Sensitivity:
-        return cls.from_json(_record(path, "sensitivity"))
 
 
 @dataclass
@@ -147,14 +162,12 @@ class Group:
 
 
 @dataclass
-class Partition:
+class Partition(StageRecord):
+    RECORD = "partition"
     model: str
     method: str  # "torch.export" | "dataflow"
     groups: list[Group]
     notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Partition:
@@ -165,13 +178,6 @@ class Partition:
         if not all(isinstance(g.ops, list) and g.ops and all(isinstance(o, str) for o in g.ops) for g in part.groups):
             raise ArtifactError("not a partition record (a group without a list of op names)")
         return part
-
-    def save(self, path: str | Path) -> Path:
-        return save_json({"record": "partition", **self.to_json()}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Partition:
-        return cls.from_json(_record(path, "partition"))
 
 
 @dataclass
@@ -194,7 +200,8 @@ class GroupGains:
 
 
 @dataclass
-class Gains:
+class Gains(StageRecord):
+    RECORD = "gains"
     model: str
     device: str
     formats: list[str]  # formats[0] = reference
@@ -202,7 +209,8 @@ class Gains:
     seq_len: int
     reference_time_s: float | None
     groups: dict[str, GroupGains]
-    timed_runs: int = 0
+    #: sub-graph calls timed to measure ET (a run over a span of n layers counts n; a cached config counts 0)
+    subgraph_calls: int = 0
     notes: list[str] = field(default_factory=list)
     #: how far the measurement can be trusted: machine state (threads, load) at start and end, flagged configs,
     #: Σ best group gains vs the reference prefill (``consistent``: the former is below the latter)
@@ -213,12 +221,11 @@ class Gains:
     #: ``reference_time_s`` is then the decode step, TPOT): gains/decode.py
     phase: str = "prefill"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Gains:
         check_finite({k: v for k, v in d.items() if k != "quality"}, "gains")
+        if "timed_runs" in d:  # the field's name before 2026-11 (it always counted sub-graph calls)
+            d = {**{k: v for k, v in d.items() if k != "timed_runs"}, "subgraph_calls": d["timed_runs"]}
         try:
             g = cls(**{**d, "groups": {k: GroupGains(**v) for k, v in d["groups"].items()}})
         except (KeyError, TypeError, AttributeError) as e:
@@ -230,18 +237,12 @@ class Gains:
                                         f"{len(gg.configs)} configs")
         return g
 
-    def save(self, path: str | Path) -> Path:
-        return save_json({"record": "gains", **self.to_json()}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Gains:
-        return cls.from_json(_record(path, "gains"))
-
 
 @dataclass
-class Plan:
+class Plan(StageRecord):
     """A chosen configuration: one format per op (ops absent = reference) and what predicted it."""
 
+    RECORD = "plan"
     model: str
     assignment: dict[str, str]
     reference_format: str
@@ -258,9 +259,6 @@ class Plan:
     def low_precision_ops(self) -> list[str]:
         return [op for op, f in self.assignment.items() if f != self.reference_format]
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
         check_finite({k: v for k, v in d.items() if k not in ("measured", "solver")}, "plan")
@@ -268,10 +266,3 @@ class Plan:
             return cls(**d)
         except TypeError as e:
             raise ArtifactError(f"not a plan record ({e})") from None
-
-    def save(self, path: str | Path) -> Path:
-        return save_json({"record": "plan", **self.to_json()}, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        return cls.from_json(_record(path, "plan"))

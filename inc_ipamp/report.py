@@ -122,7 +122,7 @@ def group_explanations(
     # every config (no guard: it is explained below), the plan's own loss model
     inst = build_instance(sensitivity, partition, gains, m, noise, None, plan.solver.get("predicted_shift") is not None)
     ref = inst.reference_format
-    total = sum(g.loss[g.configs.index(tuple(plan.assignment.get(op, ref) for op in g.ops))] for g in inst.groups)
+    total = sum(g.noise[g.configs.index(tuple(plan.assignment.get(op, ref) for op in g.ops))] for g in inst.groups)
     rows = []
     for g in inst.groups:
         gg = gains.groups[g.name]
@@ -158,21 +158,21 @@ def group_explanations(
             elif max(gains_m[ci] for ci in lossy) <= 0:
                 why = "no allowed config is faster than the reference"
             else:
-                cheapest = min(lossy, key=lambda ci: g.loss[ci])
+                cheapest = min(lossy, key=lambda ci: g.noise[ci])
                 why = (f"kept at reference: the budget does not cover its least lossy config "
-                       f"({g.loss[cheapest]:.3g} loss MSE for {_fmt_gain(gains_m[cheapest], m)})")
+                       f"({g.noise[cheapest]:.3g} loss MSE for {_fmt_gain(gains_m[cheapest], m)})")
         elif c == best_c:
             why = "takes its best allowed config: the budget covers it"
         else:
-            why = (f"partly quantized: its best allowed config would add {g.loss[best_c] - g.loss[c]:.3g} loss MSE "
+            why = (f"partly quantized: its best allowed config would add {g.noise[best_c] - g.noise[c]:.3g} loss MSE "
                    f"for {_fmt_gain(gains_m[best_c] - gains_m[c], m)} more")
         if notes:
             why += "; " + "; ".join(notes)
         rows.append({
             "group": g.name,
             "ops": dict(zip(g.ops, cfg, strict=True)),
-            "loss_mse": g.loss[c],
-            "loss_share_pct": 100.0 * g.loss[c] / total if total > 0 else 0.0,
+            "noise_mse": g.noise[c],
+            "noise_share_pct": 100.0 * g.noise[c] / total if total > 0 else 0.0,
             "shift": g.shift_of(c),
             "gain": gains_m[c],
             "best_gain": gains_m[best_c],
@@ -357,7 +357,7 @@ def write_report(
     for r in rows:
         ops = ", ".join(f"{op.rsplit('.', 1)[-1]}={f}" for op, f in r["ops"].items())
         lines.append(
-            f"| `{r['group']}` | {ops} | {r['loss_mse']:.3g} | {r['loss_share_pct']:.1f} % | {r['shift']:.3g} | "
+            f"| `{r['group']}` | {ops} | {r['noise_mse']:.3g} | {r['noise_share_pct']:.1f} % | {r['shift']:.3g} | "
             f"{_fmt_gain(r['gain'], m)} | {_fmt_gain(r['best_gain'], m)} | {r['why']} |"
         )
     if frontier:

@@ -144,7 +144,7 @@ def mix_gains(prefill: Gains, decode: Gains, weights: tuple[float, float] = DEFA
     quality = {"prefill": prefill.quality, "decode": decode.quality, "weights": [wp, wd],
                "consistent": bool(prefill.quality.get("consistent", True) and decode.quality.get("consistent", True))}
     return Gains(prefill.model, prefill.device, list(prefill.formats), prefill.batch, prefill.seq_len, ref, groups,
-                 prefill.timed_runs + decode.timed_runs,
+                 prefill.subgraph_calls + decode.subgraph_calls,
                  [f"mix objective: {wp:g} x TTFT gain (prefill {prefill.batch}x{prefill.seq_len}) + {wd:g} x TPOT gain "
                   f"(decode batch {decode.batch}, context {decode.seq_len})"], quality, dict(prefill.inputs),
                  phase="mix")
@@ -160,7 +160,7 @@ class GroupChoices:
     name: str
     ops: list[str]
     configs: list[tuple[str, ...]]
-    loss: list[float]  # noise part of the loss MSE (adds over groups)
+    noise: list[float]  # noise part of the loss MSE per config (adds over groups; the loss MSE is noise + shift²)
     gain: dict[str, list[float]]  # metric -> per allowed config
     ref_index: int  # position of the all-reference config in ``configs``
     shift: list[float] | None = None  # predicted mean loss shift (adds over groups before squaring)
@@ -193,7 +193,7 @@ class Instance:
 
     def fastest(self) -> list[int]:
         """The plan a budget could at best allow: each group's largest gain (ties: the least noise)."""
-        return [max(range(len(g.configs)), key=lambda c, g=g: (g.gain[self.metric][c], -g.loss[c]))
+        return [max(range(len(g.configs)), key=lambda c, g=g: (g.gain[self.metric][c], -g.noise[c]))
                 for g in self.groups]
 
     @property
@@ -207,11 +207,11 @@ class Instance:
     def max_loss(self) -> float:
         """Σ largest noise + the largest |Σ shift|²: an upper bound of every plan's predicted loss MSE."""
         lo, hi = self.shift_range()
-        return sum(max(g.loss) for g in self.groups) + max(hi, -lo) ** 2
+        return sum(max(g.noise) for g in self.groups) + max(hi, -lo) ** 2
 
     def loss_of(self, choice: list[int]) -> float:
         """Predicted loss MSE of one config index per group: Σ noise + (Σ shift)²."""
-        noise = sum(g.loss[c] for g, c in zip(self.groups, choice, strict=True))
+        noise = sum(g.noise[c] for g, c in zip(self.groups, choice, strict=True))
         return noise + self.shift_total(choice) ** 2
 
     def shift_total(self, choice: list[int]) -> float:
@@ -267,7 +267,7 @@ def build_instance(
         for op in grp.ops:
             if op not in sensitivity.ops and op not in unreached:
                 raise ArtifactError(f"op {op} of the partition is missing from the sensitivity record")
-        configs, loss, shifts, gain, ref_index = [], [], [], {m: [] for m in gg.gains}, -1
+        configs, noises, shifts, gain, ref_index = [], [], [], {m: [] for m in gg.gains}, -1
         for i, cfg in enumerate(gg.configs):
             cfg = tuple(cfg)
             if len(cfg) != len(grp.ops):
@@ -282,14 +282,14 @@ def build_instance(
             if all(f == ref for f in cfg):
                 ref_index = len(configs)
             configs.append(cfg)
-            loss.append(sum(term(op, f) for op, f in zip(grp.ops, cfg, strict=True)))
+            noises.append(sum(term(op, f) for op, f in zip(grp.ops, cfg, strict=True)))
             shifts.append(sum(op_shift(op, f) for op, f in zip(grp.ops, cfg, strict=True) if f != ref)
                           if use_shift else 0.0)
             for m, vals in gg.gains.items():
                 gain[m].append(float(vals[i]))
         if ref_index < 0:
             raise ArtifactError(f"group {grp.name} has no all-{ref} config in the gains record")
-        groups.append(GroupChoices(grp.name, list(grp.ops), configs, loss, gain, ref_index,
+        groups.append(GroupChoices(grp.name, list(grp.ops), configs, noises, gain, ref_index,
                                    shifts if use_shift else None))
     ref_bytes = None
     if sensitivity.ops:
@@ -398,7 +398,7 @@ class GroupChoiceIP:
         if self.mem:
             self.loose_mem = sum(min(row) for row in self.mem) / self.mem_scale - 1.0
         self._ub = [np.ones(len(g.configs), dtype=bool) for g in inst.groups]
-        self._noise = [np.asarray(g.loss, dtype=float) for g in inst.groups]
+        self._noise = [np.asarray(g.noise, dtype=float) for g in inst.groups]
         self._dominated_below = [dominated_below(
             np.asarray(g.gain[inst.metric], dtype=float), self._noise[gi],
             np.asarray([g.shift_of(ci) for ci in range(len(g.configs))], dtype=float),
@@ -413,34 +413,34 @@ class GroupChoiceIP:
         m.I = pyo.Set(initialize=idx, dimen=2, ordered=True)
         m.G = pyo.RangeSet(0, len(inst.groups) - 1)
         m.y = pyo.Var(m.I, domain=pyo.Binary)
-        eps = {(gi, ci): inst.groups[gi].loss[ci] / self.loss_scale for gi, ci in idx}
+        eps = {(gi, ci): inst.groups[gi].noise[ci] / self.loss_scale for gi, ci in idx}
         gain = {(gi, ci): inst.groups[gi].gain[inst.metric][ci] / self.gain_scale for gi, ci in idx}
         by_group: dict[int, list[int]] = {}
         for gi, ci in idx:
             by_group.setdefault(gi, []).append(ci)
         m.one = pyo.Constraint(m.G, rule=lambda m, gi: sum(m.y[gi, ci] for ci in by_group[gi]) == 1)
-        m.loss = pyo.Expression(expr=sum(eps[k] * m.y[k] for k in idx))
+        m.noise = pyo.Expression(expr=sum(eps[k] * m.y[k] for k in idx))
         m.gain = pyo.Expression(expr=sum(gain[k] * m.y[k] for k in idx))
         m.eps_max = pyo.Param(mutable=True, initialize=self.loose_eps)
         m.gain_min = pyo.Param(mutable=True, initialize=self.loose_gain)
         m.gain_con = pyo.Constraint(expr=m.gain >= m.gain_min)
         if not self.shift:
-            m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)
-            loss_objective = m.loss
+            m.loss_con = pyo.Constraint(expr=m.noise <= m.eps_max)
+            loss_objective = m.noise
         else:
-            # z = S/√scale, so z² is in the same scaled units as m.loss. One continuous variable carries the
-            # shift; the convex budget loss + z² ≤ K is imposed by tangent cuts loss + 2az − a² ≤ K, each valid
+            # z = S/√scale, so z² is in the same scaled units as m.noise. One continuous variable carries the
+            # shift; the convex budget noise + z² ≤ K is imposed by tangent cuts noise + 2az − a² ≤ K, each valid
             # for every feasible plan (tangents lie below z²) and added only where a solution violates the true
             # budget (Kelley's cutting planes). Cuts do not depend on K, so they stay valid across a β sweep.
             shift = {(gi, ci): inst.groups[gi].shift_of(ci) / root for gi, ci in idx}
             m.z = pyo.Var(domain=pyo.Reals)
             m.z_def = pyo.Constraint(expr=m.z == sum(shift[k] * m.y[k] for k in idx if shift[k] != 0.0))
-            m.loss_con = pyo.Constraint(expr=m.loss <= m.eps_max)  # the tangent at a = 0
+            m.loss_con = pyo.Constraint(expr=m.noise <= m.eps_max)  # the tangent at a = 0
             m.budget_cuts = pyo.ConstraintList()
             m.t = pyo.Var(domain=pyo.NonNegativeReals)  # epigraph of z² for the loss objective
             m.objective_cuts = pyo.ConstraintList()
             m.objective_cuts.add(m.t >= 0)
-            loss_objective = m.loss + m.t
+            loss_objective = m.noise + m.t
         if self.mem:
             memc = {(gi, ci): self.mem[gi][ci] / self.mem_scale for gi, ci in idx}
             m.memory = pyo.Expression(expr=sum(memc[k] * m.y[k] for k in idx))
@@ -451,7 +451,7 @@ class GroupChoiceIP:
         m.min_loss.deactivate()
         # Tie-break among equal-gain plans by the noise part only: with a shift term the exact objective needs
         # epigraph cuts and was 5x slower over a sweep; the exact loss decides which plan is kept.
-        m.min_noise = pyo.Objective(expr=m.loss, sense=pyo.minimize)
+        m.min_noise = pyo.Objective(expr=m.noise, sense=pyo.minimize)
         m.min_noise.deactivate()
         self.m = m
         self.opt = Highs()
@@ -530,14 +530,14 @@ class GroupChoiceIP:
         return choice, info
 
     def add_tangent(self, a: float) -> bool:
-        """The budget's tangent cut loss + 2az − a² ≤ ε_max at z = a (scaled), unless one is there already."""
+        """The budget's tangent cut noise + 2az − a² ≤ ε_max at z = a (scaled), unless one is there already."""
         if round(a, 15) in self.cut_points:
             return False
         self.cut_points.add(round(a, 15))
         if self.fast:
             self.direct.add_tangent(a)
         else:
-            self.m.budget_cuts.add(self.m.loss + 2 * a * self.m.z - a * a <= self.m.eps_max)
+            self.m.budget_cuts.add(self.m.noise + 2 * a * self.m.z - a * a <= self.m.eps_max)
         return True
 
     def _add_cuts(self, res: Any, sense: str) -> bool:
@@ -547,10 +547,10 @@ class GroupChoiceIP:
             return False
         m = self.m
         res.solution_loader.load_vars()
-        z, loss, k = pyo.value(m.z), pyo.value(m.loss), pyo.value(m.eps_max)
+        z, noise, k = pyo.value(m.z), pyo.value(m.noise), pyo.value(m.eps_max)
         added = False
         tol = 1e-9 * max(k, 1e-12)
-        if loss + z * z > k + tol and self.add_tangent(z):
+        if noise + z * z > k + tol and self.add_tangent(z):
             added = True
         if sense == "min_loss" and pyo.value(m.t) < z * z - 1e-9 * max(z * z, 1e-12):
             m.objective_cuts.add(m.t >= 2 * z * m.z - z * z)
@@ -660,7 +660,7 @@ class _DirectHighs:
         n = int(self.start[-1])
         self.n_y = n
         root = math.sqrt(ip.loss_scale)
-        self.eps = np.array([x / ip.loss_scale for g in inst.groups for x in g.loss])
+        self.eps = np.array([x / ip.loss_scale for g in inst.groups for x in g.noise])
         self.gain = np.array([x / ip.gain_scale for g in inst.groups for x in g.gain[inst.metric]])
         self.shiftc = np.array([g.shift_of(ci) / root for g in inst.groups for ci in range(len(g.configs))])
         inf = highspy.kHighsInf
@@ -701,7 +701,7 @@ class _DirectHighs:
         if ip.mem:
             memc = np.array([x / ip.mem_scale for row in ip.mem for x in row])
             self.mem_row = self._row(ip.loose_mem, inf, ys, memc)
-        self.budget_cuts: list[tuple[int, float]] = []  # (row, a²): row is loss + 2az ≤ eps_max + a²
+        self.budget_cuts: list[tuple[int, float]] = []  # (row, a²): row is noise + 2az ≤ eps_max + a²
         self.eps_max = ip.loose_eps
 
     def _row(self, lo: float, hi: float, cols: Any, vals: Any) -> int:
@@ -786,7 +786,7 @@ class _DirectHighs:
         self._solver_model.setSolution(len(x), np.arange(len(x), dtype=np.int32), x)
 
     def add_tangent(self, a: float) -> None:
-        """The row loss + 2az ≤ ε_max + a² (``GroupChoiceIP.add_tangent``); its bound moves with ε_max."""
+        """The row noise + 2az ≤ ε_max + a² (``GroupChoiceIP.add_tangent``); its bound moves with ε_max."""
         cols = self.np.arange(self.n_y + 1, dtype=self.np.int32)
         cols[-1] = self.z
         row = self._row(-self.hs.kHighsInf, self.eps_max + a * a, cols, self.np.append(self.eps, 2 * a))
@@ -797,10 +797,10 @@ class _DirectHighs:
         if x is None:
             return False
         ip = self.ip
-        z, loss, k = float(x[self.z]), float(self.eps @ x[:self.n_y]), self.eps_max
+        z, noise, k = float(x[self.z]), float(self.eps @ x[:self.n_y]), self.eps_max
         added = False
         tol = 1e-9 * max(k, 1e-12)
-        if loss + z * z > k + tol and ip.add_tangent(z):
+        if noise + z * z > k + tol and ip.add_tangent(z):
             added = True
         if sense == "min_loss" and float(x[self.t]) < z * z - 1e-9 * max(z * z, 1e-12):
             self._row(-z * z, self.hs.kHighsInf, self.np.array([self.t, self.z], dtype=self.np.int32),

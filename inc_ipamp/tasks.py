@@ -14,7 +14,7 @@ articles across the parity split):
 
 The items are written as JSON lines plus a task YAML (``dataset_path: json`` + ``data_files``) under a
 content-hashed folder, so the same task also runs from the lm-eval CLI (``--include_path``). A plan is
-applied with ``evaluate.fake_quant`` around the whole lm-eval run; the LM wrapper scores one request per
+applied with ``apply.fake.fake_quant`` around the whole lm-eval run; the LM wrapper scores one request per
 forward (batch 1), so the per-call activation scales of the fake-quantiser never mix requests.
 """
 
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .apply import Applier
 from .data import lee_documents, split_documents, wiki_documents
 from .errors import IpampError
 
@@ -300,16 +301,15 @@ def _quiet(level: int = logging.WARNING) -> Iterator[None]:
 def accuracy(model: nn.Module, tokenizer, assignment: dict[str, str] | None = None,
              task: str = "lee_next_sentence", limit: int | None = None, seed: int = 0,
              progress: bool = False,
-             apply: Callable[[nn.Module, dict[str, str]], contextlib.AbstractContextManager] | None = None,
-             ) -> dict[str, Any]:
+             apply: Applier | None = None) -> dict[str, Any]:
     """Accuracy (and stderr) of ``model`` on ``task`` through lm-eval, with ``assignment`` applied.
 
-    ``apply`` puts the assignment on the model for the whole run: ``evaluate.fake_quant`` by default (the
+    ``apply`` puts the assignment on the model for the whole run: ``apply.fake.fake_quant`` by default (the
     noise the sensitivity model predicts); ``get_backend("cpu").apply`` scores with the real kernels instead.
     ``limit`` takes the first N items (the item order is fixed). Returns the task's metrics as plain keys
     (``acc``, ``acc_stderr``, ``acc_norm``…, ``perplexity``), plus ``n``, ``chance``, ``wall_s`` and what ran.
     """
-    from .evaluate import fake_quant
+    from .apply.fake import fake_quant
     from .formats import get_format
 
     lm_eval, _ = _lm_eval()

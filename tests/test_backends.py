@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
+from inc_ipamp.apply.kernels import ScaledMMLinear
 from inc_ipamp.errors import DeviceUnavailableError
 from inc_ipamp.formats import get_format, quantize
 from inc_ipamp.gains import get_backend, measure_gains
-from inc_ipamp.gains.base import ScaledMMLinear, paired_times
+from inc_ipamp.gains.base import paired_times
 from inc_ipamp.gains.hpu import HpuBackend
 from inc_ipamp.ops import install_attention
 from inc_ipamp.partition import default_example_ids, partition_model

@@ -231,12 +231,12 @@ def test_kv_cache_terms_are_the_bgemm_b_operands(kv_records):
     assert len(g.configs) == 2 ** 5 * 4
     f8 = "fp8_e4m3"
     k = _config(g, k_cache=f8)
-    assert g.loss[k] == pytest.approx(sens.operand_term(qk, "b", f8))
+    assert g.noise[k] == pytest.approx(sens.operand_term(qk, "b", f8))
     assert g.shift[k] == pytest.approx(sens.operand_shift(qk, "b", f8))
-    assert g.loss[k] > 0 and sens.operand_shift(qk, "a", f8) != sens.operand_shift(qk, "b", f8)
+    assert g.noise[k] > 0 and sens.operand_shift(qk, "a", f8) != sens.operand_shift(qk, "b", f8)
     # the BGEMM in the same format already rounds K: the cache's error is charged once
     both, alone = _config(g, matmul_qk=f8, k_cache=f8), _config(g, matmul_qk=f8)
-    assert g.loss[both] == pytest.approx(g.loss[alone]) and g.shift[both] == pytest.approx(g.shift[alone])
+    assert g.noise[both] == pytest.approx(g.noise[alone]) and g.shift[both] == pytest.approx(g.shift[alone])
     kv = _config(g, k_cache=f8, v_cache=f8)
     assert g.gain["M"][kv] == pytest.approx(2 * 256 * 3)  # fp32 -> fp8 saves 3 bytes per element of K and V
     assert g.gain["RT"][kv] == pytest.approx(2 * 256 * 3 / 3.35e12)  # read once per decode step at H100's bandwidth
@@ -318,8 +318,9 @@ def test_cli_mix_objective_end_to_end(tmp_path):
 
 
 def test_kv_fake_quant_rounds_what_the_attention_reads(llama, kv_records):
+    from inc_ipamp.apply.fake import fake_quant_kv
     from inc_ipamp.formats import get_format, quantize, quantize_with_scale
-    from inc_ipamp.kvcache import fake_quant_kv, kv_loss, kv_spec, static_scales
+    from inc_ipamp.kvcache import kv_loss, kv_spec, static_scales
     from inc_ipamp.solver import build_instance
 
     sens, part, dec = kv_records

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from inc_ipamp.export import ExportError, apply_cpu, export_cpu, export_gaudi, load_cpu_config, map_plan
+from inc_ipamp.apply.cpu import apply_cpu
+from inc_ipamp.export import ExportError, export_cpu, export_gaudi, load_cpu_config, map_plan
 from inc_ipamp.records import Plan
 
 N_LAYERS = 12  # layers.1 and layers.10/11 both exist, so an unanchored "layers.1" would be caught

@@ -24,7 +24,6 @@ from inc_ipamp.records import Plan
 DATA = Path(__file__).parent / "data" / "engine_modules"
 LISTS = sorted(p.stem for p in DATA.glob("*.json"))
 PREFIXES = ("", "_orig_mod.", "module.", "_orig_mod.module.")
-ENGINE_OF = {"optimum_habana": "optimum-habana", "vllm_gaudi": "vllm-gaudi"}
 
 
 def _load(stem: str) -> dict:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import inc_ipamp.gains.measure as measure_mod
+from inc_ipamp.apply.kernels import EmulatedMatmul, ScaledMMLinear
 from inc_ipamp.errors import ArtifactError, DeviceUnavailableError, IpampError
 from inc_ipamp.formats import get_format, quantize
 from inc_ipamp.gains import MeasurementCache, bootstrap_ci, compare_prefill, get_backend, measure_gains, time_prefill
-from inc_ipamp.gains.base import EmulatedMatmul, ScaledMMLinear
 from inc_ipamp.ops import Matmul
 from inc_ipamp.partition import default_example_ids, partition_model
 from inc_ipamp.records import Gains
@@ -85,7 +85,8 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     assert n_sig == 5 and n_cfg == 31 + 1 + 3 + 1 + 1
     # default span: each timed run calls the group in both layers (lm_head: one); 2 rounds of one shared reference
     # run + one run per config of the signature (31 + 1 + 3 + 1 in both layers, lm_head 1)
-    assert g.timed_runs == 2 * (2 * (32 + 2 + 4 + 2) + 1 * 2) and len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    assert g.subgraph_calls == 2 * (2 * (32 + 2 + 4 + 2) + 1 * 2)
+    assert len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
     assert "mean over 2 groups" in g.groups[part.groups[0].name].source["ET"]
     assert g.reference_time_s and g.reference_time_s > 0
     l0, l1 = part.groups[0].name, part.groups[4].name  # attention of layer 0 and layer 1
@@ -109,6 +110,15 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     assert Gains.from_json(json.loads(json.dumps(g.to_json()))) == g
 
 
+def test_gains_record_saved_with_the_old_timed_runs_name_still_loads(tmp_path) -> None:
+    """``subgraph_calls`` was saved as ``timed_runs`` (same count) before the rename: such files still load."""
+    g = Gains("m", "cpu", ["fp32", "int8"], 1, 8, 0.01, {}, subgraph_calls=42, notes=["n"])
+    old = {k: v for k, v in g.to_json().items() if k != "subgraph_calls"} | {"timed_runs": 42}
+    path = tmp_path / "gains.json"
+    path.write_text(json.dumps({"record": "gains", **old}))
+    assert Gains.load(path) == g and Gains.load(g.save(tmp_path / "new.json")) == g
+
+
 def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
     model, part = tiny
     seen = []
@@ -122,12 +132,12 @@ def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
 
     monkeypatch.setattr(measure_mod, "time_group_configs", spy)
     one = measure_gains(model, part, FORMATS, metrics=("ET",), span=1, **FAST)
-    assert one.timed_runs == 2 * (32 + 2 + 4 + 2 + 2) and all(len(s) == 1 for s in seen)
+    assert one.subgraph_calls == 2 * (32 + 2 + 4 + 2 + 2) and all(len(s) == 1 for s in seen)
     seen.clear()
     both = measure_gains(model, part, FORMATS, metrics=("ET",), **FAST)
     att = [g.name for g in part.groups if "q_proj" in g.name]
     assert att in seen and len(att) == 2  # layers 0 and 1 timed together
-    assert "mean over" not in one.groups[att[1]].source["ET"] and both.timed_runs > one.timed_runs
+    assert "mean over" not in one.groups[att[1]].source["ET"] and both.subgraph_calls > one.subgraph_calls
     with pytest.raises(IpampError, match="span"):
         measure_gains(model, part, FORMATS, metrics=("ET",), span=0, **FAST)
 
@@ -153,10 +163,10 @@ def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
         f.write('{"key": "abc", "gain_')
     monkeypatch.setattr(measure_mod, "time_group_configs", real)
     g = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert g.timed_runs == 2 * (2 * (4 + 2) + 1 * 2)  # gate/up, down (2-layer spans) and lm_head are left
+    assert g.subgraph_calls == 2 * (2 * (4 + 2) + 1 * 2)  # gate/up, down (2-layer spans) and lm_head are left
     assert any("skipped 1 corrupt line" in n for n in g.notes)
     again = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert again.timed_runs == 0
+    assert again.subgraph_calls == 0
     assert {k: v.gains["ET"] for k, v in again.groups.items()} == {k: v.gains["ET"] for k, v in g.groups.items()}
     lines = path.read_text().splitlines()
     assert sum(1 for ln in lines if ln.startswith('{"key": "abc"')) == 1 and len(lines) == 37 + 1
@@ -207,7 +217,7 @@ def test_tt_and_m_need_no_device(tiny) -> None:
     g = measure_gains(model, part, ["bf16", "fp8_e4m3"], backend="hpu", seq_len=16, metrics=("TT", "M"))
     down = next(n for n in g.groups if n.endswith("[down_proj]"))
     assert g.groups[down].gains["TT"][1] == pytest.approx(2 * 16 * 128 * 64 * (1 / 432 - 1 / 865) / 1e12)
-    assert g.groups[down].gains["M"][1] == 128 * 64 * 1.0 and g.timed_runs == 0
+    assert g.groups[down].gains["M"][1] == 128 * 64 * 1.0 and g.subgraph_calls == 0
 
 
 def test_prefill_timers(tiny) -> None:

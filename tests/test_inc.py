@@ -13,8 +13,8 @@ from neural_compressor.torch.quantization import autotune as inc_autotune
 from neural_compressor.torch.quantization import quantize
 
 import inc_ipamp.inc as ipamp_inc
+from inc_ipamp.apply.hpu import GaudiUnavailableError, require_gaudi
 from inc_ipamp.inc import (
-    GaudiUnavailableError,
     IPEmpiricalTimeConfig,
     IPEmpiricalTimeSampler,
     NoQuantizableOpsError,
@@ -128,7 +128,7 @@ def test_setup_errors_are_one_sentence(setup):
 def test_gaudi_only_paths_fail_clearly_without_habana(setup):
     model, blocks, _, path = setup
     with pytest.raises(GaudiUnavailableError, match="habana_frameworks is not installed"):
-        ipamp_inc.require_gaudi()
+        require_gaudi()
     with pytest.raises(GaudiUnavailableError, match="Gaudi"):
         quantize(model, IPEmpiricalTimeConfig(str(path), point=0, device="hpu"), inplace=False,
                  example_inputs=(blocks[:1],))

@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from inc_ipamp.apply.kernels import ScaledMMLinear, dynamic_int8_linear
 from inc_ipamp.formats import act_qparams, get_format, quantize, quantize_weight
-from inc_ipamp.gains.base import ScaledMMLinear
-from inc_ipamp.gains.cpu import dynamic_int8_linear
 
 _ACTS = {
     "gaussian": lambda g: torch.randn(1, 64, 96, generator=g) * 2 + 0.3,

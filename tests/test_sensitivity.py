@@ -11,8 +11,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from inc_ipamp.apply.fake import fake_quant
 from inc_ipamp.errors import SensitivityError
-from inc_ipamp.evaluate import fake_quant, measured_loss_mse, sequence_losses
+from inc_ipamp.evaluate import measured_loss_mse, sequence_losses
 from inc_ipamp.formats import FORMATS, quantize, quantize_weight
 from inc_ipamp.sensitivity import calibrate, sequence_loss
 
@@ -247,7 +248,8 @@ def test_mean_shifts_match_in_sample(small_model, calib_blocks):
     """On the calibration sequences, each op's predicted mean shift (first-order mean of both operands + its own
     curvature term) is its measured mean loss change, and a large guarded INT8 plan's loss MSE is within 3x of
     noise + (Σ shift)². Out of sample and across domains: benchmarks/results/sensitivity.md."""
-    from inc_ipamp.evaluate import fake_quant, sequence_losses
+    from inc_ipamp.apply.fake import fake_quant
+    from inc_ipamp.evaluate import sequence_losses
 
     model = small_model[0]
     s = calibrate(model, calib_blocks, ["int8"], progress=False, curvature_share=1.0)

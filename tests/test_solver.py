@@ -95,7 +95,7 @@ def brute_force(sens, part, gains, metric, eps_max, noise="empirical"):
     inst = build_instance(sens, part, gains, metric, noise)
     best = (-math.inf, math.inf)
     for choice in itertools.product(*[range(len(g.configs)) for g in inst.groups]):
-        loss = sum(g.loss[c] for g, c in zip(inst.groups, choice, strict=True))
+        loss = sum(g.noise[c] for g, c in zip(inst.groups, choice, strict=True))
         if loss > eps_max:
             continue
         gain = sum(g.gain[metric][c] for g, c in zip(inst.groups, choice, strict=True))
@@ -214,7 +214,7 @@ def test_dual_min_loss_for_target(records):
     assert plan.predicted_gain >= target * (1 - 1e-9)
     # Brute force: least loss with gain ≥ target.
     best = min(
-        sum(g.loss[c] for g, c in zip(inst.groups, ch, strict=True))
+        sum(g.noise[c] for g, c in zip(inst.groups, ch, strict=True))
         for ch in itertools.product(*[range(len(g.configs)) for g in inst.groups])
         if sum(g.gain["ET"][c] for g, c in zip(inst.groups, ch, strict=True)) >= target
     )
@@ -334,10 +334,12 @@ def test_plot_and_report(records, tmp_path):
     for g in part.groups:
         assert f"`{g.name}`" in md
     assert "prefix" in md and "Pareto" in md
-    # Shares of the predicted loss MSE add up to 100 % of the plan's total; chosen gain never beats the best.
+    # Shares of the noise add up to 100 %; noise + (Σ shift)² is the plan's predicted loss MSE; chosen gain never
+    # beats the best.
     rows = group_explanations(plan, sens, part, gains)
-    assert sum(r["loss_share_pct"] for r in rows) == pytest.approx(100.0)
-    assert sum(r["loss_mse"] for r in rows) == pytest.approx(plan.predicted_loss_mse)
+    assert sum(r["noise_share_pct"] for r in rows) == pytest.approx(100.0)
+    assert (sum(r["noise_mse"] for r in rows) + sum(r["shift"] for r in rows) ** 2
+            == pytest.approx(plan.predicted_loss_mse))
     assert all(r["gain"] <= r["best_gain"] for r in rows)
 
 

@@ -1,4 +1,4 @@
-"""CPU: a Plan as an INC 3.x config with per-op settings, and applying it through INC's real CPU path.
+"""CPU: a Plan as an INC 3.x config with per-op settings (``apply.cpu.apply_cpu`` runs it through INC).
 
 Which INC path runs on this CPU (read from the installed INC 3.10 and run here):
 
@@ -20,18 +20,13 @@ Which INC path runs on this CPU (read from the installed INC 3.10 and run here):
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
 
 from ..formats import get_format
 from ..io import load_json, save_json
+from ..ops import is_bgemm_name
 from ..records import Plan
 from .fp8 import FP8_FORMATS as FP8
 from .fp8 import ExportError, fp8_settings
@@ -62,10 +57,6 @@ def _low_ops(plan: Plan) -> dict[str, str]:
     return {op: f for op, f in plan.assignment.items() if f != plan.reference_format and get_format(f).kind != "ref"}
 
 
-def _is_bgemm(op: str) -> bool:
-    return op.rsplit(".", 1)[-1] in ("matmul_qk", "matmul_av")
-
-
 def inc_config_for_plan(plan: Plan, dump_stats_path: str | None = None, mode: str = "QUANTIZE"):
     """The INC 3.x config object for the plan (see the module docstring) and the notes on what differs."""
     from neural_compressor.torch.quantization import DynamicQuantConfig
@@ -75,18 +66,18 @@ def inc_config_for_plan(plan: Plan, dump_stats_path: str | None = None, mode: st
     notes: list[str] = []
     if path in ("none", "pt2e_dynamic_int8"):
         cfg = DynamicQuantConfig(w_dtype="fp32", act_dtype="fp32")  # global: leave everything fp32
-        skipped = sorted(op for op in low if _is_bgemm(op))
+        skipped = sorted(op for op in low if is_bgemm_name(op))
         if skipped:
             notes.append(f"{len(skipped)} INT8 attention BGEMMs stay fp32: INC's PT2E X86 quantizer "
                          "annotates Linear only")
         if any(f == "int8_pc" for f in low.values()):
             notes.append("int8_pc: per-channel weights, but per-tensor dynamic activations (X86 quantizer)")
         for op, f in low.items():
-            if not _is_bgemm(op):
+            if not is_bgemm_name(op):
                 cfg.set_local(op, DynamicQuantConfig(w_dtype="int8", w_sym=True, w_granularity=INT8[f],
                                                      act_dtype="uint8", act_sym=False, act_algo="minmax"))
         return cfg, notes
-    bgemms = sorted(op for op in low if _is_bgemm(op))
+    bgemms = sorted(op for op in low if is_bgemm_name(op))
     if bgemms:
         notes.append(f"{len(bgemms)} FP8 attention BGEMMs stay fp32: INC patches only Linear/Conv2d/EmbeddingBag "
                      "on CPU")
@@ -113,79 +104,3 @@ def load_cpu_config(path: str | Path):
         raise ExportError(f"{path} is not an inc_cpu_config file")
     cls = config_registry.get_cls_configs()["torch"][d["algo"]]
     return cls.from_dict(d["config"])
-
-
-def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compile: bool = False,
-              inplace: bool = False, dynamic: bool = True, reuse_export: bool = False) -> nn.Module:
-    """Quantize ``model`` with INC's CPU path for ``plan``; ``calib`` = token-id batches (1, seq) for calibration.
-
-    INT8: returns the PT2E-converted graph (call it with ``input_ids``; it returns the model's usual output),
-    exported with a dynamic sequence length (``dynamic=False``: fixed to ``calib[0]``'s); ``compile=True`` wraps
-    it in ``torch.compile`` (inductor lowers the Q/DQ pattern to INT8 kernels). ``reuse_export``: keep the last
-    exported graph (keyed by a hash of the weights and the example's shape) and prepare a copy of it: a tuning loop's
-    trials differ only in the per-op config, and the export is ~80% of a trial's build time on SmolLM2.
-    FP8: returns the model with INC's patched Q/DQ Linear modules. Reference ops are untouched either way.
-    """
-    from neural_compressor.torch.quantization import convert, finalize_calibration, prepare
-
-    calib = list(calib)
-    if not calib:
-        raise ExportError("apply_cpu needs at least one calibration batch")
-    m = model if inplace else copy.deepcopy(model)
-    path = cpu_path(plan)
-    if path == "none":
-        return m
-    if path == "fp8_qdq":
-        stats = Path(tempfile.mkdtemp(prefix="inc_ipamp_fp8_")) / "measure"
-        measure, _ = inc_config_for_plan(plan, str(stats), mode="MEASURE")
-        quant, _ = inc_config_for_plan(plan, str(stats), mode="QUANTIZE")
-        m = prepare(m, measure)
-        with torch.no_grad():
-            for ids in calib:
-                m(ids, use_cache=False)
-        finalize_calibration(m)
-        return convert(m, quant)
-    from neural_compressor.torch.export import export
-
-    cfg, _ = inc_config_for_plan(plan)
-    m.config.use_cache = False
-    seq = torch.export.Dim("seq", min=2, max=getattr(m.config, "max_position_embeddings", 8192))
-    with torch.no_grad():
-        key = None
-        if reuse_export:
-            from ..inc.method import model_content_hash
-
-            key = (model_content_hash(m), tuple(calib[0].shape) if not dynamic else calib[0].shape[0], dynamic)
-        if key is not None and _EXPORTED.get("key") == key:
-            exported = _copy_graph(_EXPORTED["graph"])
-        else:
-            exported = export(m, (calib[0],), dynamic_shapes=({1: seq},) if dynamic else None)
-            if key is not None:
-                _EXPORTED.clear()
-                _EXPORTED.update(key=key, graph=_copy_graph(exported))
-        prepared = prepare(exported, cfg)
-        for ids in calib:
-            prepared(ids)
-        q = convert(prepared)
-    return _compiled(q) if compile else q
-
-
-#: apply_cpu(reuse_export=True)'s single cached export: {"key": (weights hash, shape, dynamic), "graph": module}
-_EXPORTED: dict[str, Any] = {}
-
-
-def _copy_graph(g: nn.Module) -> nn.Module:
-    """Deep copy of an exported graph, with the plain attributes INC's export sets (``_exported``,
-    ``dynamic_shapes``), which GraphModule's deepcopy drops."""
-    c = copy.deepcopy(g)
-    for k, v in vars(g).items():
-        if k not in vars(c):
-            setattr(c, k, v)
-    return c
-
-
-def _compiled(m: nn.Module) -> Callable:
-    from torch._inductor import config as inductor_config
-
-    inductor_config.freezing = True  # constant-folds the int8 weights: required for the fused INT8 kernels
-    return torch.compile(m)

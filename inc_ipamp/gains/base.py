@@ -1,8 +1,9 @@
-"""The backend protocol, low-precision op modules shared by backends, and the timing statistics.
+"""The backend protocol and the timing statistics.
 
-A backend answers two questions for the pipeline: how to run an op in a format (``apply``: swap the op's
-module for a low-precision one and restore it afterwards) and how to time a call on its device. Everything
-else (which configs, reuse across layers, caching) is backend-independent and lives in ``measure.py``.
+A backend answers two questions for the pipeline: how to run an op in a format (``apply``, an applier in the sense
+of ``inc_ipamp.apply``: swap the op's module for a low-precision one from ``apply.kernels`` and restore it
+afterwards) and how to time a call on its device. Everything else (which configs, reuse across layers, caching) is
+backend-independent and lives in ``measure.py``.
 """
 
 from __future__ import annotations
@@ -17,101 +18,8 @@ import torch
 from torch import nn
 
 from ..errors import DeviceUnavailableError
-from ..formats import Format, get_format, quantize, quantize_weight
-from ..ops import Matmul, is_linear, linear_weight
-
-
-# -- low-precision op modules --------------------------------------------------------------------------
-def _bias(mod: nn.Module) -> torch.Tensor | None:
-    b = getattr(mod, "bias", None)
-    return None if b is None else b.detach()
-
-
-class EmulatedLinear(nn.Module):
-    """Fake-quantised Linear (weights rounded once, activations per call): exact numerics, no speed-up."""
-
-    path = "emulated (quantize-dequantize + reference matmul)"
-
-    def __init__(self, mod: nn.Module, fmt: Format):
-        super().__init__()
-        self.fmt = fmt
-        self.weight = nn.Parameter(quantize_weight(linear_weight(mod).detach(), fmt, -1), requires_grad=False)
-        self.bias = None if _bias(mod) is None else nn.Parameter(_bias(mod), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(quantize(x, self.fmt, -1), self.weight, self.bias)
-
-
-class CastLinear(nn.Module):
-    """Linear computed in a narrower float dtype (bf16/fp16), real kernel of that dtype."""
-
-    path = "real cast kernel"
-
-    def __init__(self, mod: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-        self.weight = nn.Parameter(linear_weight(mod).detach().to(dtype), requires_grad=False)
-        self.bias = None if _bias(mod) is None else nn.Parameter(_bias(mod).to(dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(self.dtype), self.weight, self.bias).to(x.dtype)
-
-
-class ScaledMMLinear(nn.Module):
-    """FP8 Linear through ``torch._scaled_mm`` with per-tensor max-abs scales (weights once, activations per call).
-
-    The real FP8 GEMM on Hopper; on CPU torch also runs it (slower than fp32 there, which is reported).
-    """
-
-    path = "torch._scaled_mm fp8 (per-tensor scales)"
-
-    def __init__(self, mod: nn.Module, fmt: Format):
-        super().__init__()
-        w = linear_weight(mod).detach().float()
-        self.fmt = fmt
-        self.fp8 = getattr(torch, fmt.torch_dtype)
-        s_w = torch.clamp(w.abs().amax() / fmt.qmax, min=torch.finfo(torch.float32).tiny)
-        w8 = (w / s_w).clamp(-fmt.qmax, fmt.qmax).to(self.fp8)
-        self.register_buffer("w8t", w8.t())  # (d_in, d_out) column-major, as _scaled_mm wants
-        self.register_buffer("s_w", s_w.reshape(()))
-        b = _bias(mod)
-        self.register_buffer("bias", None if b is None else b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shp = x.shape
-        x2 = x.reshape(-1, shp[-1])
-        s_x = torch.clamp(x2.detach().abs().amax().float() / self.fmt.qmax, min=torch.finfo(torch.float32).tiny)
-        x8 = (x2 / s_x).clamp(-self.fmt.qmax, self.fmt.qmax).to(self.fp8)
-        y = torch._scaled_mm(x8, self.w8t, scale_a=s_x, scale_b=self.s_w, out_dtype=x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shp[:-1], y.shape[-1])
-
-
-class EmulatedMatmul(Matmul):
-    """Attention BGEMM with both operands fake-quantised along the contraction dimension."""
-
-    path = "emulated (quantize-dequantize + reference matmul)"
-
-    def __init__(self, fmt: Format):
-        super().__init__()
-        self.fmt = fmt
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(quantize(a, self.fmt, -1), quantize(b, self.fmt, -2))
-
-
-class CastMatmul(Matmul):
-    """BGEMM computed in a narrower float dtype (real kernel of that dtype)."""
-
-    path = "real cast kernel"
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(a.to(self.dtype), b.to(self.dtype)).to(a.dtype)
+from ..formats import Format, get_format
+from ..ops import Matmul, is_linear
 
 
 # -- the protocol -------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..apply.kernels import CastLinear, CastMatmul, EmulatedLinear, EmulatedMatmul, ScaledMMLinear
 from ..errors import DeviceUnavailableError, IpampError
 from ..formats import Format
-from .base import Backend, CastLinear, CastMatmul, EmulatedLinear, EmulatedMatmul, ScaledMMLinear
+from .base import Backend
 
 MIN_CAPABILITY = (8, 9)
 

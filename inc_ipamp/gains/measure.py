@@ -226,7 +226,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     ``distributed``: every rank of the initialised ``torch.distributed`` world calls this with the same arguments and
     one shared ``cache_path``; the configurations are dealt to the ranks (``distributed.shard``), each appends its
     timings to the cache, and after a barrier every rank builds the same gains table from all of them (with rank 0's
-    reference prefill time; notes, ``timed_runs`` and machine states stay per rank); a reference-drift failure is
+    reference prefill time; notes, ``subgraph_calls`` and machine states stay per rank); a reference-drift failure is
     flagged at once instead of re-measured (it would be re-timed on every rank).
     """
     from . import get_backend
@@ -287,7 +287,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
             gg.source["M"] = "weight bytes saved"
         groups[g.name] = gg
 
-    timed_runs = 0
+    subgraph_calls = 0
     reference_time = None
     quality: dict[str, Any] = {}
     if "ET" in metrics:
@@ -299,13 +299,13 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
                 groups[g.name].ci["ET"] = [v[1] for v in vals]
                 groups[g.name].source["ET"] = f"replayed:{be.path}"
         else:
-            timed_runs, reference_time, quality = _measure_et(model, partition, formats, be, ids, groups, reps, warmup,
-                                                     cache_path, reuse, progress, notes,
-                                                     reference_reps or max(5, reps // 2), kinds, span, retries,
-                                                     measure_emulated, distributed, min_reps, probe_rounds)
+            subgraph_calls, reference_time, quality = _measure_et(
+                model, partition, formats, be, ids, groups, reps, warmup, cache_path, reuse, progress, notes,
+                reference_reps or max(5, reps // 2), kinds, span, retries, measure_emulated, distributed, min_reps,
+                probe_rounds)
             notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     return Gains(partition.model, be.device_string(), list(formats), batch, seq_len, reference_time, groups,
-                 timed_runs, notes, quality)
+                 subgraph_calls, notes, quality)
 
 
 def time_signature(k: str, cs: list[tuple[str, ...]], measure: Callable[..., list[dict[str, Any]]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,14 +30,18 @@ DEVICE_RATES: dict[str, dict[str, float]] = {
 BACKEND_DEVICE = {"cpu": "cpu", "cuda": "h100", "cuda-on-cpu": "h100", "hpu": "gaudi2", "table": "gaudi2"}
 
 
-def rates_for(device: str | dict[str, float]) -> dict[str, float]:
-    if isinstance(device, dict):
+def _lookup(table: dict[str, Any], device: Any, what: str, instead: str) -> Any:
+    """``device`` itself when it is already a table entry (not a name), else the table's entry for that name."""
+    if not isinstance(device, str):
         return device
     try:
-        return DEVICE_RATES[device]
+        return table[device]
     except KeyError:
-        raise IpampError(f"no rate table for device {device!r}; known: {', '.join(DEVICE_RATES)} "
-                         "(or pass device_rates={format: TFLOPS})") from None
+        raise IpampError(f"no {what} for device {device!r}; known: {', '.join(table)} (or pass {instead})") from None
+
+
+def rates_for(device: str | dict[str, float]) -> dict[str, float]:
+    return _lookup(DEVICE_RATES, device, "rate table", "device_rates={format: TFLOPS}")
 
 
 def op_macs(kind: str, shapes: list[list[int]]) -> int:
@@ -108,13 +113,7 @@ PHASES = ("prefill", "decode")
 
 
 def roofline_device(device: str | RooflineDevice) -> RooflineDevice:
-    if isinstance(device, RooflineDevice):
-        return device
-    try:
-        return ROOFLINE_DEVICES[device]
-    except KeyError:
-        raise IpampError(f"no roofline figures for device {device!r}; known: {', '.join(ROOFLINE_DEVICES)} "
-                         "(or pass a RooflineDevice)") from None
+    return _lookup(ROOFLINE_DEVICES, device, "roofline figures", "a RooflineDevice")
 
 
 def phase_shapes(kind: str, shapes: list[list[int]], phase: str = "prefill") -> list[list[int]]:

@@ -9,10 +9,10 @@ INC's own API runs the whole method from its calibration hook (no frontier file 
     q = ipamp_inc.autotune(model, eval_fn, run_fn=calib_fn, tolerable_loss=0.01)   # same, eval_fn checked
     q = ipamp_inc.autotune(model, eval_fn, "out/frontier.json", example_inputs=ids)  # replay a CLI frontier
 
-The INC 2.x API (``PostTrainingQuantConfig``) is ``inc_ipamp.inc2``, in an environment of its own.
+The INC 2.x API (``PostTrainingQuantConfig``) is ``inc_ipamp.inc2``, in an environment of its own. Applying a plan
+outside a tuning loop (INC's CPU paths, FP8 on Gaudi) is ``inc_ipamp.apply``.
 """
 
-from .hpu import GaudiUnavailableError, apply_hpu, require_gaudi
 from .method import MethodSettings, NoQuantizableOpsError, TuningSetupError, run_method
 from .strategy import (
     ALGO,
@@ -25,6 +25,6 @@ from .strategy import (
     tuning_config,
 )
 
-__all__ = ["ALGO", "GaudiUnavailableError", "IPEmpiricalTimeConfig", "IPEmpiricalTimeSampler", "MethodSettings",
-           "NoQuantizableOpsError", "TuningSetupError", "apply_hpu", "autotune", "frontier_points",
-           "ip_empirical_time_entry", "quantized_ops", "require_gaudi", "run_method", "tuning_config"]
+__all__ = ["ALGO", "IPEmpiricalTimeConfig", "IPEmpiricalTimeSampler", "MethodSettings", "NoQuantizableOpsError",
+           "TuningSetupError", "autotune", "frontier_points", "ip_empirical_time_entry", "quantized_ops",
+           "run_method", "tuning_config"]

@@ -31,6 +31,8 @@ from torch import nn
 
 from ..errors import IpampError
 from ..io import load_json, save_json
+from ..models import model_content_hash
+from ..ops import is_bgemm_name
 from ..pipeline import RunSettings
 from ..records import Plan
 
@@ -182,19 +184,6 @@ def _cap(batches: list[torch.Tensor], max_sequences: int | None) -> list[torch.T
 
 
 # -- workspace -------------------------------------------------------------------------------------------
-def model_content_hash(model: nn.Module) -> str:
-    """Architecture fingerprint plus a hash of every parameter's name, shape and two float64 moments (fast: a
-    second model with other weights gets another workspace)."""
-    from ..models import model_fingerprint
-
-    h = hashlib.sha256(model_fingerprint(model).encode() if hasattr(model, "config") else b"")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            d = p.detach().double()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{float(d.sum())!r}:{float((d * d).sum())!r}".encode())
-    return h.hexdigest()[:16]
-
-
 def workspace_key(model: nn.Module, batches: list[torch.Tensor], settings: MethodSettings, placement: str) -> str:
     from .. import __version__
 
@@ -219,10 +208,6 @@ class MethodResult:
     unplaced: list[str]
 
 
-def _is_bgemm(op: str) -> bool:
-    return op.rsplit(".", 1)[-1] in ("matmul_qk", "matmul_av")
-
-
 def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSettings,
                workspace_root: str | Path | None = None, placeable: Callable[[str], bool] | None = None,
                placement: str = "inc-cpu-int8-linear", model_name: str | None = None) -> MethodResult:
@@ -238,7 +223,7 @@ def run_method(model: nn.Module, batches: list[torch.Tensor], settings: MethodSe
 
     if not batches:
         raise TuningSetupError("no calibration batches")
-    ok = placeable or (lambda op: not _is_bgemm(op))
+    ok = placeable or (lambda op: not is_bgemm_name(op))
     if not any(ok(n) for n, m in model.named_modules() if is_linear(m)):
         raise NoQuantizableOpsError(f"{type(model).__name__} has no Linear layer that INC's {placement} path can "
                                     "quantize")
@@ -322,9 +307,15 @@ def _solve(ws: Path, settings: MethodSettings, sens, part) -> list[Plan]:
     return front
 
 
+def aggressive_key(gain: float | None, loss_mse: float | None) -> tuple[float, float]:
+    """Sort key of a frontier point, most aggressive first: largest predicted gain, then smaller predicted loss (an
+    unknown gain or loss sorts last). Plans here and INC candidates in ``strategy`` are ordered by it."""
+    return (-gain if gain is not None else float("inf"), loss_mse if loss_mse is not None else float("inf"))
+
+
 def _aggressive_first(points: list[Plan]) -> list[Plan]:
-    """Largest predicted gain first, then smaller predicted loss (the all-reference point comes last)."""
-    return sorted(points, key=lambda p: (-p.predicted_gain, p.predicted_loss_mse))
+    """The all-reference point comes last."""
+    return sorted(points, key=lambda p: aggressive_key(p.predicted_gain, p.predicted_loss_mse))
 
 
 # -- eval_fn conventions ---------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ with ``quantize(model, config)`` (which dispatches on ``config.name`` to a funct
 * ``ip_empirical_time_entry`` applies one point for the device: on CPU, INT8 points by default with the torch.ao
   dynamic INT8 Linears the gains were measured with (``cpu_kernels="torch.ao"``; INC's own PT2E graph, option
   ``cpu_kernels="pt2e"``, ran slower than fp32 in eager mode here), frontier replays through
-  ``export.cpu.apply_cpu`` (PT2E dynamic INT8, or FP8 Q/DQ), on Gaudi the FP8 MEASURE/QUANTIZE passes with the
-  exported blocklist (``inc.hpu``). FP8 is driven with ``prepare``/``finalize_calibration``/``convert`` rather
+  ``apply.cpu.apply_cpu`` (PT2E dynamic INT8, or FP8 Q/DQ), on Gaudi the FP8 MEASURE/QUANTIZE passes with the
+  exported blocklist (``apply.hpu``). FP8 is driven with ``prepare``/``finalize_calibration``/``convert`` rather
   than ``quantize(model, FP8Config)``, which crashes in INC 3.10 (the config is swapped for a JSON path).
 """
 
@@ -36,6 +36,7 @@ from neural_compressor.common.utils import Mode
 from neural_compressor.torch.quantization.config import FRAMEWORK_NAME, TorchBaseConfig
 from neural_compressor.torch.utils import register_algo
 
+from ..export.fp8 import ExportError
 from ..records import Plan
 from ..solver import load_frontier
 from .method import (
@@ -43,6 +44,7 @@ from .method import (
     MethodResult,
     MethodSettings,
     TuningSetupError,
+    aggressive_key,
     check_score,
     ids_from_run_fn,
     run_method,
@@ -138,7 +140,7 @@ class IPEmpiricalTimeConfig(TorchBaseConfig):
             raise TuningSetupError(f"frontier {self.frontier} has {len(plans)} points; no point {bad[0]}")
         out = [IPEmpiricalTimeConfig(self.frontier, i, self.device, plans[i].predicted_gain,
                                      plans[i].predicted_loss_mse) for i in idx]
-        return sorted(out, key=_aggressive_first)
+        return sorted(out, key=_candidate_key)
 
     def plan(self) -> Plan:
         if self.frontier is None:
@@ -171,10 +173,8 @@ class IPEmpiricalTimeConfig(TorchBaseConfig):
         return OrderedDict(((name, kind), self) for name, kind in info)
 
 
-def _aggressive_first(cfg: IPEmpiricalTimeConfig) -> tuple[float, float, int]:
-    gain = cfg.predicted_gain if cfg.predicted_gain is not None else float("-inf")
-    loss = cfg.predicted_loss_mse if cfg.predicted_loss_mse is not None else float("inf")
-    return (-gain, loss, cfg.point if isinstance(cfg.point, int) else 0)
+def _candidate_key(cfg: IPEmpiricalTimeConfig) -> tuple[float, float, int]:
+    return (*aggressive_key(cfg.predicted_gain, cfg.predicted_loss_mse), cfg.point if isinstance(cfg.point, int) else 0)
 
 
 class IPEmpiricalTimeSampler(Sampler):
@@ -201,7 +201,7 @@ def _sort_key(cfg: Any, i: int) -> tuple:
     if isinstance(cfg, IPEmpiricalTimeConfig) and cfg.rank is not None:
         return (0, float(cfg.rank), 0.0, 0, i)
     if isinstance(cfg, IPEmpiricalTimeConfig):
-        return (0, *_aggressive_first(cfg), i)
+        return (0, *_candidate_key(cfg), i)
     return (1, 0.0, 0.0, 0, i)  # other INC configs keep their given order, after ours
 
 
@@ -292,7 +292,8 @@ def _load(path: Path) -> list[dict]:
 def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode: Mode = Mode.QUANTIZE,
                             *args: Any, **kwargs: Any) -> torch.nn.Module:
     """Apply one frontier point with INC's real backend (what ``quantize`` calls for our config)."""
-    from ..export.cpu import apply_cpu, export_cpu
+    from ..apply.cpu import apply_cpu, apply_torchao_int8
+    from ..export.cpu import export_cpu
 
     if mode != Mode.QUANTIZE:
         raise TuningSetupError("ip_empirical_time runs as a whole (quantize/autotune), not as prepare/convert")
@@ -313,7 +314,11 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
         if not plan.low_precision_ops():
             q = model
         elif kernels == "torch.ao":
-            q = apply_torchao_int8(model, plan)
+            try:
+                q = apply_torchao_int8(model, plan)
+            except ExportError as e:
+                raise TuningSetupError(f"cpu_kernels='torch.ao': {e}: use cpu_kernels='pt2e' (INC's graph) for other "
+                                       "formats") from None
         else:
             q = apply_cpu(model, plan, [ids], inplace=True, reuse_export=True)
         out = write_selected(res.workspace, plan, res.unplaced,
@@ -333,7 +338,7 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
     if device == "auto":
         device = "hpu" if _habana_available() else "cpu"
     if device == "hpu":
-        from .hpu import apply_hpu
+        from ..apply.hpu import apply_hpu
 
         q = apply_hpu(model, plan, run_fn=run_fn, run_args=run_args, example_inputs=example)
     else:
@@ -347,24 +352,6 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
     q.ipamp_plan = plan
     q.ipamp_point = cfg.point
     return q
-
-
-def apply_torchao_int8(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-    """The plan's INT8 Linears swapped in place for torch.ao dynamic INT8 Linears (``int8``: per-tensor weights,
-    ``int8_pc``: per-channel): exactly the kernels the ``cpu`` gain backend timed, so the plan's predicted speedup is
-    the one this model gets. Everything else stays fp32."""
-    from ..gains.cpu import dynamic_int8_linear
-
-    mods = dict(model.named_modules())
-    for op, fmt in plan.assignment.items():
-        if fmt == plan.reference_format:
-            continue
-        if fmt not in ("int8", "int8_pc") or op not in mods or not isinstance(mods[op], torch.nn.Linear):
-            raise TuningSetupError(f"cpu_kernels='torch.ao' runs INT8 Linears only; the plan has {op} in {fmt}: use "
-                                   "cpu_kernels='pt2e' (INC's graph) for other formats")
-        parent, _, attr = op.rpartition(".")
-        setattr(mods[parent] if parent else model, attr, dynamic_int8_linear(mods[op], per_channel=fmt == "int8_pc"))
-    return model
 
 
 def quantized_ops(q: torch.nn.Module) -> set[str]:
@@ -425,9 +412,9 @@ def autotune(model: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], float]
     try:
         q = inc_autotune(model, cfg, checked, run_fn=run_fn, run_args=run_args, example_inputs=example_inputs)
     finally:
-        from ..export.cpu import _EXPORTED
+        from ..apply.cpu import forget_export
 
-        _EXPORTED.clear()  # the cached export holds a copy of the weights; the tuning loop is over
+        forget_export()
     ws = getattr(q, "ipamp_workspace", None)
     if ws is not None:
         base = scores[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import DeviceUnavailableError
+from ..export.fp8 import fp8_settings
 from ..records import Plan
 
 
@@ -43,8 +44,6 @@ def apply_hpu(model: torch.nn.Module, plan: Plan, run_fn: Callable | None = None
     """
     require_gaudi("FP8 quantization on Gaudi")
     from neural_compressor.torch.quantization import convert, finalize_calibration, prepare
-
-    from ..export.fp8 import fp8_settings
 
     folder = Path(stats_dir) if stats_dir is not None else Path(tempfile.mkdtemp(prefix="inc_ipamp_hpu_"))
     folder.mkdir(parents=True, exist_ok=True)
