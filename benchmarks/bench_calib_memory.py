@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, fresh_process, header, provenance  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time, torch
@@ -45,25 +45,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "calib_memory"))
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "inc_ipamp"], capture_output=True,
-                                text=True).stdout.strip())
+    prov = provenance(__file__)
     rows = []
     for b in a.batches:
-        load_before = os.getloadavg()[0]
-        r = subprocess.run([sys.executable, "-c", CHILD, str(a.n_calib), str(b), str(a.seq_len), str(a.threads)],
-                           capture_output=True, text=True, check=True)
-        row = json.loads(r.stdout.strip().splitlines()[-1])
-        row["load_avg_before"], row["load_avg_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
+        row = fresh_process(CHILD, str(a.n_calib), str(b), str(a.seq_len), str(a.threads))
         rows.append(row)
         print(row, flush=True)
-    res = {"commit": commit + ("+uncommitted" if dirty else ""), "command": " ".join(sys.argv),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {a.threads}",
-           "n_calib": a.n_calib, "seq_len": a.seq_len, "rows": rows}
+    res = {"provenance": finish(prov), "threads": a.threads, "n_calib": a.n_calib, "seq_len": a.seq_len,
+           "rows": rows}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = [f"# Calibration peak memory per --calib-batch (SmolLM2-135M, {a.n_calib} x {a.seq_len} tokens, curvature on)",
-          "", f"Commit `{res['commit']}`, `{res['command']}`, {res['machine']}; each row a fresh process.", "",
+          "", *header(prov), f"Torch threads {a.threads}; each row a fresh process.", "",
           "| calib batch | peak RSS (MiB) | RSS after loading (MiB) | calibration wall (s) | s / sequence | "
           "load avg before / after |", "|---|---|---|---|---|---|"]
     for r in rows:

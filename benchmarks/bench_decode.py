@@ -36,13 +36,14 @@ import torch
 from scipy.stats import spearmanr
 
 from inc_ipamp import pipeline
+from inc_ipamp.apply.fake import fake_quant_kv
+from inc_ipamp.apply.kernels import dynamic_int8_linear
 from inc_ipamp.baselines import baseline
 from inc_ipamp.evaluate import loss_change, sequence_losses
 from inc_ipamp.gains import compare_prefill, get_backend
 from inc_ipamp.gains.base import gain_stats
-from inc_ipamp.gains.cpu import dynamic_int8_linear
 from inc_ipamp.gains.decode import compare_decode, decode_step
-from inc_ipamp.kvcache import fake_quant_kv, kv_loss, static_scales
+from inc_ipamp.kvcache import kv_loss, static_scales
 from inc_ipamp.records import Gains, Partition, Plan, Sensitivity
 from inc_ipamp.runtime import machine_state, set_threads
 from inc_ipamp.solver import mix_gains, plan_gain, solve, speedup_of

@@ -23,6 +23,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, header, provenance  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,9 +33,7 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra options for `inc-ipamp run`")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_run"))
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "inc_ipamp"], capture_output=True,
-                                text=True).stdout.strip())
+    prov = provenance(__file__)
     work = Path(tempfile.mkdtemp(prefix="ipamp_default_run_"))
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.compete)]
     loads: list[tuple[float, float]] = []
@@ -58,9 +59,8 @@ def main() -> None:
             b.kill()
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     out = work / "out"
-    res = {"commit": commit + ("+uncommitted" if dirty else ""), "command": " ".join(sys.argv),
-           "run_command": "inc-ipamp run " + a.extra, "exit_code": r.returncode, "wall_s": wall,
-           "peak_rss_mb": peak_mb, "competing_busy_processes": a.compete, "cpus": os.cpu_count(),
+    res = {"provenance": finish(prov), "run_command": "inc-ipamp run " + a.extra, "exit_code": r.returncode,
+           "wall_s": wall, "peak_rss_mb": peak_mb, "competing_busy_processes": a.compete, "cpus": os.cpu_count(),
            "load_avg_samples": loads, "stdout_tail": r.stdout.splitlines()[-25:],
            "stderr_tail": [ln for ln in r.stderr.splitlines() if "error" in ln.lower() or "WARNING" in ln][-10:]}
     if r.returncode == 0:
@@ -74,7 +74,7 @@ def main() -> None:
     path = Path(a.out)
     path.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = [f"# `inc-ipamp run` on the embedded default, {a.compete} competing busy process(es)", "",
-          f"Commit `{res['commit']}`; `{res['command']}`; {res['cpus']} cores; exit code {r.returncode}.", "",
+          *header(prov), f"Exit code {r.returncode}.", "",
           f"- Wall time **{wall / 60:.2f} min**, peak RSS **{peak_mb:.0f} MiB** (the whole command).",
           f"- Load average during the run: {min(v for _, v in loads):.2f} – {max(v for _, v in loads):.2f}."]
     if r.returncode == 0:

@@ -17,6 +17,7 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch
 from inc_ipamp.gains import compare_prefill, get_backend, measure_gains
 from inc_ipamp.models import load_model
 from inc_ipamp.partition import default_example_ids, partition_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, header, provenance  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -78,6 +82,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="measurement cache (JSON lines); default: none")
     args = ap.parse_args()
+    prov = provenance(__file__)
     torch.manual_seed(args.seed)
     formats = args.formats.split(",")
     ref = formats[0]
@@ -141,11 +146,12 @@ def main() -> None:
     paper_runs = sum(len(gg.configs) - 1 for gg in gains.groups.values()) * args.reps + args.reps
     reps_groups = {g.signature: g for g in part.groups}.values()
     ours = sum(len(g.configs(formats)) - 1 for g in reps_groups) * 2 * args.reps  # timed runs (ref + cfg)
-    calls = gains.timed_runs  # sub-graph calls: a run over a 30-layer span counts 30
+    calls = gains.subgraph_calls  # sub-graph calls: a run over a 30-layer span counts 30
     t_ref = gains.reference_time_s or 0.0
     ours_model_equiv = measure_s / t_ref if t_ref else float("nan")
 
     res = {
+        "provenance": finish(prov),
         "model": part.model, "layers": args.layers, "device": gains.device, "formats": formats,
         "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps, "e2e_reps": args.e2e_reps,
         "partition": {"method": part.method, "groups": len(part.groups),
@@ -160,7 +166,7 @@ def main() -> None:
                                                                     for e, r in zip(err_a, rows, strict=True))},
         "b_end_to_end": {"checks": checks, "wall_s": e2e_s,
                          "measure_wall_s": {k: w for k, (_, w) in runs.items()},
-                         "timed_calls": {k: r.timed_runs for k, (r, _) in runs.items()},
+                         "timed_calls": {k: r.subgraph_calls for k, (r, _) in runs.items()},
                          **{subset: additivity(sel) for subset, sel in
                             (("all", checks), ("random", [c for c in checks if c["config"].startswith("random")]),
                              ("structured", [c for c in checks if not c["config"].startswith("random")]))}},
@@ -173,7 +179,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     stem = OUT / f"bench_gains_L{args.layers}_s{args.seq_len}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = [f"# bench_gains: {part.model}, {args.layers} layers, batch {args.batch}, seq {args.seq_len}",
+    md = [f"# bench_gains: {part.model}, {args.layers} layers, batch {args.batch}, seq {args.seq_len}", "",
+          *header(prov),
           f"device: {gains.device}; formats {formats}; reference prefill {t_ref * 1e3:.1f} ms", "",
           f"## (a) attention group {att.name}: per-op sum vs measured (ms)",
           "| config | measured | ±CI | per-op sum |", "|---|---|---|---|"]

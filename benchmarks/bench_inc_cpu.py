@@ -11,7 +11,7 @@ INT8 and lm_head fp32 (the most aggressive CPU point); the FP8 row uses the same
 
 Accuracy on real held-out text (``--acc-seqs`` x ``--seq-len`` tokens of the evaluation split), for the plan and for
 the same plan without ``down_proj``: mean next-token loss, max and mean |Δlogit| vs fp32 of INC's PT2E INT8,
-torch.ao dynamic INT8 and our fake-quant (``evaluate.fake_quant``, per-tensor max-abs), plus each Linear family's
+torch.ao dynamic INT8 and our fake-quant (``apply.fake.fake_quant``, per-tensor max-abs), plus each Linear family's
 smallest per-tensor INT8 input SQNR on that text. This separates a bug in how the INC config is built (INC far
 off the other INT8 implementations of the same plan) from the plan's own INT8 error (all three alike).
 
@@ -25,9 +25,7 @@ import copy
 import json
 import os
 import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,13 +36,17 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch  # noqa: E402
 
+from inc_ipamp.apply.cpu import apply_cpu  # noqa: E402
+from inc_ipamp.apply.fake import fake_quant  # noqa: E402
 from inc_ipamp.data import load_blocks  # noqa: E402
-from inc_ipamp.evaluate import fake_quant  # noqa: E402
-from inc_ipamp.export.cpu import apply_cpu, cpu_path  # noqa: E402
+from inc_ipamp.export.cpu import cpu_path  # noqa: E402
 from inc_ipamp.formats import quantize  # noqa: E402
 from inc_ipamp.gains import get_backend  # noqa: E402
 from inc_ipamp.models import load_model  # noqa: E402
 from inc_ipamp.records import Plan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, header, provenance  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -66,22 +68,6 @@ def logits(out) -> torch.Tensor:
 def without(plan: Plan, family: str) -> Plan:
     return Plan(plan.model, {op: ("fp32" if family in op else f) for op, f in plan.assignment.items()},
                 plan.reference_format, plan.metric, plan.beta, plan.predicted_loss_mse, plan.predicted_gain)
-
-
-def machine_state() -> dict:
-    """Commit, command and load: the conditions the numbers were measured under."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True,
-                                  cwd=Path(__file__).resolve().parent.parent, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    dirty = git("status", "--porcelain", "--", "benchmarks/bench_inc_cpu.py", "inc_ipamp")
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted_changes_in_inc_ipamp_or_bench": bool(dirty),
-            "command": "python " + shlex.join(sys.argv), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu": platform.processor(),
-            "torch": torch.__version__, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
 
 @torch.no_grad()
@@ -144,7 +130,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    state = machine_state()
+    prov = provenance(__file__)  # after the thread count is set: it records it
 
     model, tok = load_model("default", num_layers=a.layers)
     model.config.use_cache = False
@@ -225,7 +211,7 @@ def main() -> None:
     result = {"model": "default (SmolLM2-135M)", "layers": a.layers, "batch": 1, "seq_len": a.seq_len, "reps": a.reps,
               "plan": a.plan or "all decoder Linear INT8, lm_head fp32", "n_low_precision_ops": n_low,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-              "machine": state, "rows": rows, "accuracy_text": {"sequences": a.acc_seqs, "seq_len": a.seq_len,
+              "provenance": finish(prov), "rows": rows, "accuracy_text": {"sequences": a.acc_seqs, "seq_len": a.seq_len,
                                                                   "source": "gensim wiki, evaluation split",
                                                                   "plans": acc},
               "int8_input_sqnr_db_min_by_family": sqnr}
@@ -245,10 +231,7 @@ def main() -> None:
         lines.append(f"| {k} | {r['best_s']:.3f} | {r['median_s']:.3f} | {r['speedup_vs_fp32_eager']:.2f} | "
                      f"{r['speedup_vs_fp32_eager_median']:.2f} | {'' if vc is None else f'{vc:.2f}'} | "
                      f"{r['build_s']} | {r['first_call_s']} | {r['max_abs_logit_diff_vs_fp32']:.3g} |")
-    lines += ["", f"Run: commit {state['commit']} (uncommitted changes in inc_ipamp/ or this script: "
-              f"{state['uncommitted_changes_in_inc_ipamp_or_bench']}), `{state['command']}`, {state['date_utc']} UTC, "
-              f"load average {state['load_avg_1_5_15']} on {state['cpus']} CPUs, {state['torch_threads']} torch "
-              f"threads, torch {state['torch']}. Max |Δlogit| above is on random token ids."]
+    lines += ["", *header(prov), f"Torch {torch.__version__}. Max |Δlogit| above is on random token ids."]
     lines += accuracy_lines(acc, sqnr, a.acc_seqs, a.seq_len)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, header, provenance  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,13 +32,10 @@ def main() -> None:
     ap.add_argument("--inc2-python", default=str(ROOT / ".venv-inc2" / "bin" / "python"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inc_native"))
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "inc_ipamp", "examples"], capture_output=True,
-                                text=True, cwd=ROOT).stdout.strip())
+    prov = provenance(__file__, "examples")
     runs = {"INC 3.x autotune": [sys.executable, "examples/cpu_inc_autotune.py"],
             "INC 2.x quantization.fit": [a.inc2_python, "examples/inc2_post_training_quant.py"]}
-    res = {"commit": commit + ("+uncommitted" if dirty else ""), "command": " ".join(sys.argv), "runs": {}}
+    res: dict = {"provenance": prov, "runs": {}}
     for name, cmd in runs.items():
         ws = Path(tempfile.mkdtemp(prefix="ipamp_inc_native_"))
         load0 = os.getloadavg()[0]
@@ -48,11 +48,12 @@ def main() -> None:
                              "stderr_tail": r.stderr.splitlines()[-5:] if r.returncode else []}
         shutil.rmtree(ws, ignore_errors=True)
         print(name, r.returncode, flush=True)
+    finish(prov)
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = ["# INC-native: the whole method from the user's own INC call (embedded SmolLM2-135M, from scratch)", "",
-          f"Commit `{res['commit']}`; `{res['command']}`; {os.cpu_count()} cores. Each run's console output follows "
-          "verbatim (its own phase times, trials and the returned model measured against fp32).", ""]
+          *header(prov), "Each run's console output follows verbatim (its own phase times, trials and the returned "
+          "model measured against fp32).", ""]
     for name, r in res["runs"].items():
         md += [f"## {name}", "", f"`{r['command']}`: exit {r['exit_code']}, {r['wall_s']:.0f} s, load average "
                f"{r['load_avg_before']} before / {r['load_avg_after']} after", "", "```", *r["stdout"],

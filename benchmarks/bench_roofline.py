@@ -18,22 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from scipy.stats import spearmanr
 
-from inc_ipamp.gains.cpu import dynamic_int8_linear
+from inc_ipamp.apply.kernels import dynamic_int8_linear
 from inc_ipamp.gains.theory import RooflineDevice, capture_op_shapes, roofline_gain
 from inc_ipamp.models import load_model
 from inc_ipamp.ops import find_ops, install_attention
 from inc_ipamp.partition import default_example_ids
 from inc_ipamp.records import Gains, Partition
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, header, provenance  # noqa: E402
 
 
 def _best(fn, reps: int = 7) -> float:
@@ -74,7 +76,7 @@ def main() -> None:
     ap.add_argument("--md", default="benchmarks/results/roofline_cpu.md")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    load0 = os.getloadavg()
+    prov = provenance(__file__)
     run = Path(args.run)
     gains = Gains.load(run / "gains.json")
     part = Partition.load(run / "partition.json")
@@ -117,18 +119,11 @@ def main() -> None:
     results = {k: rho(k) for k in ("RT_peak", "RT_kernels", "TT")}
     linear_only = {k: rho(k, lambda r: not r["has_bgemm"]) for k in ("RT_peak", "RT_kernels", "TT")}
     passing = {k: rho(k, lambda r: r["usable"]) for k in ("RT_peak", "RT_kernels", "TT")}
-    load1 = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.split()
+    finish(prov)
     lines = [
-        "# Roofline RT vs measured ET on this CPU (INT8 vs FP32)", "",
-        f"- commit {commit} (working tree had uncommitted changes in: "
-        f"{', '.join(p for p in dirty if p.endswith('.py')) or 'none'})",
-        f"- command: `OMP_NUM_THREADS=1 python benchmarks/bench_roofline.py --run {args.run} --layers {args.layers}`; "
-        f"gains from `{run / 'gains.json'}` ({gains.device}; batch {gains.batch}, seq {gains.seq_len})",
-        f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-        f"{load0[0]:.2f} at start, {load1[0]:.2f} at end (cores shared with other jobs)",
+        "# Roofline RT vs measured ET on this CPU (INT8 vs FP32)", "", *header(prov), "",
+        f"- gains from `{run / 'gains.json'}` ({gains.device}; batch {gains.batch}, seq {gains.seq_len}); CPU "
+        f"{platform.processor() or platform.machine()} (cores shared with other jobs)",
         f"- this CPU's roofline figures, measured here at 1 thread: fp32 GEMM {figs['fp32_tflops'] * 1e3:.1f} GFLOPS, "
         f"fbgemm dynamic-INT8 Linear {figs['int8_tops_effective'] * 1e3:.1f} GOPS effective, copy bandwidth "
         f"{figs['copy_tb_s'] * 1e3:.1f} GB/s", "",
@@ -148,9 +143,8 @@ def main() -> None:
     lines += ["", f"median |ET| {statistics.median(abs(e) for e in et) * 1e3:.3f} ms per group call."]
     Path(args.md).write_text("\n".join(lines) + "\n")
     Path(args.md).with_suffix(".json").write_text(json.dumps(
-        {"commit": commit, "figures": figs, "spearman": results, "spearman_linear_only": linear_only,
-         "spearman_passing": passing, "rows": rows,
-         "load": [load0, load1]}, indent=1))
+        {"provenance": prov, "figures": figs, "spearman": results, "spearman_linear_only": linear_only,
+         "spearman_passing": passing, "rows": rows}, indent=1))
     print("\n".join(lines[:16]))
 
 

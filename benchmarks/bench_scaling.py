@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, fresh_process, header, provenance  # noqa: E402
 
 #: public configs (config.json of HuggingFaceTB/SmolLM2-360M and TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T)
 CONFIGS = {
@@ -93,7 +93,7 @@ elif step == "measure":
     t0 = time.perf_counter()
     gains = measure_gains(model, part, ["fp32", "int8"], "cpu", seq_len=128, reps=10, metrics=("ET", "M"),
                           progress=False)
-    out["timed_runs"], out["groups"] = gains.timed_runs, len(part.groups)
+    out["subgraph_calls"], out["groups"] = gains.subgraph_calls, len(part.groups)
     out["flagged"] = gains.quality.get("flagged_configs")
     out["reference_prefill_s"] = gains.reference_time_s
 elif step == "frontier":
@@ -125,26 +125,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of the calib and plain steps (the table: best)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling"))
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "inc_ipamp"], capture_output=True,
-                                text=True).stdout.strip())
+    prov = provenance(__file__)
     rows = []
     jobs = [(name, step) for name in a.models for step in a.steps
             for _ in range(a.repeats if step in ("calib", "plain") else 1)]
     for name, step in jobs:
-        load_before = os.getloadavg()[0]
-        r = subprocess.run([sys.executable, "-c", CHILD, name, step, str(a.n_calib), str(a.seq_len), str(a.prefix),
-                            str(a.threads), json.dumps(CONFIGS)], capture_output=True, text=True)
-        if r.returncode != 0:
-            row = {"model": name, "step": step, "error": r.stderr.strip().splitlines()[-1][:300]}
-        else:
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-        row["load_avg_before"], row["load_avg_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
+        row = {"model": name, "step": step, **fresh_process(CHILD, name, step, str(a.n_calib), str(a.seq_len),
+                                                             str(a.prefix), str(a.threads), json.dumps(CONFIGS),
+                                                             check=False)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        res = {"commit": commit + ("+uncommitted" if dirty else ""), "command": " ".join(sys.argv),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work), 24 GiB RAM, "
-                          f"torch threads {a.threads}", "n_calib": a.n_calib, "seq_len": a.seq_len,
+        res = {"provenance": finish(prov), "threads": a.threads, "n_calib": a.n_calib, "seq_len": a.seq_len,
                "prefix": a.prefix, "rows": rows}
         out = Path(a.out)  # written after every step: a long run that is cut short keeps what it measured
         out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
@@ -166,16 +157,16 @@ def render(res: dict) -> str:
         r = m.get(step, {})
         return "error" if "error" in r else (format(r[key], fmt) if key in r and r[key] is not None else "–")
 
-    md = ["# Cost growth: 135M (real) -> ~360M -> ~1.1B (random weights)", "",
-          f"Commit `{res['commit']}`, `{res['command']}`, {res['machine']}. Each cell is one fresh process, run one "
-          "after another; peak RSS is that process's ru_maxrss (model load included). Calibration: "
+    md = ["# Cost growth: 135M (real) -> ~360M -> ~1.1B (random weights)", "", *header(res["provenance"]),
+          f"Torch threads {res['threads']} in each step. Each cell is one fresh process, run one after another; "
+          "peak RSS is that process's ru_maxrss (model load included). Calibration: "
           f"{res['n_calib']} x {res['seq_len']} random token ids, int8 vs fp32, curvature on, one sequence per "
           "fwd+bwd; plain = fwd+bwd with parameter gradients on the same ids, same strategy (whole fp32 model in RAM, "
           f"nothing offloaded). Measure: ET on this CPU on a {res['prefix']}-layer prefix (seq 128, 10 reps). "
           "Frontier: `solver.frontier` (21 β) on a SYNTHETIC instance of the model's full shape (fp32/int8). The "
           "360M and 1.1B models have RANDOM weights from public configs (SmolLM2-360M, TinyLlama-1.1B).", "",
           "| model | params | calib (s) | plain fwd+bwd (s) | time ratio | calib peak RSS (MiB) | plain peak RSS (MiB) "
-          "| RSS ratio | partition (s) | groups / signatures | measure prefix (s) | timed runs | frontier (s) | "
+          "| RSS ratio | partition (s) | groups / signatures | measure prefix (s) | sub-graph calls | frontier (s) | "
           "load avg (calib) |", "|" + "---|" * 14]
     for name, m in by.items():
         c, p = m.get("calib", {}), m.get("plain", {})
@@ -187,7 +178,7 @@ def render(res: dict) -> str:
         md.append(f"| {name} | {params / 1e6:.0f}M | {cell(m, 'calib', 'wall_s', '.1f')} | "
                   f"{cell(m, 'plain', 'wall_s', '.1f')} | {ratio} | {cell(m, 'calib', 'peak_rss_mb', '.0f')} | "
                   f"{cell(m, 'plain', 'peak_rss_mb', '.0f')} | {mem} | {cell(m, 'partition', 'wall_s', '.1f')} | {gs} "
-                  f"| {cell(m, 'measure', 'wall_s', '.1f')} | {cell(m, 'measure', 'timed_runs', 'd')} | "
+                  f"| {cell(m, 'measure', 'wall_s', '.1f')} | {cell(m, 'measure', 'subgraph_calls', 'd')} | "
                   f"{cell(m, 'frontier', 'wall_s', '.2f')} | {c.get('load_avg_before', '–')} / "
                   f"{c.get('load_avg_after', '–')} |" if params else f"| {name} | (no successful step) |")
     md += ["", "Calibration and plain runs, every repeat (s): " + "; ".join(

@@ -15,12 +15,16 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 from inc_ipamp.baselines import BASELINES, baseline
 from inc_ipamp.records import Gains, Group, GroupGains, OperandStats, OpSensitivity, Partition, Sensitivity
 from inc_ipamp.solver import build_instance, default_betas, frontier, save_frontier, solve
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, provenance  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, intermediate 1536, vocab 49152, 30 layers.
 HID, HEADS, KV, HD, INTER, VOCAB, LAYERS = 576, 9, 3, 64, 1536, 49152, 30
@@ -105,6 +109,7 @@ def main() -> None:
     ap.add_argument("--min-sqnr-db", type=float, default=25.0, help="SQNR guard as in the pipeline (<0: none)")
     ap.add_argument("--out", type=Path, help="write frontier.json / frontier.png / results json here")
     a = ap.parse_args()
+    prov = provenance(__file__)
 
     if a.run_dir:
         sens = Sensitivity.load(a.run_dir / "sensitivity.json")
@@ -137,7 +142,8 @@ def main() -> None:
 
     result = {
         "source": source,
-        "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip(),
+        "provenance": finish(prov),
+        "cpu": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip(),
         "groups": len(inst.groups),
         "binaries": sum(len(g.configs) for g in inst.groups),
         "configs_per_group": sorted({len(g.configs) for g in inst.groups}),

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from provenance import finish, fresh_process, header, provenance  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -73,28 +74,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "solver_scale"))
     ap.add_argument("--cases", type=int, nargs="*", help="indices into CASES (default: all)")
     a = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "inc_ipamp/solver.py", "inc_ipamp/synthetic.py"],
-                                capture_output=True, text=True).stdout.strip())
+    prov = provenance(__file__)
     rows = []
     for i, (shape, fmts, guard, both) in enumerate(CASES):
         if a.cases and i not in a.cases:
             continue
-        load_before = os.getloadavg()[0]
-        r = subprocess.run([sys.executable, "-c", CHILD, shape, fmts, str(guard), "1" if both else "0"],
-                           capture_output=True, text=True, check=True)
-        row = json.loads(r.stdout.strip().splitlines()[-1])
-        row["load_avg_before"], row["load_avg_after"] = round(load_before, 2), round(os.getloadavg()[0], 2)
+        row = fresh_process(CHILD, shape, fmts, str(guard), "1" if both else "0")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    res = {"commit": commit + ("+uncommitted" if dirty else ""), "command": " ".join(sys.argv),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), python {platform.python_version()}",
+    res = {"provenance": finish(prov), "python": platform.python_version(),
            "note": "SYNTHETIC instances (inc_ipamp.synthetic): only the timings are measurements", "rows": rows}
     out = Path(a.out)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
     md = ["# Solver at production size (SYNTHETIC instances, measured solver times)", "",
-          f"Commit `{res['commit']}`, `{res['command']}`, {res['machine']}; each row a fresh process, rows one after "
-          "another. The instances are SYNTHETIC (`inc_ipamp.synthetic`: the real record classes with Llama-3-70B's "
+          *header(prov), f"Python {res['python']}; each row a fresh process, rows one after another. The instances "
+          "are SYNTHETIC (`inc_ipamp.synthetic`: the real record classes with Llama-3-70B's "
           "and Mixtral-8x7B's op shapes and group layout, seeded random sensitivities with mean-shift sums and "
           "ET gains); only the times below are measurements. Frontier = `solver.frontier` with its default 21 "
           "β points (build_instance + model + 2-phase solves with cut rounds), noise `auto`.", "",
