@@ -229,7 +229,7 @@ def measure_gains(model: nn.Module, partition: Partition, formats: list[str], ba
     reference prefill time; notes, ``subgraph_calls`` and machine states stay per rank); a reference-drift failure is
     flagged at once instead of re-measured (it would be re-timed on every rank).
     """
-    from . import get_backend
+    from .backends import get_backend
 
     bad = [m for m in metrics if m not in METRICS]
     if bad:
