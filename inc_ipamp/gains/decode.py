@@ -23,7 +23,9 @@ with the reference (``compare_decode``).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +48,6 @@ from .cache import MeasurementCache, cache_key
 from .measure import (
     MIN_REPS,
     PROBE_ROUNDS,
-    RETRIES,
     _emulated_configs,
     align_to_probe,
     check_quality,
@@ -60,6 +61,45 @@ from .measure import (
 from .theory import memory_gain, roofline_device, roofline_gain
 
 log = logging.getLogger(__name__)
+#: re-measurements of a noisy decode config (each with twice the repetitions): a decode sub-graph call costs ~1 ms,
+#: so two cost seconds, where prefill's one re-measurement (``measure.RETRIES``) is all its budget allows
+DECODE_RETRIES = 2
+NOISY = "noisy"
+
+
+def noisy_lower_bound(measurements: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """A decode config that stayed ``noisy`` (``measure.check_quality``) through its re-measurements, made usable at
+    the lower end of its last measurement's 95% CI (gain − CI, what it saves at least), or None (it stays flagged).
+
+    Why: a decode step's attention sub-graph is ~1 ms per layer, and the gain of a q/k/v projection in INT8 ~0.1 ms,
+    so on a shared CPU its CI stays near the noisy check's 5% of t_ref even at 40 rounds. Flagging those kept them
+    out of every decode plan while the prefill objective's plans used them and ran faster at decode
+    (benchmarks/results/decode.md at 7e16af7). Fail closed: only when every measurement is finite, positive and
+    agrees with every other (their gains differ by no more than their CIs together: the same quantity measured
+    twice, not a machine that changed in between); the bound never exceeds what was measured, and one that is <= 0
+    makes the config worth nothing to the solver. The record keeps the CI and says ``lower_bound``.
+    """
+    ms = list(measurements)
+    if len(ms) < 2:
+        return None
+    for m in ms:
+        g, ci, t = m.get("gain_s"), m.get("ci_s"), m.get("t_ref_s")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (g, ci, t)) or t <= 0 or ci < 0:
+            return None
+    if any(abs(a["gain_s"] - b["gain_s"]) > a["ci_s"] + b["ci_s"] for a, b in itertools.combinations(ms, 2)):
+        return None
+    last = ms[-1]
+    why = check_quality(last, None)
+    if not why.startswith(NOISY):
+        return None
+    return {**last, "gain_s": last["gain_s"] - last["ci_s"], "flag": "",
+            "lower_bound": f"{why}: used at its CI's lower end ({len(ms)} consistent measurements)"}
+
+
+def decode_quality(rec: dict[str, Any], ref_median: float | None) -> str:
+    """``measure.check_quality``, except that a record at its CI's lower bound (``noisy_lower_bound``) is not noisy
+    again: the drift and finiteness checks still apply to it."""
+    return check_quality({**rec, "ci_s": 0.0} if rec.get("lower_bound") else rec, ref_median)
 
 
 def _static_cache_class() -> type:
@@ -170,7 +210,8 @@ def decode_op_shapes(model: nn.Module, step: DecodeStep, ops: dict[str, str]) ->
 
 def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[str], backend: str | Backend = "cpu",
                          batch: int = 1, context: int = 256, reps: int = 20, warmup: int = 1,
-                         cache_path: str | Path | None = None, span: int | None = None, retries: int = RETRIES,
+                         cache_path: str | Path | None = None, span: int | None = None,
+                         retries: int = DECODE_RETRIES,
                          reference_reps: int | None = None, progress: bool = True, seed: int = 0,
                          roofline: str | None = None, min_reps: int | None = MIN_REPS,
                          probe_rounds: int = PROBE_ROUNDS) -> Gains:
@@ -180,7 +221,8 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     decode step's own operand shapes. ``reference_time_s`` is the all-reference decode step; ``quality.consistent``
     whether the best gains of all groups add up to less than it; ``quality.kv_cache`` the KV cache's geometry (what a
     KV-cache precision decision saves, ``inc_ipamp.kvcache``). Configs the backend only emulates are flagged, never
-    timed."""
+    timed. A config still noisy after ``retries`` re-measurements is used at the lower end of its CI where its
+    measurements agree (``noisy_lower_bound``; listed in ``quality.lower_bound``), else flagged."""
     from ..runtime import Progress, loaded, machine_state
     from . import get_backend
 
@@ -233,6 +275,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
             if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
     cache = MeasurementCache(cache_path)
     counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
+    history: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}  # every measurement of a config, in order
     keys = {(k, c): cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
                               span=len(timed_with[k]), **base) for k, g, c in todo}
 
@@ -243,6 +286,8 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         rs = time_group_configs(model, be, together, cs, [inputs[enclosing_module(x.ops)] for x in together], n_reps,
                                 warmup, min_reps=min_reps)
         counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
+        for c, r in zip(cs, rs, strict=True):
+            history.setdefault((k, tuple(c)), []).append(dict(r))
         return [{"group": representative[k].name, "signature": k, "config": list(c), **r}
                 for c, r in zip(cs, rs, strict=True)]
 
@@ -255,6 +300,16 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
             time_signature(k, cs, lambda k_, cs_, n, _again: measure(k_, cs_, n), cache, keys, recs, counts, reps,
                            retries)
             bar.update(len(cs))
+    # still noisy after the re-measurements: at the lower end of the CI where the measurements agree (the cache keeps
+    # the flag, so the next run times it again)
+    bounded = []
+    for kc, r in list(recs.items()):
+        if kc not in emulated and r.get("flag", "").startswith(NOISY):
+            lb = noisy_lower_bound(history.get(kc, []))
+            if lb is not None:
+                recs[kc] = {**r, **lb}
+                bounded.append(f"{representative[kc[0]].name} {'+'.join(kc[1])}: {lb['gain_s'] * 1e3:.3g} ms "
+                               f"(measured {(lb['gain_s'] + lb['ci_s']) * 1e3:.3g} ± {lb['ci_s'] * 1e3:.3g} ms)")
     # reference drift over the whole signature: rescaled to its median where moderate (the gain was paired with
     # reference runs of the same rounds, ``measure.rescale_drift``), else flagged
     for k in representative:
@@ -262,13 +317,13 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         if len(mine) >= 3:
             med = statistics.median(r["t_ref_s"] for r in mine.values())
             for c, r in mine.items():
-                if r.get("flag") or not check_quality(r, med):
+                if r.get("flag") or not decode_quality(r, med):
                     continue
                 r = recs[(k, c)] = dict(r)  # the cache keeps what was measured
                 if rescale_drift(r, med, apply=True):
                     counts["rescaled"] += 1
                 else:
-                    r["flag"] = check_quality(r, med)
+                    r["flag"] = decode_quality(r, med)
                     cache.put(keys[(k, c)], r)  # flagged: the next run re-times it
     # prefill's speed probe: every signature's reference run again at one moment, right before the reference decode
     # step, and a signature measured at another machine speed rescaled to it (``measure.align_to_probe``)
@@ -319,7 +374,9 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
                  + (f"; speed probe ({probe_rounds} rounds): rescaled " + ", ".join(f"{n} x{f:.3g}" for n, f in
                                                                                    aligned.items()) if aligned else "")
                  + (f"; left as measured (speed changed more than the rescale limit): {', '.join(mismatch)}"
-                    if mismatch else ""))
+                    if mismatch else "")
+                 + (f"; {len(bounded)} config(s) still noisy after {retries} re-measurement(s) but consistent, used "
+                    "at the lower end of their 95% CI: " + "; ".join(bounded) if bounded else ""))
     notes.append("kernel paths: " + "; ".join(f"{k} -> {v}" for k, v in sorted(be.paths.items())))
     ref_t = reference_decode_time(model, step, be, reference_reps or max(5, reps // 2))
     best = sum(max([0.0, *(x for i, x in enumerate(gg.gains["ET"]) if gg.usable("ET", i))]) for gg in groups.values())
@@ -327,7 +384,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     quality = {"machine_start": state_start, "machine_end": state_end, "flagged_configs": len(flagged),
                "flagged": flagged, "sum_best_gain_s": best, "reference_decode_s": ref_t, "consistent": best < ref_t,
                "loaded": loaded(state_start) or loaded(state_end), "kv_cache": kv_geometry(step),
-               "speed_probe_rescaled": aligned, "speed_probe_mismatch": mismatch}
+               "speed_probe_rescaled": aligned, "speed_probe_mismatch": mismatch, "lower_bound": bounded}
     if flagged:
         log.warning("decode: %d of %d measured configs failed the quality checks and are kept out of plans (e.g. %s)",
                     len(flagged), len(todo), flagged[0])
