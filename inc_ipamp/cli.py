@@ -316,10 +316,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             for k, v in files.items():
                 print(f"export {k}: " + (f"skipped ({v['skipped']})" if isinstance(v, dict) and "skipped" in v
                                          else (", ".join(v.values()) if isinstance(v, dict) else str(v))))
-        if cmd == "run" and s.kv_cache is not None:
-            print("evaluate: skipped: the plan stores KV caches in low precision, which no backend here applies "
-                  "(the export carries it to optimum-habana / vLLM-Gaudi)")
-        elif cmd in ("run", "evaluate"):
+        if cmd in ("run", "evaluate"):
             with stage("evaluate"):
                 ev = P.stage_evaluate(out, s, model, tok)
             s.save(out)
@@ -370,6 +367,10 @@ def _print_evaluation(ev: dict) -> None:
     ip = ev["plans"]["ip"]
     print(f"evaluation: perplexity {ev['reference']['perplexity']:.2f} -> {ip['perplexity']:.2f}, loss MSE predicted "
           f"{ip['predicted_loss_mse']:.3g} / measured {ip['measured_loss_mse']:.3g}")
+    kv = ev.get("kv_cache")
+    if kv:
+        print(f"KV cache: {len(kv['caches'])} cache(s) in {'/'.join(kv['formats'])}; loss {kv['loss']}; speed "
+              f"{kv['speed']}")
     v = ip.get("speed_check")
     if v:
         print(("" if v["ok"] else "WARNING: ") + v["message"], file=sys.stdout if v["ok"] else sys.stderr)

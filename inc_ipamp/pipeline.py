@@ -7,7 +7,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -381,6 +381,10 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
 
     The plan's measured speedup is checked against its prediction (``speed_check``): when it falls outside the
     combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
+
+    A plan with low-precision KV caches (``--kv-cache``) gets its loss measured with the caches' K and V rounded as
+    INC stores them (``kvcache.with_kv_cache``: static scales); their speed is not measured (no faster cache kernel
+    here), so its timings are the ops' alone and ``kv_cache`` in the result says so.
     """
     from .apply.fake import fake_quant
     from .baselines import baseline
@@ -392,13 +396,10 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         model, tok = load(settings)
     plan = Plan.load(out / "plan.json")
     check_fresh(out, "plan.json", plan.inputs)
-    from .kvcache import is_kv_op
+    from .kvcache import split_kv, with_kv_cache
 
-    if any(is_kv_op(op) and f != plan.reference_format for op, f in plan.assignment.items()):
-        raise IpampError("the plan stores KV caches in low precision, which neither this device's backend nor the "
-                         "fake quantisation applies: its loss and speed cannot be measured here (the export carries "
-                         "it to optimum-habana / vLLM-Gaudi); re-solve without --kv-cache to evaluate")
     sens = Sensitivity.load(out / "sensitivity.json")
+    kv = split_kv(plan.assignment, plan.reference_format)[1]
     part = Partition.load(out / "partition.json")
     gains = Gains.load(out / "gains.json")
     obj_gains, dec_gains = objective_gains(out, settings, gains)
@@ -416,6 +417,10 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     else:
         apply = functools.partial(fake_quant, reference=plan.reference_format)
         result_numerics = "fake quantisation (formats.quantize: the kernels' numerics)"
+    if kv:  # the caches' numerics on top (INC's static scales); their speed has no kernel here to measure
+        apply = with_kv_cache(apply, sens, plan.reference_format, kernels=backend is not None)
+        result_numerics += (f"; {len(kv)} KV cache(s) in {'/'.join(sorted(set(kv.values())))}: K and V rounded as "
+                            "the attention reads them, with INC's static scales (calibration max / format max)")
     steps = 1 + len(plans) * (1 + (timing is not None) + bool(settings.tasks))
     bar = Progress(steps, "evaluate (reference, then per plan: held-out loss, timing)", unit="step")
     ref_losses = sequence_losses(model, ev)
@@ -432,6 +437,14 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
                               "loss_data": f"{ev.source} ({ev.split}, {len(ev)}x{settings.seq_len} tokens)",
                               "loss_numerics": result_numerics,
                               "plans": {}}
+    if kv:
+        result["kv_cache"] = {
+            "caches": sorted(kv), "formats": sorted(set(kv.values())),
+            "loss": "measured: K and V rounded with INC's static scales (kvcache.with_kv_cache)",
+            "speed": "not measured: no low-precision KV-cache kernel runs faster on this device's backend (on CPU "
+                     "transformers' FP8 QuantizedCache was slower than its fp32 cache, benchmarks/results/decode.md "
+                     "section 4), so the measured prefill and decode speeds are the ops' alone, with the caches in "
+                     f"{plan.reference_format}"}
     if settings.tasks:
         result["reference"]["accuracy"] = acc(None)
     for name, p in plans.items():
@@ -447,11 +460,12 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         if settings.tasks:
             row["accuracy"] = acc(p.assignment)
             bar.update()
+        ops_only = replace(p, assignment=split_kv(p.assignment, p.reference_format)[0])  # no cache kernel to time
         if timing is not None:
-            row.update(timing(p.assignment))
+            row.update(timing(ops_only.assignment))
             bar.update()
         if dec_gains is not None:
-            row.update(_decode_rows(model, settings, backend, p, gains, dec_gains, part))
+            row.update(_decode_rows(model, settings, backend, ops_only, gains, dec_gains, part))
         result["plans"][name] = row
     bar.close()
     result["machine_start"], result["machine_end"] = state_start, machine_state()
