@@ -344,8 +344,10 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     L += ["## 2. Σ group gains vs the measured end-to-end decode step", "",
           f"Reference decode step (all fp32) {res['reference_decode_s'] * 1e3:.2f} ms at measurement; "
           f"Σ best group gains {q['sum_best_gain_s'] * 1e3:.2f} ms (consistent: {q['consistent']}); "
-          f"{q['flagged_configs']} measured config(s) flagged. Decode gains measured in {res['measure_s']:.0f} s "
-          f"(prefill and decode together).", "",
+          f"{q['flagged_configs']} measured config(s) flagged"
+          + (f"; {len(q['lower_bound'])} still noisy after their re-measurements but consistent, used at the lower "
+             f"end of their 95% CI ({'; '.join(q['lower_bound'])})" if q.get("lower_bound") else "")
+          + f". Decode gains measured in {res['measure_s']:.0f} s (prefill and decode together).", "",
           "Each configuration's end-to-end step is timed against its own interleaved reference; the share of the "
           "step saved is compared each against its own reference (measured vs the reference at measurement), as "
           "the pipeline's speed check does, because the shared machine's speed changed during the run (the "
