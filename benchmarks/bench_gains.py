@@ -26,6 +26,7 @@ import torch
 from inc_ipamp.gains import compare_prefill, get_backend, measure_gains
 from inc_ipamp.models import load_model
 from inc_ipamp.partition import default_example_ids, partition_model
+from inc_ipamp.runtime import set_threads
 
 sys.path.insert(0, str(Path(__file__).parent))
 from provenance import finish, header, provenance  # noqa: E402
@@ -81,7 +82,10 @@ def main() -> None:
     ap.add_argument("--formats", default="fp32,int8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default=None, help="measurement cache (JSON lines); default: none")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the cores free at start, as the CLI); 1 beside another job")
     args = ap.parse_args()
+    set_threads(args.threads)
     prov = provenance(__file__)
     torch.manual_seed(args.seed)
     formats = args.formats.split(",")
