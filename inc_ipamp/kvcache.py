@@ -23,9 +23,7 @@ The decision's names are the engines' module names (``<attention>.k_cache``/``.v
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -80,10 +78,6 @@ def attention_prefixes(ops: list[str]) -> list[str]:
 
 def kv_ops(prefix: str) -> list[str]:
     return [f"{prefix}.{leaf}" for leaf in KV_LEAVES]
-
-
-def is_kv_op(op: str) -> bool:
-    return op.rpartition(".")[2] in KV_LEAVES
 
 
 def add_kv_cache(inst: Any, sens: Sensitivity, spec: KVCacheSpec, min_sqnr_db: float | None = None) -> Any:
@@ -184,34 +178,3 @@ def static_scales(sens: Sensitivity, assignment: dict[str, str]) -> dict[str, fl
         amax = sens.ops[f"{prefix}.{KV_LEAVES[leaf]}"].operands["b"].amax
         out[op] = max(amax / get_format(f).qmax, 1e-30)
     return out
-
-
-def split_kv(assignment: dict[str, str], reference: str) -> tuple[dict[str, str], dict[str, str]]:
-    """(the ops' assignment without any KV-cache entry, the KV caches held in a format other than ``reference``)."""
-    ops = {op: f for op, f in assignment.items() if not is_kv_op(op)}
-    kv = {op: f for op, f in assignment.items() if is_kv_op(op) and f != reference and get_format(f).kind != "ref"}
-    return ops, kv
-
-
-def with_kv_cache(apply: Callable[..., Any], sens: Sensitivity, reference: str,
-                  kernels: bool = True) -> Callable[..., Any]:
-    """An applier for plans with KV-cache decisions: ``apply`` (the device's kernels, or fake quantisation) on the ops,
-    and the K and V of every low-precision cache rounded as the attention reads them with INC's static scales
-    (``apply.fake.fake_quant_kv`` with ``static_scales``: what a deployed cache stores). No kernel here runs a
-    low-precision cache faster (benchmarks/results/decode.md, section 4), so this is the cache's numerics only.
-
-    The cache is rounded before the attention BGEMM's own rounding, as a cache feeds the BGEMM: after ``apply`` has
-    swapped modules (``kernels``: the hooks go on the swapped ones), before it adds its hooks otherwise."""
-    from .apply.fake import fake_quant_kv
-
-    @contextlib.contextmanager
-    def both(model: Any, assignment: dict[str, str]) -> Iterator[Any]:
-        ops, kv = split_kv(assignment, reference)
-        scales = static_scales(sens, kv)
-        if kernels:
-            with apply(model, ops) as m, fake_quant_kv(m, kv, scales):
-                yield m
-        else:
-            with fake_quant_kv(model, kv, scales), apply(model, ops) as m:
-                yield m
-    return both

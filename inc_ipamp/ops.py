@@ -22,6 +22,11 @@ BGEMM_LEAVES = ("matmul_qk", "matmul_av")
 KV_LEAVES = {"k_cache": "matmul_qk", "v_cache": "matmul_av"}
 
 
+def is_kv_op(op: str) -> bool:
+    """A KV-cache decision's name (``<attention>.k_cache``/``.v_cache``), not a module of the model."""
+    return op.rpartition(".")[2] in KV_LEAVES
+
+
 class Matmul(nn.Module):
     """``a @ b`` as a module (class name ``Matmul`` as in optimum-habana / INC fp8_quant)."""
 

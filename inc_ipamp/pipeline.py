@@ -383,8 +383,8 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
 
     A plan with low-precision KV caches (``--kv-cache``) gets its loss measured with the caches' K and V rounded as
-    INC stores them (``kvcache.with_kv_cache``: static scales); their speed is not measured (no faster cache kernel
-    here), so its timings are the ops' alone and ``kv_cache`` in the result says so.
+    INC stores them (``apply.fake.with_kv_cache`` with ``kvcache.static_scales``); their speed is not measured (no
+    faster cache kernel here), so its timings are the ops' alone and ``kv_cache`` in the result says so.
     """
     from .apply.fake import fake_quant
     from .baselines import baseline
@@ -396,7 +396,8 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         model, tok = load(settings)
     plan = Plan.load(out / "plan.json")
     check_fresh(out, "plan.json", plan.inputs)
-    from .kvcache import split_kv, with_kv_cache
+    from .apply.fake import split_kv, with_kv_cache
+    from .kvcache import static_scales
 
     sens = Sensitivity.load(out / "sensitivity.json")
     kv = split_kv(plan.assignment, plan.reference_format)[1]
@@ -418,7 +419,8 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
         apply = functools.partial(fake_quant, reference=plan.reference_format)
         result_numerics = "fake quantisation (formats.quantize: the kernels' numerics)"
     if kv:  # the caches' numerics on top (INC's static scales); their speed has no kernel here to measure
-        apply = with_kv_cache(apply, sens, plan.reference_format, kernels=backend is not None)
+        apply = with_kv_cache(apply, functools.partial(static_scales, sens), plan.reference_format,
+                              kernels=backend is not None)
         result_numerics += (f"; {len(kv)} KV cache(s) in {'/'.join(sorted(set(kv.values())))}: K and V rounded as "
                             "the attention reads them, with INC's static scales (calibration max / format max)")
     steps = 1 + len(plans) * (1 + (timing is not None) + bool(settings.tasks))
@@ -440,7 +442,7 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
     if kv:
         result["kv_cache"] = {
             "caches": sorted(kv), "formats": sorted(set(kv.values())),
-            "loss": "measured: K and V rounded with INC's static scales (kvcache.with_kv_cache)",
+            "loss": "measured: K and V rounded with INC's static scales (apply.fake.with_kv_cache)",
             "speed": "not measured: no low-precision KV-cache kernel runs faster on this device's backend (on CPU "
                      "transformers' FP8 QuantizedCache was slower than its fp32 cache, benchmarks/results/decode.md "
                      "section 4), so the measured prefill and decode speeds are the ops' alone, with the caches in "

@@ -1,5 +1,5 @@
 """Issue 17: `run` evaluates a plan with low-precision KV caches: the ops with the device's kernels, the caches' K and
-V rounded with INC's static scales (``kvcache.with_kv_cache``), their speed reported as not measured here."""
+V rounded with INC's static scales (``apply.fake.with_kv_cache``), their speed reported as not measured here."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from inc_ipamp.records import Plan, Sensitivity
 
 def test_run_evaluates_a_kv_cache_plan(tmp_path, capsys):
     from inc_ipamp import pipeline as P
+    from inc_ipamp.apply.fake import split_kv, with_kv_cache
     from inc_ipamp.cli import main
     from inc_ipamp.evaluate import loss_change, sequence_losses
     from inc_ipamp.gains import get_backend
-    from inc_ipamp.kvcache import split_kv, with_kv_cache
+    from inc_ipamp.kvcache import static_scales
 
     out = tmp_path / "run"
     quick = ["--layers", "2", "--n-calib", "2", "--n-eval", "2", "--seq-len", "32", "--reps", "3", "--gain-seq-len",
@@ -41,7 +42,8 @@ def test_run_evaluates_a_kv_cache_plan(tmp_path, capsys):
     blocks = P.blocks(tok, settings, "evaluation")
     ref = sequence_losses(model, blocks)
     sens = Sensitivity.load(out / "sensitivity.json")
-    with_kv = loss_change(model, blocks, plan.assignment, ref, with_kv_cache(backend.apply, sens, "fp32"))
+    kv_applier = with_kv_cache(backend.apply, lambda kv: static_scales(sens, kv), "fp32")
+    with_kv = loss_change(model, blocks, plan.assignment, ref, kv_applier)
     without = loss_change(model, blocks, ops, ref, backend.apply)
     assert with_kv["measured_loss_mse"] == pytest.approx(ip["measured_loss_mse"], rel=1e-6)
     assert with_kv["measured_loss_mse"] != pytest.approx(without["measured_loss_mse"], rel=1e-3)

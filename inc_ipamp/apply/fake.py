@@ -3,20 +3,22 @@
 Both are appliers (``inc_ipamp.apply``): hooks and swapped weights on the model inside the ``with`` block, all
 removed on exit. ``fake_quant`` rounds the planned ops' inputs and weights (``formats.quantize`` /
 ``quantize_weight``, bit-identical to the torch.ao INT8 and ``torch._scaled_mm`` FP8 kernels: tests/test_numerics.py);
-``fake_quant_kv`` rounds the K and V a low-precision KV cache would hold.
+``fake_quant_kv`` rounds the K and V a low-precision KV cache would hold, and ``with_kv_cache`` puts both on a model
+for a plan with KV-cache decisions.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import IpampError
 from ..formats import get_format, quantize, quantize_weight, quantize_with_scale
-from ..ops import KV_LEAVES, Matmul, install_attention
+from ..ops import KV_LEAVES, Matmul, install_attention, is_kv_op
 
 
 @contextlib.contextmanager
@@ -92,3 +94,33 @@ def fake_quant_kv(model: nn.Module, assignment: dict[str, str],
     finally:
         for h in handles:
             h.remove()
+
+
+def split_kv(assignment: dict[str, str], reference: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(the ops' assignment without any KV-cache entry, the KV caches held in a format other than ``reference``)."""
+    ops = {op: f for op, f in assignment.items() if not is_kv_op(op)}
+    kv = {op: f for op, f in assignment.items() if is_kv_op(op) and f != reference and get_format(f).kind != "ref"}
+    return ops, kv
+
+
+def with_kv_cache(apply: Callable[..., Any], scales_of: Callable[[dict[str, str]], dict[str, float]], reference: str,
+                  kernels: bool = True) -> Callable[..., Any]:
+    """An applier for plans with KV-cache decisions: ``apply`` (the device's kernels, or fake quantisation) on the ops,
+    and the K and V of every low-precision cache rounded as the attention reads them with the scales ``scales_of``
+    gives (``kvcache.static_scales``: INC's, what a deployed cache stores). No kernel here runs a low-precision cache
+    faster (benchmarks/results/decode.md, section 4), so this is the cache's numerics only.
+
+    The cache is rounded before the attention BGEMM's own rounding, as a cache feeds the BGEMM: after ``apply`` has
+    swapped modules (``kernels``: the hooks go on the swapped ones), before it adds its hooks otherwise."""
+
+    @contextlib.contextmanager
+    def both(model: Any, assignment: dict[str, str]) -> Iterator[Any]:
+        ops, kv = split_kv(assignment, reference)
+        scales = scales_of(kv)
+        if kernels:
+            with apply(model, ops) as m, fake_quant_kv(m, kv, scales):
+                yield m
+        else:
+            with fake_quant_kv(model, kv, scales), apply(model, ops) as m:
+                yield m
+    return both
