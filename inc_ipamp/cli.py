@@ -371,9 +371,10 @@ def _print_evaluation(ev: dict) -> None:
     if kv:
         print(f"KV cache: {len(kv['caches'])} cache(s) in {'/'.join(kv['formats'])}; loss {kv['loss']}; speed "
               f"{kv['speed']}")
-    v = ip.get("speed_check")
-    if v:
-        print(("" if v["ok"] else "WARNING: ") + v["message"], file=sys.stdout if v["ok"] else sys.stderr)
+    for key in ("speed_check", "loss_check"):
+        v = ip.get(key)
+        if v:
+            print(("" if v["ok"] else "WARNING: ") + v["message"], file=sys.stdout if v["ok"] else sys.stderr)
 
 
 if __name__ == "__main__":

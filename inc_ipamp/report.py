@@ -228,6 +228,9 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
     check = (plans.get("ip") or {}).get("speed_check")
     if check:
         lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
+    lcheck = (plans.get("ip") or {}).get("loss_check")
+    if lcheck:
+        lines += ["", ("**Loss check: OK.** " if lcheck["ok"] else "**Loss check: FAILED.** ") + lcheck["message"]]
     if any("measured_decode_speedup" in r for r in plans.values()):
         lines += ["", "Decode step (one new token after the cached context, real KV cache; `--objective decode/mix`):",
                   "", "| plan | prefill gain predicted | decode-step gain predicted | decode-step gain measured (±CI) "

@@ -220,3 +220,20 @@ def test_speed_check_compares_fractions_not_milliseconds() -> None:
     miss = {**slower, "reference_prefill_s": 0.48, "measured_gain_s": 0.07, "measured_speedup": 0.48 / 0.41}
     bad = speed_check(miss, gains, machine)
     assert not bad["ok"] and "did NOT deliver" in bad["message"] and "load average now 3.0" in bad["message"]
+
+
+def test_loss_check_flags_a_plan_over_its_budget():
+    """evaluate says so loudly when the measured held-out loss MSE is more than 2x the plan's budget (the loss
+    model's validated factor), and passes a plan within it; without a budget it compares with the prediction."""
+    from types import SimpleNamespace
+
+    from inc_ipamp.pipeline import LOSS_CHECK_FACTOR, loss_check
+
+    plan = SimpleNamespace(budget_loss_mse=0.0012, predicted_loss_mse=0.0012)
+    over = loss_check({"measured_loss_mse": 0.00353}, plan, 8)
+    assert not over["ok"] and over["ratio"] == pytest.approx(0.00353 / 0.0012) and "OVER the budget" in over["message"]
+    within = loss_check({"measured_loss_mse": 0.0012 * LOSS_CHECK_FACTOR}, plan, 8)
+    assert within["ok"] and "within" in within["message"]
+    free = SimpleNamespace(budget_loss_mse=None, predicted_loss_mse=0.001)
+    assert not loss_check({"measured_loss_mse": 0.0025}, free, 8)["ok"]
+    assert loss_check({}, plan, 8) is None
