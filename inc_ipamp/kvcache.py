@@ -30,7 +30,7 @@ from typing import Any
 from .errors import ArtifactError, IpampError
 from .formats import get_format
 from .gains.theory import roofline_device
-from .ops import KV_LEAVES, decoder_layer_index
+from .ops import KV_LEAVES, decoder_layer_index, kv_bgemm
 from .records import Gains, Sensitivity
 
 #: formats a KV cache can take: INC patches KVCache for FP8 only (``PatchedKVCache`` allocates float8_e4m3fn)
@@ -162,8 +162,7 @@ def kv_loss(sens: Sensitivity, assignment: dict[str, str], noise: str = "auto") 
     for op, f in assignment.items():
         if get_format(f).kind == "ref":
             continue
-        prefix, _, leaf = op.rpartition(".")
-        mm = f"{prefix}.{KV_LEAVES[leaf]}"
+        mm = kv_bgemm(op)
         noise_sum += sens.operand_term(mm, "b", f, noise, centred=use_shift)
         shift += sens.operand_shift(mm, "b", f) if use_shift else 0.0
     return noise_sum + shift**2
@@ -174,7 +173,6 @@ def static_scales(sens: Sensitivity, assignment: dict[str, str]) -> dict[str, fl
     format's max), from the b operand's ``amax`` in the sensitivity record."""
     out = {}
     for op, f in assignment.items():
-        prefix, _, leaf = op.rpartition(".")
-        amax = sens.ops[f"{prefix}.{KV_LEAVES[leaf]}"].operands["b"].amax
+        amax = sens.ops[kv_bgemm(op)].operands["b"].amax
         out[op] = max(amax / get_format(f).qmax, 1e-30)
     return out

@@ -27,6 +27,12 @@ def is_kv_op(op: str) -> bool:
     return op.rpartition(".")[2] in KV_LEAVES
 
 
+def kv_bgemm(op: str) -> str:
+    """The BGEMM that reads the KV cache ``op`` as its ``b`` operand (``<attention>.k_cache`` -> ``….matmul_qk``)."""
+    prefix, _, leaf = op.rpartition(".")
+    return f"{prefix}.{KV_LEAVES[leaf]}"
+
+
 class Matmul(nn.Module):
     """``a @ b`` as a module (class name ``Matmul`` as in optimum-habana / INC fp8_quant)."""
 

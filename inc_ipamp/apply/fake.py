@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import IpampError
 from ..formats import get_format, quantize, quantize_weight, quantize_with_scale
-from ..ops import KV_LEAVES, Matmul, install_attention, is_kv_op
+from ..ops import Matmul, install_attention, is_kv_op, kv_bgemm
 
 
 @contextlib.contextmanager
@@ -85,8 +85,7 @@ def fake_quant_kv(model: nn.Module, assignment: dict[str, str],
         for op, fmt in assignment.items():
             if get_format(fmt).kind == "ref":
                 continue
-            prefix, _, leaf = op.rpartition(".")
-            mm = f"{prefix}.{KV_LEAVES[leaf]}"
+            mm = kv_bgemm(op)
             if mm not in mods:
                 raise IpampError(f"no module {mm} for the KV cache {op}")
             handles.append(mods[mm].register_forward_pre_hook(hook(fmt, (scales or {}).get(op))))
