@@ -381,6 +381,7 @@ def stage_evaluate(out: Path, settings: RunSettings, model=None, tok=None) -> di
 
     The plan's measured speedup is checked against its prediction (``speed_check``): when it falls outside the
     combined confidence intervals the result says so, with the machine's load and thread count as likely causes.
+    Its measured held-out loss is checked against its budget the same way (``loss_check``).
 
     A plan with low-precision KV caches (``--kv-cache``) gets its loss measured with the caches' K and V rounded as
     INC stores them (``apply.fake.with_kv_cache`` with ``kvcache.static_scales``); their speed is not measured (no
