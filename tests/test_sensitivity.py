@@ -312,6 +312,43 @@ def test_weight_first_order_change_per_sequence_matches_autograd():
         w.requires_grad_(False)
 
 
+def test_weight_changes_from_output_errors_equal_those_from_weight_gradients(monkeypatch):
+    """One format with the curvature pass takes d_n = Σ_t g_y,t·(E x_t) (one GEMM per format, made in the forward)
+    instead of Σ g_W,n ⊙ E (one GEMM per backward pass): the same first-order and curvature sums, and against
+    ordinary parameter gradients."""
+    from inc_ipamp.formats import quantize_weight
+    from inc_ipamp.sensitivity import _Collector
+
+    model = _tiny()
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(5))
+    seen = []
+    by_output = _Collector._by_output
+    monkeypatch.setattr(_Collector, "_by_output", lambda self: seen.append(by_output(self)) or seen[-1])
+    fast = calibrate(model, [ids], ["int8"], progress=False, batch_size=2)
+    assert any(seen)  # the output-error route was taken
+    monkeypatch.setattr(_Collector, "_by_output", lambda self: False)
+    slow = calibrate(model, [ids], ["int8"], progress=False, batch_size=2)
+    for op, rec in slow.ops.items():
+        if rec.kind != "linear":
+            continue
+        a, b = fast.ops[op].operands["w"], rec.operands["w"]
+        for field in ("coh", "lin", "curv"):
+            assert getattr(a, field)["int8"] == pytest.approx(getattr(b, field)["int8"], rel=1e-4, abs=1e-12), \
+                (op, field)
+        assert a.err2 == pytest.approx(b.err2) and a.x2 == pytest.approx(b.x2)
+    op = "model.layers.0.self_attn.o_proj"
+    w = dict(model.named_modules())[op].weight
+    e = quantize_weight(w.detach(), "int8") - w.detach()
+    w.requires_grad_(True)
+    try:
+        d = [float((torch.autograd.grad(sequence_loss(model, row[None]).sum(), [w])[0] * e).sum()) for row in ids]
+    finally:
+        w.requires_grad_(False)
+    st = fast.ops[op].operands["w"]
+    assert st.lin["int8"] == pytest.approx(sum(d), rel=1e-5, abs=1e-12)
+    assert st.coh["int8"] == pytest.approx(sum(v * v for v in d), rel=1e-5)
+
+
 def test_gqa_copies_share_one_rounding_error(monkeypatch):
     """K/V heads are repeated before the products: the diagonal sum must use the gradient of the un-repeated tensor
     (Σ over copies), which autograd gives directly when the tensor is captured before ``_repeat_kv``."""
