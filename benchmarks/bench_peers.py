@@ -1,11 +1,13 @@
 """IP-ET side by side with the two peer searchers, NVIDIA ModelOpt ``mtq.auto_quantize`` and AutoRound
 ``AutoScheme`` (issue 14, item 1), on the embedded default (SmolLM2-135M), CPU INT8 vs FP32.
 
-Per track (``int8``: per-tensor weights; ``int8_pc``: per-channel weights):
+Per track (``int8``: per-tensor weights, prefill; ``int8_pc``: per-channel weights, prefill; ``int8_decode``:
+per-tensor weights, one decode step — where measured time is least proportional to bits on this CPU: a small INT8
+Linear is *slower* than fp32 for one token, the lm_head ~6× faster, ``decode.md``):
 
-- **IP-ET**: the package's own stages (``pipeline.stage_calibrate``/``stage_partition``/``stage_measure``/
-  ``stage_solve``) in a fresh output folder, each phase timed; up to ``--budgets`` frontier points, evenly spaced
-  in predicted gain, are the plans scored below.
+- **IP-ET**: the package's own stages (``pipeline.stage_calibrate``/``stage_partition``/``stage_measure``) in a
+  fresh output folder, then the IP at each budget of ``--betas`` (``solver.frontier`` with those β), each phase
+  timed; the objective is the track's phase (``--objective decode`` measures the decode step's gains too).
 - **ModelOpt**: ``mtq.auto_quantize`` (method "gradient") with the same calibration blocks, one INT8 candidate
   (per-tensor track: ``INT8_DEFAULT_CFG`` with the weight quantizer's ``axis`` set to None; per-channel track: the
   preset as shipped) plus its built-in "no quantization"; the lm_head is made searchable (the preset disables it)
@@ -23,8 +25,10 @@ of weight parameters in INT8 (ModelOpt: effective bits over its searchable Linea
 the decoder Linears, the only ones it will quantise on a tied-embedding model).
 
 Every plan, ours and theirs, is translated into our per-op assignment and scored the same way: held-out loss
-change (``evaluate.loss_change`` on the evaluation split) and end-to-end prefill time with the cpu backend's real
-kernels (torch.ao dynamic INT8 Linear), all plans and the FP32 reference interleaved in random order per round.
+change (``evaluate.loss_change`` on the evaluation split) and end-to-end time of the track's phase (a 1×128 prefill,
+or one decode step with a real fp32 KV cache) with the cpu backend's real kernels (torch.ao dynamic INT8 Linear), all
+plans of the phase and the FP32 reference interleaved in random order per round. The peers' searches do not depend
+on the phase; on ``int8_decode`` they run again, at the budgets matched to IP-ET's decode plans.
 
     python benchmarks/bench_peers.py            # full run, writes benchmarks/results/peers.{md,json,png}
     python benchmarks/bench_peers.py --quick    # smoke run (fewer sequences, budgets and rounds)
@@ -53,7 +57,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from provenance import finish, header, provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-TRACKS = ("int8", "int8_pc")
+#: track -> (our low-precision format, the phase every plan of the track is timed in and IP-ET maximises)
+TRACK_SPEC = {"int8": ("int8", "prefill"), "int8_pc": ("int8_pc", "prefill"), "int8_decode": ("int8", "decode")}
+TRACKS = tuple(TRACK_SPEC)
+#: the useful range of budgets: β is the loss-RMSE budget relative to the mean loss, so (β·L̄)² is the loss MSE the
+#: plan may add; 0.002-0.032 spans a perplexity change of a few tenths of a percent to ~10% on the default model
+DEFAULT_BETAS = (0.002, 0.004, 0.008, 0.016, 0.032)
 METHODS = ("IP-ET", "ModelOpt", "AutoScheme")
 log = logging.getLogger("bench_peers")
 
@@ -81,20 +90,6 @@ def bits_budget(low_params: float, total_params: float, low_bits: float = 8.0, h
     """The average-bits budget at which ``low_params`` of ``total_params`` weights are in the low format."""
     frac = min(1.0, max(0.0, low_params / total_params)) if total_params > 0 else 0.0
     return high_bits - (high_bits - low_bits) * frac
-
-
-def pick_budget_points(plans: list[Any], n: int) -> list[Any]:
-    """Up to ``n`` frontier plans with some low-precision op, evenly spaced in predicted gain (always the largest)."""
-    cands = sorted((p for p in plans if p.low_precision_ops()), key=lambda p: p.predicted_gain)
-    if len(cands) <= n:
-        return cands
-    lo, hi = cands[0].predicted_gain, cands[-1].predicted_gain
-    chosen: list[Any] = []
-    for i in range(n):
-        target = lo + (hi - lo) * i / (n - 1)
-        best = min((p for p in cands if p not in chosen), key=lambda p: abs(p.predicted_gain - target))
-        chosen.append(best)
-    return sorted(chosen, key=lambda p: p.predicted_gain)
 
 
 def speedup_with_ci(t_ref: list[float], t_cfg: list[float]) -> dict[str, float]:
@@ -141,8 +136,13 @@ def linear_params(model: torch.nn.Module) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
-def run_ipet(settings, n_points: int) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
+def run_ipet(settings, betas: list[float]) -> tuple[list[Any], dict[str, float], dict[str, Any]]:
+    """IP-ET's search as a user runs it: the package's calibrate, partition and measure stages, then the IP at each
+    budget (``solver.frontier`` with those β: one persistent model, a MIP per budget, as ModelOpt re-solves its
+    stored scores per budget). The objective (prefill or decode) is ``settings.objective``."""
     from inc_ipamp import pipeline
+    from inc_ipamp.records import Partition, Sensitivity
+    from inc_ipamp.solver import frontier
 
     out = Path(tempfile.mkdtemp(prefix="bench_peers_ipet_"))
     settings.save(out)
@@ -158,28 +158,33 @@ def run_ipet(settings, n_points: int) -> tuple[list[Any], dict[str, float], dict
     gains = pipeline.stage_measure(out, settings, model, tok)
     phases["measure"] = time.perf_counter() - t
     t = time.perf_counter()
-    _, front = pipeline.stage_solve(out, settings)
-    phases["solve (frontier)"] = time.perf_counter() - t
-    info = {"frontier_points": len(front), "flagged_configs": gains.quality.get("flagged_configs"),
-            "gains_reference_prefill_s": gains.reference_time_s, "timed_runs": gains.subgraph_calls,
+    obj_gains, dec = pipeline.objective_gains(out, settings, gains)
+    plans = frontier(Sensitivity.load(out / "sensitivity.json"), Partition.load(out / "partition.json"), obj_gains,
+                     metric=settings.metric, betas=list(betas), noise=settings.noise,
+                     min_sqnr_db=settings.min_sqnr_db)
+    phases[f"solve ({len(betas)} budgets)"] = time.perf_counter() - t
+    measured = dec if dec is not None else gains
+    info = {"objective": settings.objective, "distinct_plans": len(plans),
+            "flagged_configs": measured.quality.get("flagged_configs"),
+            "gains_reference_s": measured.reference_time_s, "timed_runs": gains.subgraph_calls,
             "speed_probe_rescaled": gains.quality.get("speed_probe_rescaled"),
-            "measure_notes": [n for n in gains.notes if n.startswith("ET:")], "out": str(out)}
+            "measure_notes": [n for n in measured.notes if n.startswith("ET")], "out": str(out)}
     del model
-    return pick_budget_points(front, n_points), phases, info
+    return [p for p in plans if p.low_precision_ops()], phases, info
 
 
-def modelopt_cfg(track: str) -> dict[str, Any]:
+def modelopt_cfg(fmt: str) -> dict[str, Any]:
     import modelopt.torch.quantization as mtq
 
     cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
     for e in cfg["quant_cfg"]:
-        if e.get("quantizer_name") == "*weight_quantizer" and track == "int8":
+        if e.get("quantizer_name") == "*weight_quantizer" and fmt == "int8":
             e["cfg"]["axis"] = None  # per-tensor weights, as our int8
     cfg["quant_cfg"] = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") != "*lm_head*"]
     return cfg
 
 
-def run_modelopt(track: str, cal: list[torch.Tensor], low_params: list[int]) -> tuple[list[dict], dict[str, float]]:
+def run_modelopt(fmt: str, cal: list[torch.Tensor], low_params: list[int]) -> tuple[list[dict], dict[str, float]]:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.quantization.algorithms import _resolve_best_recipe
 
@@ -193,7 +198,7 @@ def run_modelopt(track: str, cal: list[torch.Tensor], low_params: list[int]) -> 
         t = time.perf_counter()
         if state is None:
             _, state = mtq.auto_quantize(
-                model, constraints={"effective_bits": 16.0}, quantization_formats=[modelopt_cfg(track)],
+                model, constraints={"effective_bits": 16.0}, quantization_formats=[modelopt_cfg(fmt)],
                 data_loader=cal, forward_step=lambda m, b: m(input_ids=b, labels=b), loss_func=lambda o, b: o.loss,
                 num_calib_steps=len(cal), num_score_steps=len(cal), method="gradient", disabled_layers=None)
             phases["calibrate + score"] = time.perf_counter() - t
@@ -204,21 +209,21 @@ def run_modelopt(track: str, cal: list[torch.Tensor], low_params: list[int]) -> 
         recipe = best["recipe"] if isinstance(best, dict) and "recipe" in best else best
         phases[f"solve budget {i + 1}"] = time.perf_counter() - t
         plans.append({"budget": f"effective_bits={bits:.3f}",
-                      "assignment": modelopt_assignment(recipe, state["candidate_stats"], track),
+                      "assignment": modelopt_assignment(recipe, state["candidate_stats"], fmt),
                       "decisions": len(state["candidate_stats"])})
     del model
     return plans, phases
 
 
-def autoscheme_fields(track: str) -> dict[str, Any] | str:
-    """AutoRound's candidate for a track: its ``INT8`` preset for the per-channel track; for the per-tensor track
+def autoscheme_fields(fmt: str) -> dict[str, Any] | str:
+    """AutoRound's candidate for one of our formats: its ``INT8`` preset for ``int8_pc``; for ``int8``
     the numerics of our ``int8`` format record (weights symmetric per tensor; activations dynamic per tensor,
     symmetric, or affine on the format's unsigned grid where the record says so: 0..127 is 7 bits)."""
     from inc_ipamp.formats import get_format
 
-    if track == "int8_pc":
+    if fmt == "int8_pc":
         return "INT8"
-    f = get_format(track)
+    f = get_format(fmt)
     affine = bool(getattr(f, "act_affine", False))
     act_bits = int(math.log2(f.act_levels + 1)) if affine else f.bits
     return {"bits": f.bits, "group_size": 0 if f.granularity == "tensor" else -1, "sym": True, "data_type": "int",
@@ -226,14 +231,14 @@ def autoscheme_fields(track: str) -> dict[str, Any] | str:
             == "tensor" else -1, "act_data_type": "int", "act_dynamic": True, "act_sym": not affine}
 
 
-def autoscheme_scheme(track: str):
+def autoscheme_scheme(fmt: str):
     from auto_round.schemes import QuantizationScheme
 
-    fields = autoscheme_fields(track)
+    fields = autoscheme_fields(fmt)
     return fields if isinstance(fields, str) else QuantizationScheme(**fields)
 
 
-def run_autoscheme(track: str, cal: list[torch.Tensor], seq_len: int,
+def run_autoscheme(fmt: str, cal: list[torch.Tensor], seq_len: int,
                    low_params: list[int]) -> tuple[list[dict], dict[str, float]]:
     import auto_round.auto_scheme.delta_loss as dl
     from auto_round import AutoRound, AutoScheme
@@ -256,14 +261,14 @@ def run_autoscheme(track: str, cal: list[torch.Tensor], seq_len: int,
         bits = bits_budget(min(lp, decoder), decoder)
         model = copy.deepcopy(base)
         t = time.perf_counter()
-        scheme = AutoScheme(avg_bits=bits, options=[autoscheme_scheme(track), "BF16"], ignore_scale_zp_bits=True,
+        scheme = AutoScheme(avg_bits=bits, options=[autoscheme_scheme(fmt), "BF16"], ignore_scale_zp_bits=True,
                             nsamples=len(cal), seqlen=seq_len, device_map="cpu", dataset="ipamp-calibration")
         ar = AutoRound(model, tok, scheme=scheme, iters=0, nsamples=len(cal), seqlen=seq_len,
                        dataset="ipamp-calibration", quant_lm_head=True, device_map="cpu", enable_torch_compile=False)
         ar.post_init()
         phases[f"budget {i + 1}" + (" (score + solve)" if i == 0 else " (cached scores + solve)")] = \
             time.perf_counter() - t
-        plans.append({"budget": f"avg_bits={bits:.3f}", "assignment": autoscheme_assignment(ar.layer_config, track),
+        plans.append({"budget": f"avg_bits={bits:.3f}", "assignment": autoscheme_assignment(ar.layer_config, fmt),
                       "fed_our_blocks": bool(fed)})
         del ar, model
     return plans, phases
@@ -271,24 +276,34 @@ def run_autoscheme(track: str, cal: list[torch.Tensor], seq_len: int,
 
 # -- scoring --------------------------------------------------------------------------------------------------------
 def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_len: int, seed: int,
-                     warmup: int = 1) -> dict[str, list[float]]:
-    """One prefill per plan per round, the FP32 reference included, in a fresh random order each round; each timed
-    call enters the backend's ``apply`` (as ``compare_prefill`` does, so every side pays the module walk)."""
+                     phase: str = "prefill", decode_context: int = 256, warmup: int = 1) -> dict[str, list[float]]:
+    """One call per plan per round, the FP32 reference included, in a fresh random order each round; each timed
+    call enters the backend's ``apply`` (as ``compare_prefill``/``compare_decode`` do, so every side pays the module
+    walk). ``phase`` "prefill": a 1×``seq_len`` prefill; "decode": one decode step of one sequence after
+    ``decode_context`` cached tokens (``gains.decode.decode_step``, the step IP-ET's decode gains were measured on)."""
     from inc_ipamp.gains import get_backend
     from inc_ipamp.gains.base import _prefill_fn, _timed, prime
+    from inc_ipamp.gains.decode import decode_step
     from inc_ipamp.runtime import Progress
 
     be = get_backend("cpu")
     be.check()
     be.prepare(model, "fp32")
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
     names = ["reference", *plans]
     assign = {"reference": {}, **plans}
+    if phase == "decode":
+        step = decode_step(model, 1, decode_context, seed)
+        run = step.__call__
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+
+        def run(m):
+            return _prefill_fn(m, ids)()
 
     def call(name: str):
         def fn():
             with be.apply(model, assign[name]) as m:
-                return _prefill_fn(m, ids)()
+                return run(m)
         return fn
 
     for name in names:
@@ -297,7 +312,7 @@ def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_l
             call(name)()
     times: dict[str, list[float]] = {n: [] for n in names}
     rng = random.Random(seed)
-    bar = Progress(rounds, f"timing {len(names)} plans interleaved", unit="round")
+    bar = Progress(rounds, f"timing {len(names)} plans interleaved ({phase})", unit="round")
     for _ in range(rounds):
         order = names[:]
         rng.shuffle(order)
@@ -309,15 +324,15 @@ def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_l
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, tracks: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TRACKS), figsize=(6 * len(TRACKS), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(tracks), figsize=(6 * len(tracks), 4.5), squeeze=False)
     style = {"IP-ET": ("C0", "o"), "ModelOpt": ("C1", "s"), "AutoScheme": ("C2", "^")}
-    for ax, track in zip(axes[0], TRACKS, strict=True):
+    for ax, track in zip(axes[0], tracks, strict=True):
         for m in METHODS:
             rs = sorted((r for r in rows if r["track"] == track and r["method"] == m),
                         key=lambda r: r["measured_loss_mse"])
@@ -331,7 +346,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("measured held-out loss MSE (log)")
-        ax.set_ylabel("measured prefill speedup vs FP32 (95% CI)")
+        ax.set_ylabel(f"measured {TRACK_SPEC[track][1]} speedup vs FP32 (95% CI)")
         ax.set_title(f"track {track}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -349,14 +364,18 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           f"- Versions: torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, "
           f"nvidia-modelopt {res['versions']['modelopt']}, auto-round {res['versions']['auto_round']}.",
           "- Torch threads chosen by `runtime.set_threads` from "
-          + ("--threads" if s["threads_given"] else "the free cores")
-          + f"; load average in the timing phase {res['timing']['load_start']} → {res['timing']['load_end']}.",
+          + ("--threads" if s["threads_given"] else "the free cores") + f" ({s['threads']}).",
           f"- Calibration (all methods, the same blocks): {s['n_calib']}×{s['seq_len']} tokens of the calibration "
           f"split; held-out loss: {s['n_eval']}×{s['seq_len']} tokens of the evaluation split ({res['eval_data']}).",
-          f"- Timing: prefill 1×{s['gain_seq_len']} tokens, {res['timing']['rounds']} rounds, "
-          f"{len(res['timing']['plans'])} plans + FP32 reference interleaved in random order per round; speedup = "
-          "median T(FP32) / median T(plan), 95% CI from the paired bootstrap of the gain. Reference prefill median "
-          f"{res['timing']['reference_median_s'] * 1e3:.1f} ms.",
+          f"- IP-ET budgets β = {', '.join(f'{b:g}' for b in s['betas'])} (loss-RMSE budget relative to the mean "
+          "loss); each peer gets, per IP-ET plan, the bit budget that puts the same weight parameters in INT8.",
+          *[f"- Timing, {ph} tracks ({', '.join(t for t in res['tracks'] if TRACK_SPEC[t][1] == ph)}): "
+            + (f"prefill 1×{s['gain_seq_len']} tokens" if ph == "prefill" else
+               f"one decode step of 1 sequence after {s['decode_context']} cached tokens (fp32 KV cache)")
+            + f", {tm['rounds']} rounds, {len(tm['plans'])} plans + FP32 reference interleaved in random order per "
+            "round; speedup = median T(FP32) / median T(plan), 95% CI from the paired bootstrap of the gain. "
+            f"Reference median {tm['reference_median_s'] * 1e3:.1f} ms; load average {tm['load_start']} → "
+            f"{tm['load_end']}." for ph, tm in res["timing"].items()],
           f"- Reference held-out loss {res['reference_loss']:.4f} (perplexity {math.exp(res['reference_loss']):.2f}).",
           *[f"- Search failed: {e}" for e in res.get("errors", [])],
           "", "## Search wall time", "", "| track | method | total s | phases (s) |", "|---|---|---|---|"]
@@ -370,7 +389,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         f"{t} {sum(res['search'][t]['IP-ET'].values()) / sum(res['search'][t]['ModelOpt'].values()):.2f}×"
         for t in res["tracks"] if res["search"][t].get("ModelOpt")) + ".", ""]
     md += ["## Plans", "", "Low-precision ops are counted in our op list (271 ops: 210 decoder Linears, 60 attention "
-           "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops.", "",
+           "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops. Speedup is of the "
+           "track's phase (prefill, or the decode step on `int8_decode`).", "",
            "| track | method | budget | INT8 ops | of which down_proj | lm_head | INT8 weight params | measured "
            "speedup [95% CI] | measured loss MSE | mean loss shift | perplexity |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -417,19 +437,23 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 4+4 sequences of 128 tokens, 2 budgets, "
                     "5 rounds, reps 3")
     ap.add_argument("--tracks", default=",".join(TRACKS))
-    ap.add_argument("--budgets", type=int, default=5)
+    ap.add_argument("--betas", default=",".join(map(str, DEFAULT_BETAS)),
+                    help="IP-ET's budgets (loss RMSE relative to the mean loss); the peers' budgets are matched to the "
+                    "plans these give")
     ap.add_argument("--n-calib", type=int, default=8)
     ap.add_argument("--n-eval", type=int, default=24)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--gain-seq-len", type=int, default=128)
     ap.add_argument("--reps", type=int, default=10, help="IP-ET's measure repetitions")
-    ap.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds")
+    ap.add_argument("--rounds", type=int, default=30, help="interleaved prefill timing rounds")
+    ap.add_argument("--decode-rounds", type=int, default=100, help="interleaved decode-step timing rounds")
+    ap.add_argument("--decode-context", type=int, default=256, help="cached tokens before the timed decode step")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "peers"))
     a = ap.parse_args()
     if a.quick:
-        a.budgets, a.n_calib, a.n_eval, a.seq_len, a.reps, a.rounds = 2, 4, 4, 128, 3, 5
+        a.betas, a.n_calib, a.n_eval, a.seq_len, a.reps, a.rounds, a.decode_rounds = "0.004,0.016", 4, 4, 128, 3, 5, 5
         if a.out == str(RESULTS / "peers"):
             a.out = str(Path(tempfile.gettempdir()) / "peers_quick")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -440,6 +464,10 @@ def main() -> None:
     threads = set_threads(a.threads)
     prov = provenance(__file__)  # after set_threads: it records the thread count
     tracks = [t for t in a.tracks.split(",") if t]
+    unknown = [t for t in tracks if t not in TRACK_SPEC]
+    if unknown:
+        ap.error(f"unknown track {unknown[0]!r}; tracks: {', '.join(TRACKS)}")
+    betas = [float(b) for b in a.betas.split(",") if b]
     import inc_ipamp
 
     pkg = Path(inc_ipamp.__file__).resolve().parents[1]
@@ -448,7 +476,8 @@ def main() -> None:
         "inc_ipamp_from": str(pkg) if pkg != Path(__file__).resolve().parents[1] else None, "tracks": tracks,
         "search": {t: {} for t in tracks},
         "settings": {"n_calib": a.n_calib, "n_eval": a.n_eval, "seq_len": a.seq_len, "gain_seq_len": a.gain_seq_len,
-                     "reps": a.reps, "rounds": a.rounds, "budgets": a.budgets, "threads": threads,
+                     "reps": a.reps, "rounds": a.rounds, "decode_rounds": a.decode_rounds,
+                     "decode_context": a.decode_context, "betas": betas, "threads": threads,
                      "threads_given": a.threads is not None, "seed": a.seed}}
     import auto_round
     import modelopt
@@ -466,10 +495,13 @@ def main() -> None:
     params = linear_params(model)
     plans: list[dict[str, Any]] = []
     for track in tracks:
+        fmt, phase = TRACK_SPEC[track]
         settings = copy.deepcopy(base)
-        settings.formats = ["fp32", track]
+        settings.formats = ["fp32", fmt]
+        settings.objective = phase
+        settings.decode_context = a.decode_context
         log.info("[%s] IP-ET search", track)
-        ours, phases, info = run_ipet(settings, a.budgets)
+        ours, phases, info = run_ipet(settings, betas)
         res["search"][track]["IP-ET"] = phases
         res.setdefault("ipet_info", {})[track] = info
         low = []
@@ -479,8 +511,8 @@ def main() -> None:
             plans.append({"track": track, "method": "IP-ET", "plan": f"IP-ET {track} #{i + 1}",
                           "budget": f"beta={p.beta:.3g}", "assignment": asg,
                           "predicted_loss_mse": p.predicted_loss_mse, "predicted_gain_s": p.predicted_gain})
-        for method, search in (("ModelOpt", lambda t=track, lp=low: run_modelopt(t, cal, lp)),
-                               ("AutoScheme", lambda t=track, lp=low: run_autoscheme(t, cal, a.seq_len, lp))):
+        for method, search in (("ModelOpt", lambda f=fmt, lp=low: run_modelopt(f, cal, lp)),
+                               ("AutoScheme", lambda f=fmt, lp=low: run_autoscheme(f, cal, a.seq_len, lp))):
             log.info("[%s] %s search at %d budgets", track, method, len(low))
             try:
                 found, phases = search()
@@ -506,14 +538,19 @@ def main() -> None:
         p["lm_head"] = "lm_head" in p["assignment"]
         p["low_params"] = sum(params.get(op, 0) for op in p["assignment"])
 
-    log.info("interleaved timing, %d rounds", a.rounds)
-    load_t0 = machine_state()["load_avg_1min"]
-    times = time_interleaved(model, {p["plan"]: p["assignment"] for p in plans}, a.rounds, a.gain_seq_len, a.seed)
-    res["timing"] = {"rounds": a.rounds, "plans": [p["plan"] for p in plans], "load_start": load_t0,
-                     "load_end": machine_state()["load_avg_1min"],
-                     "reference_median_s": statistics.median(times["reference"]), "times_s": times}
-    for p in plans:
-        p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
+    res["timing"] = {}
+    for phase in dict.fromkeys(TRACK_SPEC[t][1] for t in tracks):
+        rounds = a.decode_rounds if phase == "decode" else a.rounds
+        mine = [p for p in plans if TRACK_SPEC[p["track"]][1] == phase]
+        log.info("interleaved %s timing of %d plans, %d rounds", phase, len(mine), rounds)
+        load_t0 = machine_state()["load_avg_1min"]
+        times = time_interleaved(model, {p["plan"]: p["assignment"] for p in mine}, rounds, a.gain_seq_len, a.seed,
+                                 phase, a.decode_context)
+        res["timing"][phase] = {"rounds": rounds, "plans": [p["plan"] for p in mine], "load_start": load_t0,
+                                "load_end": machine_state()["load_avg_1min"],
+                                "reference_median_s": statistics.median(times["reference"]), "times_s": times}
+        for p in mine:
+            p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
     res["plans"] = plans
     res["equal_loss"], res["equal_loss_peer_points"] = [], []
     for track in tracks:
@@ -531,7 +568,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    plot(plans, out.with_suffix(".png"))
+    plot(plans, out.with_suffix(".png"), tracks)
     write_md(res, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
 

@@ -63,19 +63,6 @@ def test_equal_loss_comparison_interpolates_in_log_loss():
     assert c[0]["verdict"] == "ahead" and c[1]["verdict"] == "level"
 
 
-def test_pick_budget_points_spans_the_frontier():
-    class P:
-        def __init__(self, g):
-            self.predicted_gain = g
-
-        def low_precision_ops(self):
-            return ["op"] if self.predicted_gain > 0 else []
-
-    pts = [P(g) for g in (0.0, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0)]
-    chosen = bp.pick_budget_points(pts, 3)
-    assert [p.predicted_gain for p in chosen] == [0.1, 0.45, 1.0]
-
-
 def test_autoscheme_per_tensor_candidate_follows_our_int8_record():
     from inc_ipamp.formats import get_format
 
