@@ -142,8 +142,13 @@ def _with_shifts(records, seed=1):
     return sens, part, gains
 
 
-def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records):
-    """Loss MSE = Σ noise + (Σ shift)² with signed shifts; the IP (tangent cutting planes) matches brute force."""
+def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records, monkeypatch):
+    """Loss MSE = Σ noise + (Σ shift)² with signed shifts; the IP (tangent cutting planes) matches brute force.
+    Signed shifts need the first-order mean in the shift (``lossmodel.FIRST_ORDER_SHIFT``, off by default: then
+    every shift is ½ curvature ≥ 0); the solver must stay exact either way."""
+    from inc_ipamp import lossmodel
+
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_SHIFT", True)
     sens, part, gains = _with_shifts(records)
     assert sens.has_curvature and not records[0].has_curvature
     inst = build_instance(sens, part, gains, "ET")
