@@ -420,12 +420,13 @@ def write_md(res: dict[str, Any], path: Path) -> None:
            "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops. Speedup is of the "
            "track's phase (prefill, or the decode step on `int8_decode`).", "",
            "| track | method | budget | INT8 ops | of which down_proj | lm_head | INT8 weight params | measured "
-           "speedup [95% CI] | measured loss MSE | mean loss shift | perplexity |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "speedup [95% CI] | measured loss MSE | IP-ET's predicted loss MSE | mean loss shift | perplexity |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["plans"]:
+        pred = f"{r['predicted_loss_mse']:.3g}" if r.get("predicted_loss_mse") is not None else "—"
         md.append(f"| {r['track']} | {r['method']} | {r['budget']} | {r['n_low']} | {r['n_down_proj']} | "
                   f"{'INT8' if r['lm_head'] else 'fp32'} | {r['low_params'] / 1e6:.1f} M | {r['speedup']:.3f} "
-                  f"[{r['speedup_lo']:.3f}, {r['speedup_hi']:.3f}] | {r['measured_loss_mse']:.3g} | "
+                  f"[{r['speedup_lo']:.3f}, {r['speedup_hi']:.3f}] | {r['measured_loss_mse']:.3g} | {pred} | "
                   f"{r['measured_loss_shift']:+.4f} | {r['perplexity']:.2f} |")
     md += ["", "## At equal measured loss", "",
            "Each IP-ET plan whose measured loss lies inside a peer's measured range, against the peer's speedup "
