@@ -75,9 +75,8 @@ def test_run_writes_every_artifact(run_dir):
     assert any("mean over" in g["source"]["ET"] for g in gains["groups"].values())
 
 
-def test_no_curvature_leaves_no_shift(run_dir, tmp_path):
-    """`calibrate --no-curvature` then `solve`: no curvature sums, so no shift (the first-order mean is not one by
-    default); the plan's loss is its ops' coherent second moments."""
+def test_no_curvature_keeps_only_the_first_order_shift(run_dir, tmp_path):
+    """`calibrate --no-curvature` then `solve`: no curvature sums; the shift is the first-order mean alone."""
     import shutil
 
     out = tmp_path / "nc"
@@ -93,11 +92,8 @@ def test_no_curvature_leaves_no_shift(run_dir, tmp_path):
 
     rec = Sensitivity.load(out / "sensitivity.json")
     low = {op: f for op, f in plan["assignment"].items() if f != "fp32"}
-    # no curvature: no shift (the first-order mean is not one by default, lossmodel.FIRST_ORDER_SHIFT); the loss is
-    # the coherent second moments alone
-    assert low and not plan["solver"].get("predicted_shift")
-    assert plan["predicted_loss_mse"] == pytest.approx(sum(
-        st.coh.get(f, 0.0) for op, f in low.items() for st in rec.ops[op].operands.values()) / rec.n_samples)
+    assert plan["solver"]["predicted_shift"] == pytest.approx(sum(
+        st.lin.get(f, 0.0) for op, f in low.items() for st in rec.ops[op].operands.values()) / rec.n_samples)
 
 
 def test_stage_reruns_alone_from_files(run_dir, capsys):
