@@ -30,7 +30,7 @@ DEFAULT_MIN_SQNR_DB = 5.0
 #: The case for off: the mean is over a few calibration sequences, its sign across ops is mostly noise (SmolLM2 INT8,
 #: 8×256 tokens: 52% of the 271 ops negative, median |mean/SE| 0.8), and the IP picks the ops whose sample mean
 #: happens to be negative to cancel the curvature part (a β 0.0029 plan: Σ first order −0.0124 against Σ ½curvature
-#: +0.0129, predicted shift +0.0005, measured held out +0.0098); off, benchmarks/results/peers.md's 15 IP-ET plans
+#: +0.0129, predicted shift +0.0005, measured held out +0.0098); off, peers_first_order_off.md's 15 IP-ET plans
 #: measured 0.57-1.65× their predicted loss MSE. The case for on, which decided the default: on the default run
 #: (16×256 calibration tokens) its plan measured 1.530× at loss MSE 0.00112 (default_run.md) and off 1.346× at 0.00105
 #: (default_run_first_order_off.md): the first-order mean carries real signal on average (held-out shift of random
