@@ -97,9 +97,9 @@ def _block_scale(scale: torch.Tensor, rows: slice) -> torch.Tensor:
     return scale[rows] if scale.dim() else scale
 
 
-def _block_err2(w_c: torch.Tensor, fmt, scale: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Squared rounding error of a row block of a weight in ``fmt`` (``scale``: the whole weight's)."""
-    return (quantize_with_scale(w_c, fmt, _block_scale(scale, rows)) - w_c).pow_(2)
+def _block_err(w_c: torch.Tensor, fmt, scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rounding error of a row block of a weight in ``fmt`` (``scale``: the whole weight's)."""
+    return quantize_with_scale(w_c, fmt, _block_scale(scale, rows)) - w_c
 
 
 class _Collector:
@@ -234,8 +234,9 @@ class _Collector:
         d_n = Σ g_W,n ⊙ E = Σ_t g_y,t · (E x_t): either the weight gradient (one GEMM per backward pass) contracted
         with each format's error E, or the output error E x (one GEMM per format, made in the forward) contracted
         with the output gradient of every pass. The second is cheaper when there are no more formats than backward
-        passes (one format with the curvature pass: one GEMM instead of two, ~15% of a calibration); the diagonal
-        models need the weight gradient's own square, so they keep the first."""
+        passes (one format with the curvature pass: one GEMM instead of two; 2.04x -> 1.54x a plain fwd+bwd,
+        benchmarks/results/sensitivity_cost.md); the diagonal models need the weight gradient's own square, so they
+        keep the first."""
         return self.kind == "linear" and not self.diagonal and len(self.formats) <= self.state.get("passes", 1)
 
     def _output_errors(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,25 +248,29 @@ class _Collector:
         for f in self.formats:
             dy = x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.promote_types(x.dtype, w.dtype))
             for rows, w_c in _row_blocks(w):
-                e = quantize_with_scale(w_c, f, _block_scale(scales[f.name], rows)) - w_c
-                dy[..., rows] = x @ e.t()
+                dy[..., rows] = x @ _block_err(w_c, f, scales[f.name], rows).t()
             out[f.name] = dy
         return out
 
     def _weight_sums_from_output(self, gy: torch.Tensor, dys: dict[str, torch.Tensor]) -> None:
         """The weight operand's d_n from output errors (``_by_output``): the same sums ``_weight_sums`` adds without
         the diagonal ones; in the curvature pass the batch counts as one sequence, as there."""
-        st = self.rec.operands["w"]
         gy = _wide(gy)
         curv = self.state["phase"] == "curvature"
         n = 1 if curv else gy.shape[0]
         for name, dy in dys.items():
             d = (gy * dy).reshape(n, -1).sum(1, dtype=torch.float64)
-            if curv:
-                st.curv[name] = st.curv.get(name, 0.0) + self.state["tokens"] * float((d * d).sum())
-            else:
-                st.coh[name] = st.coh.get(name, 0.0) + float((d * d).sum())
-                st.lin[name] = st.lin.get(name, 0.0) + float(d.sum())
+            self._add_weight_changes(name, float((d * d).sum()), float(d.sum()), curv)
+
+    def _add_weight_changes(self, fmt: str, sq: float, total: float, curv: bool) -> None:
+        """Add the weight operand's per-sequence changes d_n in ``fmt`` (``sq`` = Σ d_n², ``total`` = Σ d_n) to the
+        curvature sum (sampled-label pass, weighted by T') or to the coherent and first-order sums."""
+        st = self.rec.operands["w"]
+        if curv:
+            st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sq
+        else:
+            st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
+            st.lin[fmt] = st.lin.get(fmt, 0.0) + total
 
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._w is None:  # weights are fixed during calibration: one scale per format, once
@@ -295,8 +300,7 @@ class _Collector:
             if diagonal and buf is None:  # the first block is the largest: one buffer for all
                 buf = torch.empty(w_c.shape, dtype=torch.promote_types(gy.dtype, x.dtype))
             g2 = buf[:w_c.shape[0]] if diagonal else None
-            errs = {f.name: quantize_with_scale(w_c, f, _block_scale(scales[f.name], rows)) - w_c
-                    for f in self.formats}
+            errs = {f.name: _block_err(w_c, f, scales[f.name], rows) for f in self.formats}
             for n in range(n_seq):
                 g = gy[n, :, rows].t() @ x[n]
                 for name, e in errs.items():
@@ -317,11 +321,7 @@ class _Collector:
                     s_c = _block_scale(scales[f.name], rows)
                     st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
         for name, dn in d.items():
-            if kind == "curv":
-                st.curv[name] = st.curv.get(name, 0.0) + self.state["tokens"] * sum(v * v for v in dn)
-            else:
-                st.coh[name] = st.coh.get(name, 0.0) + sum(v * v for v in dn)
-                st.lin[name] = st.lin.get(name, 0.0) + sum(dn)
+            self._add_weight_changes(name, sum(v * v for v in dn), sum(dn), kind == "curv")
 
     def finish_weight(self, n_samples: int) -> None:
         """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""
@@ -336,7 +336,7 @@ class _Collector:
         for rows, w_c in _row_blocks(w):
             x2 += _sum(w_c * w_c)
             for f in self.formats:
-                err2[f.name] += _sum(_block_err2(w_c, f, scales[f.name], rows))
+                err2[f.name] += _sum(_block_err(w_c, f, scales[f.name], rows).pow_(2))
         st.x2 = x2 * n_samples
         st.err2 = {k: v * n_samples for k, v in err2.items()}
         self._w = None
