@@ -293,8 +293,7 @@ def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_l
     names = ["reference", *plans]
     assign = {"reference": {}, **plans}
     if phase == "decode":
-        step = decode_step(model, 1, decode_context, seed)
-        run = step.__call__
+        run = decode_step(model, 1, decode_context, seed)
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
 
@@ -356,6 +355,19 @@ def plot(rows: list[dict[str, Any]], path: Path, tracks: list[str]) -> None:
     plt.close(fig)
 
 
+def search_ratios(res: dict[str, Any]) -> dict[str, float]:
+    """IP-ET's total search wall time over ModelOpt's, per track where both searches ran."""
+    return {t: sum(res["search"][t]["IP-ET"].values()) / sum(res["search"][t]["ModelOpt"].values())
+            for t in res["tracks"] if res["search"][t].get("ModelOpt") and res["search"][t].get("IP-ET")}
+
+
+def verdicts(res: dict[str, Any], track: str, peer: str) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The equal-loss comparisons with ``peer`` on ``track`` (both directions pooled) and how many are ahead, level
+    and behind."""
+    cs = [c for c in res["equal_loss"] + res["equal_loss_peer_points"] if c["track"] == track and c["peer"] == peer]
+    return cs, {v: sum(c["verdict"] == v for c in cs) for v in ("ahead", "level", "behind")}
+
+
 def goals(res: dict[str, Any]) -> list[str]:
     """Issue 14's goals 2 and 3, judged from this run's numbers alone: every IP-ET budget is in the useful range
     (``--betas``), so goal 2 asks for every comparison with ModelOpt on a track to be "ahead" (outside the CIs) on
@@ -363,9 +375,7 @@ def goals(res: dict[str, Any]) -> list[str]:
     out = ["## Issue 14's goals in this run", ""]
     ahead_tracks, behind = [], []
     for track in res["tracks"]:
-        cs = [c for c in res["equal_loss"] + res["equal_loss_peer_points"]
-              if c["track"] == track and c["peer"] == "ModelOpt"]
-        n = {v: sum(c["verdict"] == v for c in cs) for v in ("ahead", "level", "behind")}
+        cs, n = verdicts(res, track, "ModelOpt")
         if cs and n["ahead"] == len(cs):
             ahead_tracks.append(track)
         if n["behind"]:
@@ -375,8 +385,7 @@ def goals(res: dict[str, Any]) -> list[str]:
                f"track, never behind on any): **{'met' if met2 else 'not met'}** — ahead at every comparison on: "
                f"{', '.join(ahead_tracks) or 'no track'}; behind at some comparison on: "
                f"{', '.join(behind) or 'no track'}.")
-    ratios = {t: sum(res["search"][t]["IP-ET"].values()) / sum(res["search"][t]["ModelOpt"].values())
-              for t in res["tracks"] if res["search"][t].get("ModelOpt") and res["search"][t].get("IP-ET")}
+    ratios = search_ratios(res)
     met3 = bool(ratios) and all(r <= 1.5 for r in ratios.values())
     out.append(f"- Goal 3 (IP-ET search ≤ 1.5× ModelOpt's, same machine, same run): **{'met' if met3 else 'not met'}** "
                "— " + ", ".join(f"{t} {r:.2f}×" for t, r in ratios.items()) + ".")
@@ -413,9 +422,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             if ph:
                 md.append(f"| {track} | {m} | {sum(ph.values()):.1f} | "
                           + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + " |")
-    md += ["", "Ratio IP-ET / ModelOpt total search time: " + ", ".join(
-        f"{t} {sum(res['search'][t]['IP-ET'].values()) / sum(res['search'][t]['ModelOpt'].values()):.2f}×"
-        for t in res["tracks"] if res["search"][t].get("ModelOpt")) + ".", ""]
+    md += ["", "Ratio IP-ET / ModelOpt total search time: "
+           + ", ".join(f"{t} {r:.2f}×" for t, r in search_ratios(res).items()) + ".", ""]
     md += ["## Plans", "", "Low-precision ops are counted in our op list (271 ops: 210 decoder Linears, 60 attention "
            "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops. Speedup is of the "
            "track's phase (prefill, or the decode step on `int8_decode`).", "",
@@ -447,12 +455,10 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     md += ["", "Summary (IP-ET minus peer speedup at equal measured loss, both directions pooled):", ""]
     for track in res["tracks"]:
         for peer in METHODS[1:]:
-            cs = [c for c in res["equal_loss"] + res["equal_loss_peer_points"]
-                  if c["track"] == track and c["peer"] == peer]
+            cs, n = verdicts(res, track, peer)
             if not cs:
                 md.append(f"- {track} vs {peer}: the two methods' measured loss ranges do not overlap.")
                 continue
-            n = {v: sum(c["verdict"] == v for c in cs) for v in ("ahead", "level", "behind")}
             md.append(f"- {track} vs {peer}: {len(cs)} comparisons, IP-ET {n['ahead']} ahead, {n['level']} level "
                       f"(within CIs), {n['behind']} behind; mean difference "
                       f"{statistics.mean(c['diff'] for c in cs):+.3f}× speedup.")

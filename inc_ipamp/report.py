@@ -225,12 +225,10 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
     if sum(1 for r in plans.values() if r.get("same_plan_as_ip")) and timed:
         lines += ["", "Rows marked *same plan as IP* are exactly the IP's plan (the budget admits every allowed op), "
                   "measured once; a tighter --beta tells the methods apart."]
-    check = (plans.get("ip") or {}).get("speed_check")
-    if check:
-        lines += ["", ("**Speed check: OK.** " if check["ok"] else "**Speed check: FAILED.** ") + check["message"]]
-    lcheck = (plans.get("ip") or {}).get("loss_check")
-    if lcheck:
-        lines += ["", ("**Loss check: OK.** " if lcheck["ok"] else "**Loss check: FAILED.** ") + lcheck["message"]]
+    for key, label in (("speed_check", "Speed"), ("loss_check", "Loss")):
+        check = (plans.get("ip") or {}).get(key)
+        if check:
+            lines += ["", f"**{label} check: {'OK' if check['ok'] else 'FAILED'}.** " + check["message"]]
     if any("measured_decode_speedup" in r for r in plans.values()):
         lines += ["", "Decode step (one new token after the cached context, real KV cache; `--objective decode/mix`):",
                   "", "| plan | prefill gain predicted | decode-step gain predicted | decode-step gain measured (±CI) "
