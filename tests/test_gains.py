@@ -335,3 +335,39 @@ def test_measure_gains_rescales_a_signature_measured_at_another_speed(tiny, monk
         assert g.groups[gr.name].gains["ET"][1:2] == [pytest.approx(want)], gr.name
     assert list(g.quality["speed_probe_rescaled"].values()) == [pytest.approx(0.5)]
     assert any("speed probe (3 rounds): rescaled" in n for n in g.notes)
+
+
+def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch) -> None:
+    """CPU swaps ops module by module and runs them eagerly: a signature's timed run calls the ops some config puts
+    in INT8 (q/k/v, not the emulated BGEMMs or the softmax between them), every such op of every layer spanned, and
+    nothing else; a backend that fuses across ops (``local_ops`` False) times the enclosing module instead."""
+    from inc_ipamp.gains.cpu import CpuBackend
+
+    model, part = tiny
+    seen: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
+    real = measure_mod.time_group_configs
+
+    def spy(model, backend, groups, configs, calls, reps, warmup, **kw):
+        seen[groups[0].name] = ([c[0] for c in calls], [tuple(c) for c in configs])
+        return real(model, backend, groups, configs, calls, reps, warmup, **kw)
+
+    monkeypatch.setattr(measure_mod, "time_group_configs", spy)
+    fast = FAST | {"measure_emulated": False}
+    g = measure_gains(model, part, FORMATS, metrics=("ET",), **fast)
+    att = [x for x in part.groups if len(x.ops) == 5]
+    called, cfgs = seen[att[0].name]
+    assert called == [op for x in att for op in x.ops[:3]]  # both layers' q, k, v
+    for grp in part.groups:
+        if grp.name in seen:
+            called, cfgs = seen[grp.name]
+            members = [x for x in part.groups if x.signature == grp.signature]
+            changed = {x.ops[i] for x in members for c in cfgs for i, f in enumerate(c) if f != "fp32"}
+            assert set(called) == changed
+    assert "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj" in g.groups[att[0].name].source["ET"]
+
+    class Fused(CpuBackend):
+        local_ops = False
+
+    seen.clear()
+    measure_gains(model, part, FORMATS, metrics=("ET",), backend=Fused(), **fast)
+    assert seen[att[0].name][0] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]

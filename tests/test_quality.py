@@ -178,7 +178,8 @@ def test_setup_time_never_enters_a_gain(tiny) -> None:
     ids = torch.randint(0, 256, (1, 8))
     inputs = measure_mod.capture_module_inputs(model, ["model.layers.0.mlp"], ids)
     be = _SlowSetupBackend()
-    r = time_group_config(model, be, [mlp], ["int8", "int8"], [inputs["model.layers.0.mlp"]], reps=3, warmup=0)
+    r = time_group_config(model, be, [mlp], ["int8", "int8"], measure_mod.run_calls(["model.layers.0.mlp"], inputs),
+                          reps=3, warmup=0)
     # 2 conversions x 0.2 s inside the timed calls would show as a gain of -0.4 s; scheduling noise on a loaded
     # machine stays far below 0.15 s for this sub-millisecond sub-graph
     assert abs(r["gain_s"]) < 0.15 and r["t_cfg_s"] < 0.15

@@ -51,12 +51,13 @@ from .measure import (
     _emulated_configs,
     align_to_probe,
     check_quality,
-    enclosing_module,
     group_run,
     rescale_drift,
+    run_calls,
     speed_probe,
     time_group_configs,
     time_signature,
+    timed_modules,
 )
 from .theory import memory_gain, roofline_device, roofline_gain
 
@@ -257,10 +258,6 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         members.setdefault(g.signature or g.name, []).append(g)
     timed_with = {k: v[: span or len(v)] for k, v in members.items()}
     representative = {k: v[0] for k, v in members.items()}
-    encl = {enclosing_module(g.ops) for v in timed_with.values() for g in v}
-    if "" in encl:
-        raise IpampError("a group's ops share no enclosing module: decode timing needs a sub-graph per group")
-    inputs = capture_decode_inputs(model, step, sorted(encl))
     base = dict(phase="decode", model=model_fingerprint(model), device=be.device_string(), batch=batch,
                 context=context, code=__version__, backend=be.version)
     emulated = _emulated_configs(model, be, representative, formats, kinds)
@@ -273,18 +270,24 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         kc: {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why} for kc, why in emulated.items()}
     todo = [(k, g, tuple(c)) for k, g in representative.items() for c in g.configs(formats)
             if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
+    names = {k: timed_modules(be, timed_with[k], [c for kk, _, c in todo if kk == k] or g.configs(formats), ref)
+             for k, g in representative.items()}  # what a timed run calls: prefill's rule
+    if any("" in v for v in names.values()):
+        raise IpampError("a group's ops share no enclosing module: decode timing needs a sub-graph per group")
+    inputs = capture_decode_inputs(model, step, sorted({n for v in names.values() for n in v}))
+    calls = {k: run_calls(v, inputs) for k, v in names.items()}
+    unit = {k: "+".join(dict.fromkeys(suffix(n) for n in v)) for k, v in names.items()}
     cache = MeasurementCache(cache_path)
     counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
     history: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}  # every measurement of a config, in order
     keys = {(k, c): cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
-                              span=len(timed_with[k]), **base) for k, g, c in todo}
+                              span=len(timed_with[k]), timed=unit[k], **base) for k, g, c in todo}
 
     def measure(k: str, cs: list[tuple[str, ...]], n_reps: int) -> list[dict[str, Any]]:
         """``cs`` (configs of signature ``k``) timed together against one shared reference per round, adaptive
         repetitions: prefill's ``time_group_configs``."""
         together = timed_with[k]
-        rs = time_group_configs(model, be, together, cs, [inputs[enclosing_module(x.ops)] for x in together], n_reps,
-                                warmup, min_reps=min_reps)
+        rs = time_group_configs(model, be, together, cs, calls[k], n_reps, warmup, min_reps=min_reps)
         counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
         for c, r in zip(cs, rs, strict=True):
             history.setdefault((k, tuple(c)), []).append(dict(r))
@@ -330,9 +333,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
     aligned, mismatch = {}, []
     if probe_rounds:
         sigs = [k for k in representative if any(kc[0] == k and kc not in emulated for kc in recs)]
-        probe = speed_probe({k: group_run(model, be, timed_with[k], [inputs[enclosing_module(x.ops)]
-                                                                     for x in timed_with[k]], {}) for k in sigs},
-                            probe_rounds, be.synchronize)
+        probe = speed_probe({k: group_run(model, be, calls[k], {}) for k in sigs}, probe_rounds, be.synchronize)
         for k, t in probe.items():
             mine_keys = [kc for kc in recs if kc[0] == k and kc not in emulated and not recs[kc].get("flag")]
             for kc in mine_keys:
@@ -360,7 +361,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         n_t = len(timed_with[k])
         groups[g.name] = GroupGains(
             g.name, [list(c) for c in cfgs], {"ET": et, "M": mem}, {"ET": ci},
-            {"ET": f"measured:{be.name} decode step on sub-graph {enclosing_module(g.ops)}"
+            {"ET": f"measured:{be.name} decode step on sub-graph {unit[k]}"
                    + (f", mean over {n_t} groups of its signature" if n_t > 1 else ""), "M": "weight bytes saved"},
             {"ET": flags})
         if roofline:  # shapes captured in the decode step itself: one token against the cache

@@ -73,6 +73,7 @@ class HpuBackend(Backend):
     name = "hpu"
     version = "hpu-inc-fp8-2"
     reference_formats = ("bf16",)
+    local_ops = False  # INC converts whole ops and the graph compiler fuses the casts across them
 
     def __init__(self, calib_ids: torch.Tensor | None = None, *, scale_method: str = "maxabs_hw",
                  use_qdq: bool = False, hp_dtype: str = "bf16") -> None:

@@ -1,7 +1,8 @@
 """Gains of every group × configuration: ET measured on sub-graphs (or replayed), TT and M computed.
 
 Beyond the paper's protocol (every config of every group timed end-to-end on the full model): a group is
-timed on the smallest module that encloses its ops (e.g. the layer's ``self_attn`` for {q,k,v,qk,av}),
+timed on the ops its configs change (``timed_modules``: e.g. q/k/v's Linears for {q,k,v,qk,av} on CPU, where the
+INT8 BGEMMs are only emulated; the smallest module enclosing the group where a graph compiler fuses across ops),
 called on inputs captured from a real forward, with reference and config runs interleaved; groups with the
 same signature (same structure and shapes, e.g. the 30 decoder layers) share one measurement.
 
@@ -91,14 +92,14 @@ def capture_module_inputs(model: nn.Module, names: Sequence[str], ids: torch.Ten
 
 
 def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Group], configs: Sequence[Sequence[str]],
-                       inputs: Sequence[tuple], reps: int, warmup: int, min_reps: int | None = None,
+                       calls: Sequence[tuple[str, tuple, dict]], reps: int, warmup: int, min_reps: int | None = None,
                        seed: int = 0) -> list[dict[str, float]]:
     """Gain per group of running ``groups`` (same signature) in each of ``configs``, the rest reference.
 
-    One timed run calls each group's enclosing module on its own captured inputs, back to back; the configs are
-    timed together against one shared reference run per round (``base.interleaved_times``). With ``min_reps``, a
-    config stops after that many rounds once ``precise_enough`` holds for it (adaptive repetitions). Gain and
-    CI are divided by ``len(groups)``.
+    One timed run makes ``calls`` ((module, args, kwargs), ``run_calls``: the groups' timed modules on their
+    captured inputs) back to back; the configs are timed together against one shared reference run per round
+    (``base.interleaved_times``). With ``min_reps``, a config stops after that many rounds once ``precise_enough``
+    holds for it (adaptive repetitions). Gain and CI are divided by ``len(groups)``.
     """
     assignments = [{op: f for g in groups for op, f in zip(g.ops, c, strict=True)} for c in configs]
     for a in assignments:
@@ -106,7 +107,7 @@ def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Grou
     n = len(groups)
 
     def run(assign: dict[str, str]) -> Callable[[], object]:
-        return group_run(model, backend, groups, inputs, assign)
+        return group_run(model, backend, calls, assign)
 
     def settled(t_ref: list[float], t_cfg: list[float]) -> bool:
         return precise_enough(gain_stats(t_ref, t_cfg))
@@ -120,15 +121,34 @@ def time_group_configs(model: nn.Module, backend: Backend, groups: Sequence[Grou
     return out
 
 
-def group_run(model: nn.Module, backend: Backend, groups: Sequence[Group], inputs: Sequence[tuple],
+def timed_modules(backend: Backend, groups: Sequence[Group], configs: Sequence[Sequence[str]],
+                  ref: str) -> list[str]:
+    """The modules one timed run of ``groups`` (one signature) calls, group after group.
+
+    Where the backend swaps ops module by module and runs them eagerly (``Backend.local_ops``), an op's time does
+    not depend on its neighbours' formats: the gain of any of ``configs`` is the time saved in the ops some config
+    puts in low precision, so those ops alone are called, each on its own captured input. The rest of the group
+    runs the same in every config and would add time and noise but no gain (the attention group's softmax and
+    BGEMMs, ~80% of ``self_attn``'s time, when only q/k/v have a real low-precision kernel). Elsewhere (a graph
+    compiler fusing casts across ops: hpu) the smallest module enclosing each group's ops.
+    """
+    if backend.local_ops and type(backend).apply is Backend.apply:
+        pos = [i for i in range(len(groups[0].ops)) if any(c[i] != ref for c in configs)]
+        if pos:
+            return [g.ops[i] for g in groups for i in pos]
+    return [enclosing_module(g.ops) for g in groups]
+
+
+def run_calls(names: Sequence[str], inputs: dict[str, tuple], ids: torch.Tensor | None = None,
+              ) -> list[tuple[str, tuple, dict]]:
+    """(module, args, kwargs) of each of ``names`` on its captured input; "" is the whole model on ``ids``."""
+    return [(n, *inputs[n]) if n else ("", (ids,), {"use_cache": False}) for n in names]
+
+
+def group_run(model: nn.Module, backend: Backend, calls: Sequence[tuple[str, tuple, dict]],
               assignment: dict[str, str]) -> Callable[[], object]:
-    """One timed run: each group's enclosing module called on its own captured inputs, back to back, inside
-    ``backend.apply(assignment)`` (the reference too enters ``apply``, with an empty assignment)."""
-    calls = []
-    for g, inp in zip(groups, inputs, strict=True):
-        encl = enclosing_module(g.ops)
-        args, kwargs = inp if encl else (inp[0], {"use_cache": False})
-        calls.append((encl, args, kwargs))
+    """One timed run: ``calls`` back to back inside ``backend.apply(assignment)`` (the reference too enters
+    ``apply``, with an empty assignment)."""
 
     def fn() -> object:
         with torch.no_grad(), backend.apply(model, assignment) as m:
@@ -184,9 +204,9 @@ def _scale(rec: dict[str, Any], f: float) -> None:
 
 
 def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group], config: Sequence[str],
-                      inputs: Sequence[tuple], reps: int, warmup: int) -> dict[str, float]:
+                      calls: Sequence[tuple[str, tuple, dict]], reps: int, warmup: int) -> dict[str, float]:
     """``time_group_configs`` for one config, all ``reps`` rounds."""
-    return time_group_configs(model, backend, groups, [config], inputs, reps, warmup)[0]
+    return time_group_configs(model, backend, groups, [config], calls, reps, warmup)[0]
 
 
 def precise_enough(rec: dict[str, Any]) -> bool:
@@ -445,8 +465,6 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         raise IpampError(f"span must be >= 1 (got {span})")
     timed_with = {k: v[: span or len(v)] for k, v in members.items()}
     representative = {k: v[0] for k, v in members.items()}
-    encl = {enclosing_module(g.ops) for v in timed_with.values() for g in v}
-    inputs = capture_module_inputs(model, sorted(encl), ids)
     base: dict[str, Any] = dict(model=model_fingerprint(model), device=be.device_string(), batch=int(ids.shape[0]),
                                 seq_len=int(ids.shape[1]), code=__version__, backend=be.version)
     ref = formats[0]
@@ -457,18 +475,15 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
 
     spent = {"first": 0.0, "again": 0.0}
 
-    def inputs_of(k: str) -> list[tuple]:
-        return [inputs.get(enclosing_module(x.ops), ((ids,), {})) for x in timed_with[k]]
-
     def measure(k: str, cs: list[tuple[str, ...]], n_reps: int, again: bool = False) -> list[dict[str, Any]]:
         """Time ``cs`` (configs of signature ``k``) together against one shared reference."""
         together = timed_with[k]
         g = representative[k]
         t0 = time.perf_counter()
-        rs = time_group_configs(model, be, together, cs, inputs_of(k), n_reps, warmup, min_reps=min_reps)
+        rs = time_group_configs(model, be, together, cs, calls[k], n_reps, warmup, min_reps=min_reps)
         spent["again" if again else "first"] += time.perf_counter() - t0
         counts["timed"] += len(together) * (max(r["reps"] for r in rs) + sum(r["reps"] for r in rs))
-        return [{"group": g.name, "signature": g.signature, "config": list(c), "module": enclosing_module(g.ops), **r}
+        return [{"group": g.name, "signature": g.signature, "config": list(c), "module": unit[k], **r}
                 for c, r in zip(cs, rs, strict=True)]
 
     def affordable() -> bool:
@@ -481,13 +496,20 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     for (k, c), why in emulated.items():
         recs[(k, c)] = {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why}
     todo = [(k, g, c) for k, g, c in todo if (k, c) not in emulated]
+    # what one timed run of each signature calls (``timed_modules``): fixed by all its configs to time, so a config
+    # timed now and one taken from the cache were timed on the same sub-graph (the cache key says which)
+    names = {k: timed_modules(be, timed_with[k], [c for kk, _, c in todo if kk == k] or g.configs(formats), ref)
+             for k, g in representative.items()}
+    inputs = capture_module_inputs(model, sorted({n for v in names.values() for n in v if n}), ids)
+    calls = {k: run_calls(v, inputs, ids) for k, v in names.items()}
+    unit = {k: "+".join(dict.fromkeys(suffix(n) for n in v)) or "<model>" for k, v in names.items()}
 
     from ..distributed import rank_and_world, shard
 
     rank, world = rank_and_world() if distributed else (0, 1)
     for k, g, c in todo:
         keys[(k, c)] = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
-                                 span=len(timed_with[k]), **base)
+                                 span=len(timed_with[k]), timed=unit[k], **base)
     my_share = {(k, c) for k, _, c in shard(todo, rank, world)} if world > 1 else None
     if world > 1 and cache_path is None:
         raise IpampError("a measurement sharded over ranks needs one cache_path that every rank can read and append to")
@@ -546,8 +568,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     mismatch: list[str] = []
     if probe_rounds and my_share is None:  # (sharded: each rank would probe its own moment; tables must agree)
         sigs = [k for k in representative if any(kk == k and (kk, c) not in emulated for kk, c in recs)]
-        probe = speed_probe({k: group_run(model, be, timed_with[k], inputs_of(k), {}) for k in sigs}, probe_rounds,
-                            be.synchronize)
+        probe = speed_probe({k: group_run(model, be, calls[k], {}) for k in sigs}, probe_rounds, be.synchronize)
         for k, t in probe.items():
             mine = [(kk, c) for kk, c in recs if kk == k and (kk, c) not in emulated and not recs[(kk, c)].get("flag")]
             for key in mine:
@@ -579,7 +600,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         n_t = len(timed_with[k])
         how = (f", mean over {n_t} groups of its signature" if n_t > 1 else "") + (
             "" if rep_name == g.name else f", reused from {rep_name} (same signature)")
-        groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {enclosing_module(g.ops) or '<model>'}{how}"
+        groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {unit[k]}{how}"
     spans = sorted({len(v) for v in timed_with.values()})
     notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
                  f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls (the configs of a "
