@@ -4,8 +4,10 @@
 (b) sum of group gains (sub-graph timings reused across layers) vs measured end-to-end prefill gain for
     random mixed configurations of the whole model, with relative errors;
 (c) timed runs of this protocol vs the paper's (every config of every group timed end-to-end, no reuse).
-Gains are measured twice in the same run: span 1 (the representative group alone, weights hot in cache)
-and span all (every layer of the signature back to back per timed run, the default); (b) scores both.
+Gains are measured three times in the same run: span all (every layer of the signature back to back per timed
+run, each run calling the ops its configs change: the default), the same on each group's enclosing module (the
+protocol before ac03dc4, which ran the attention group's softmax and BGEMMs too), and span 1 (the representative
+group alone, weights hot in cache); (b) scores all three against the same end-to-end measurements.
 Absolute CPU times are noisy on a shared machine; everything compared is measured in this one run.
 
     python benchmarks/bench_gains.py --layers 30 --seq-len 128 --reps 20 --configs 12
@@ -54,16 +56,21 @@ def per_op_sum_vs_group(gg, ref: str) -> list[dict]:
     return rows
 
 
+#: the measurements compared in (b): record suffix -> (measure_gains keywords, label)
+RUNS = {"": ({}, "span all, ops changed (default)"), "_enclosing": ({"enclosing": True}, "span all, enclosing module"),
+        "_span1": ({"span": 1}, "span 1 (hot cache)")}
+
+
 def additivity(checks: list[dict]) -> dict:
-    """Summary of predicted vs measured end-to-end gains over ``checks`` (span all, and span 1 with ``_span1``)."""
+    """Summary of predicted vs measured end-to-end gains over ``checks``, per measurement of ``RUNS``."""
     out: dict = {"n": len(checks)}
     if not checks:
         return out
-    for sfx in ("", "_span1"):
+    for sfx in RUNS:
         out["median_rel_error" + sfx] = statistics.median(c["rel_error" + sfx] for c in checks)
         out["mean_rel_error" + sfx] = statistics.mean(c["rel_error" + sfx] for c in checks)
         out["median_error_over_t_ref" + sfx] = statistics.median(c["error_over_t_ref" + sfx] for c in checks)
-        pred = sum(c["predicted_s" if not sfx else "predicted_span1_s"] for c in checks)
+        pred = sum(c["predicted" + sfx + "_s"] for c in checks)
         out["total_predicted_over_measured" + sfx] = pred / sum(c["measured_s"] for c in checks)
     out["within_ci"] = statistics.mean(
         abs(c["predicted_s"] - c["measured_s"]) <= (c["predicted_ci_s"] ** 2 + c["measured_ci_s"] ** 2) ** 0.5
@@ -94,13 +101,18 @@ def main() -> None:
     model, _ = load_model("default", num_layers=args.layers)
     part = partition_model(model)
     be = get_backend("cpu")
+
+    class Enclosing(type(be)):  # the protocol before ac03dc4: each group's enclosing module timed
+        local_ops = False
+
     runs = {}
-    for span in (1, None):
+    for sfx, (kw, _) in RUNS.items():
         t0 = time.perf_counter()
-        g = measure_gains(model, part, formats, backend=be, batch=args.batch, seq_len=args.seq_len,
-                          reps=args.reps, warmup=3, cache_path=args.cache, progress=True, span=span)
-        runs["1" if span == 1 else "all"] = (g, time.perf_counter() - t0)
-    gains, measure_s = runs["all"]
+        g = measure_gains(model, part, formats, backend=Enclosing() if kw.get("enclosing") else be, batch=args.batch,
+                          seq_len=args.seq_len, reps=args.reps, warmup=3, cache_path=args.cache, progress=True,
+                          span=kw.get("span"))
+        runs[sfx] = (g, time.perf_counter() - t0)
+    gains, measure_s = runs[""]
     ids = default_example_ids(model, args.batch, args.seq_len)
 
     # (a) the attention group of layer 0
@@ -133,17 +145,14 @@ def main() -> None:
         pred_ci = sum(gains.groups[n].ci["ET"][i] ** 2 for n, i in choice.items()) ** 0.5
         meas = compare_prefill(model, ids, be, assignment, reps=args.e2e_reps, warmup=2)
         m = meas["gain_s"]
-        checks.append({"config": label, "low_ops": len(assignment), "predicted_s": pred["all"],
-                       "predicted_ci_s": pred_ci,
-                       "predicted_span1_s": pred["1"], "measured_s": m, "measured_ci_s": meas["ci_s"],
-                       "t_ref_s": meas["t_ref_s"],
-                       "rel_error": abs(pred["all"] - m) / max(abs(m), 1e-12),
-                       "rel_error_span1": abs(pred["1"] - m) / max(abs(m), 1e-12),
-                       "error_over_t_ref": abs(pred["all"] - m) / meas["t_ref_s"],
-                       "error_over_t_ref_span1": abs(pred["1"] - m) / meas["t_ref_s"]})
-        print(f"  {label:22s} {len(assignment):3d} low ops: predicted {pred['all'] * 1e3:8.2f} ms (span 1: "
-              f"{pred['1'] * 1e3:8.2f}), measured {m * 1e3:8.2f} ± {meas['ci_s'] * 1e3:.2f} ms "
-              f"(T_ref {meas['t_ref_s'] * 1e3:.1f} ms)")
+        checks.append({"config": label, "low_ops": len(assignment), "predicted_ci_s": pred_ci, "measured_s": m,
+                       "measured_ci_s": meas["ci_s"], "t_ref_s": meas["t_ref_s"]})
+        for sfx, p in pred.items():
+            checks[-1] |= {"predicted" + sfx + "_s": p, "rel_error" + sfx: abs(p - m) / max(abs(m), 1e-12),
+                           "error_over_t_ref" + sfx: abs(p - m) / meas["t_ref_s"]}
+        print(f"  {label:22s} {len(assignment):3d} low ops: predicted {pred[''] * 1e3:8.2f} ms (enclosing: "
+              f"{pred['_enclosing'] * 1e3:8.2f}, span 1: {pred['_span1'] * 1e3:8.2f}), measured {m * 1e3:8.2f} ± "
+              f"{meas['ci_s'] * 1e3:.2f} ms (T_ref {meas['t_ref_s'] * 1e3:.1f} ms)")
     e2e_s = time.perf_counter() - t1
 
     # (c) timed runs: the paper times every config of every group end to end, no reuse across layers
@@ -192,17 +201,19 @@ def main() -> None:
            for r in rows]
     md += ["", f"median |sum − measured| = {statistics.median(err_a) * 1e3:.3f} ms vs median |measured| = "
            f"{scale_a * 1e3:.3f} ms", "", "## (b) predicted (sum of group gains) vs measured end-to-end gain (ms)",
-           "| config | low ops | predicted (span all) | ±CI | predicted (span 1) | measured | ±CI | rel. error all / 1 "
-           "| error / T_ref all / 1 |", "|---|---|---|---|---|---|---|---|---|"]
+           "| config | low ops | predicted (default) | ±CI | predicted (enclosing) | predicted (span 1) | measured "
+           "| ±CI | rel. error default / enclosing / span 1 | error / T_ref default / enclosing / span 1 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {c['config']} | {c['low_ops']} | {c['predicted_s'] * 1e3:.2f} | {c['predicted_ci_s'] * 1e3:.2f} | "
-           f"{c['predicted_span1_s'] * 1e3:.2f} | "
-           f"{c['measured_s'] * 1e3:.2f} | {c['measured_ci_s'] * 1e3:.2f} | {c['rel_error']:.1%} / "
-           f"{c['rel_error_span1']:.1%} | {c['error_over_t_ref']:.1%} / {c['error_over_t_ref_span1']:.1%} |"
+           f"{c['predicted_enclosing_s'] * 1e3:.2f} | {c['predicted_span1_s'] * 1e3:.2f} | "
+           f"{c['measured_s'] * 1e3:.2f} | {c['measured_ci_s'] * 1e3:.2f} | "
+           + " / ".join(f"{c['rel_error' + sfx]:.1%}" for sfx in RUNS) + " | "
+           + " / ".join(f"{c['error_over_t_ref' + sfx]:.1%}" for sfx in RUNS) + " |"
            for c in checks]
     b = res["b_end_to_end"]
     md.append("")
     for subset in ("all", "random", "structured"):
-        for sfx, label in (("", "span all (default)"), ("_span1", "span 1 (hot cache)")):
+        for sfx, (_, label) in RUNS.items():
             d = b[subset]
             md.append(f"- {subset} ({d['n']} configs), {label}: median relative error "
                       f"{d['median_rel_error' + sfx]:.1%} "
@@ -210,7 +221,8 @@ def main() -> None:
                       f"{d['median_error_over_t_ref' + sfx]:.1%}, Σpredicted/Σmeasured "
                       f"{d['total_predicted_over_measured' + sfx]:.2f}"
                       + (f", within the combined 95% CI: {d['within_ci']:.0%}" if not sfx else ""))
-    md.append(f"- measured in {b['measure_wall_s']['all']:.1f} s (span all), {b['measure_wall_s']['1']:.1f} s (span 1)")
+    md.append("- measured in " + ", ".join(f"{b['measure_wall_s'][sfx]:.1f} s ({label})" for sfx, (_, label) in
+                                          RUNS.items()))
     c = res["c_cost"]
     md += ["", "## (c) timed runs (span all)",
            f"ours: {c['ours_timed_runs']} timed runs ({c['ours_subgraph_calls']} sub-graph calls) in "
