@@ -184,10 +184,14 @@ def execution_order(model: nn.Module, names: list[str]) -> dict[str, int]:
     return order
 
 
+#: module-list names whose numbered children are decoder layers (``model.layers.3``, GPT-2's ``h.3``)
+LAYER_CONTAINERS = ("layers", "h", "layer", "blocks")
+
+
 def decoder_layer_index(op_name: str) -> int | None:
     """The decoder-layer number in an op name (``model.layers.3.mlp.up_proj`` -> 3), else None."""
     parts = op_name.split(".")
     for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
+        if p in LAYER_CONTAINERS and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None

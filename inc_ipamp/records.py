@@ -79,6 +79,11 @@ class OperandStats:
     every position. lin[f]: Σ_n d_n, whose mean is the first-order part of the mean shift (so coh/N − (lin/N)² is the
     variance). curv[f]: from the sampled-label backward, Σ_n T'_n (ĝ_n·e)² over the sequences that had it
     (``Sensitivity.n_curvature``); ½·curv/n_curvature estimates the second-order mean shift ½eᵀHe.
+    dia[f]: Σ_n Σ_i (g_i (Q_f(x)−x)_i)², the terms of each d_n squared before adding: a diagonal proxy of coh with far
+    less sampling noise (thousands of terms per sequence instead of one), read only as a ratio to coh within an op
+    type (``LossModel.noise_variance``). For the weight operand its terms are the output's (g_y ⊙ E x, when the
+    weight's changes come from the output errors) or the weight gradient's (g_W ⊙ E): one or the other for every
+    layer of a record.
     Operand "y" is the op's output, for formats whose kernel rounds it (``Format.output_rounded``, bf16).
     """
 
@@ -93,6 +98,7 @@ class OperandStats:
     coh: dict[str, float] = field(default_factory=dict)
     curv: dict[str, float] = field(default_factory=dict)
     lin: dict[str, float] = field(default_factory=dict)
+    dia: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

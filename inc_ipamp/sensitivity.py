@@ -157,6 +157,7 @@ class _Collector:
             _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
             st.coh[f.name] = st.coh.get(f.name, 0.0) + d2
             st.lin[f.name] = st.lin.get(f.name, 0.0) + d1
+            st.dia[f.name] = st.dia.get(f.name, 0.0) + _sum(ge * ge)
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
             if not self.diagonal:
                 continue
@@ -259,18 +260,21 @@ class _Collector:
         curv = self.state["phase"] == "curvature"
         n = 1 if curv else gy.shape[0]
         for name, dy in dys.items():
-            d = (gy * dy).reshape(n, -1).sum(1, dtype=torch.float64)
-            self._add_weight_changes(name, float((d * d).sum()), float(d.sum()), curv)
+            gd = gy * dy
+            d = gd.reshape(n, -1).sum(1, dtype=torch.float64)
+            self._add_weight_changes(name, float((d * d).sum()), float(d.sum()), curv, 0.0 if curv else _sum(gd * gd))
 
-    def _add_weight_changes(self, fmt: str, sq: float, total: float, curv: bool) -> None:
-        """Add the weight operand's per-sequence changes d_n in ``fmt`` (``sq`` = Σ d_n², ``total`` = Σ d_n) to the
-        curvature sum (sampled-label pass, weighted by T') or to the coherent and first-order sums."""
+    def _add_weight_changes(self, fmt: str, sq: float, total: float, curv: bool, diag: float = 0.0) -> None:
+        """Add the weight operand's per-sequence changes d_n in ``fmt`` (``sq`` = Σ d_n², ``total`` = Σ d_n, ``diag``
+        = the squares of their terms) to the curvature sum (sampled-label pass, weighted by T') or to the coherent,
+        first-order and diagonal sums."""
         st = self.rec.operands["w"]
         if curv:
             st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sq
         else:
             st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
             st.lin[fmt] = st.lin.get(fmt, 0.0) + total
+            st.dia[fmt] = st.dia.get(fmt, 0.0) + diag
 
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._w is None:  # weights are fixed during calibration: one scale per format, once
@@ -294,6 +298,7 @@ class _Collector:
         gy, x = gy.reshape(gy.shape[0], -1, gy.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
         n_seq = gy.shape[0]
         d = {f.name: [0.0] * n_seq for f in self.formats}
+        dia = dict.fromkeys(d, 0.0)
         diagonal = kind == "grad" and self.diagonal  # else only the per-sequence changes d are needed
         buf = None
         for rows, w_c in _row_blocks(w):
@@ -304,7 +309,10 @@ class _Collector:
             for n in range(n_seq):
                 g = gy[n, :, rows].t() @ x[n]
                 for name, e in errs.items():
-                    d[name][n] += _sum(g * e)
+                    ge = g * e
+                    d[name][n] += _sum(ge)
+                    if kind == "grad":
+                        dia[name] += _sum(ge.mul_(ge))
                 if not diagonal:
                     continue
                 if n == 0:
@@ -321,7 +329,7 @@ class _Collector:
                     s_c = _block_scale(scales[f.name], rows)
                     st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
         for name, dn in d.items():
-            self._add_weight_changes(name, sum(v * v for v in dn), sum(dn), kind == "curv")
+            self._add_weight_changes(name, sum(v * v for v in dn), sum(dn), kind == "curv", dia[name])
 
     def finish_weight(self, n_samples: int) -> None:
         """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""

@@ -245,10 +245,11 @@ def test_streamed_blocks_and_record_roundtrip(tmp_path, small_model, calib_block
 
 
 def test_mean_shifts_match_in_sample(small_model, calib_blocks, monkeypatch):
-    """On the calibration sequences, each op's mean shift (first-order mean of both operands + its own curvature term,
-    ``FIRST_ORDER_SHIFT`` on, the default) is its measured mean loss change, and a large guarded INT8 plan's loss MSE
-    is within 3x of noise + (Σ shift)²; switched off, the shift is the curvature part alone. Out of sample and across
-    domains: benchmarks/results/sensitivity.md."""
+    """On the calibration sequences, each op's mean shift (first-order sample mean of both operands + its own
+    curvature term: ``FIRST_ORDER_SHIFT`` on, ``SHRINK_FIRST_ORDER`` off, as in-sample the sample mean is the right
+    estimate) is its measured mean loss change, and a large guarded INT8 plan's loss MSE is within 3x of noise +
+    (Σ shift)²; switched off, the shift is the curvature part alone. Out of sample and across domains, with the
+    shrunk default: benchmarks/results/sensitivity.md."""
     from inc_ipamp import lossmodel
     from inc_ipamp.apply.fake import fake_quant
     from inc_ipamp.evaluate import sequence_losses
@@ -261,6 +262,7 @@ def test_mean_shifts_match_in_sample(small_model, calib_blocks, monkeypatch):
     assert curv_only == pytest.approx(0.5 * sum(st.curv["int8"] for st in s.ops[op].operands.values())
                                       / s.n_curvature) and curv_only > 0
     monkeypatch.setattr(lossmodel, "FIRST_ORDER_SHIFT", True)
+    monkeypatch.setattr(lossmodel, "SHRINK_FIRST_ORDER", False)
     assert s.has_curvature and s.n_curvature == s.n_samples
     assert all(st.curv and st.lin for op in s.ops.values() for st in op.operands.values())
     plan = {o: "int8" for o in s.op_names if s.sqnr_db(o, "int8") >= 25}
@@ -307,15 +309,18 @@ def test_weight_first_order_change_per_sequence_matches_autograd():
     w = dict(model.named_modules())[op].weight
     w.requires_grad_(True)
     try:
+        dia: dict[str, float] = {}
         for fmt in ("int8", "fp8_e4m3"):
             e = quantize_weight(w.detach(), fmt) - w.detach()
             d = []
             for row in ids:
                 (g,) = torch.autograd.grad(sequence_loss(model, row[None]).sum(), [w])
                 d.append(float((g * e).sum()))
+                dia[fmt] = dia.get(fmt, 0.0) + float(((g * e) ** 2).sum())  # the weight gradient's terms
             st = s.ops[op].operands["w"]
             assert st.lin[fmt] == pytest.approx(sum(d), rel=1e-6, abs=1e-12)
             assert st.coh[fmt] == pytest.approx(sum(v * v for v in d), rel=1e-6)
+            assert st.dia[fmt] == pytest.approx(dia[fmt], rel=1e-6)
     finally:
         w.requires_grad_(False)
 
@@ -355,6 +360,44 @@ def test_weight_changes_from_output_errors_equal_those_from_weight_gradients(mon
     st = fast.ops[op].operands["w"]
     assert st.lin["int8"] == pytest.approx(sum(d), rel=1e-5, abs=1e-12)
     assert st.coh["int8"] == pytest.approx(sum(v * v for v in d), rel=1e-5)
+    # the diagonal sum of this route squares the output's terms g_y ⊙ E x (the gradient route's: g_W ⊙ E)
+    dia = 0.0
+    for row in ids:
+        (x, y), (gy,) = _input_output_grad(model, op, row[None], "output")
+        dia += float(((gy * (x @ e.t())) ** 2).sum())
+    assert st.dia["int8"] == pytest.approx(dia, rel=1e-5)
+
+
+def _input_output_grad(model, op: str, ids: torch.Tensor, wrt: str):
+    """(input, output) of module ``op`` in one forward of ``ids`` and the loss gradient w.r.t. the ``wrt`` one."""
+    got = []
+    h = dict(model.named_modules())[op].register_forward_hook(lambda m, a, out: got.append((a[0], out)))
+    try:
+        loss = sequence_loss(model, ids).sum()
+    finally:
+        h.remove()
+    x, y = got[0]
+    return (x.detach(), y.detach()), torch.autograd.grad(loss, [x if wrt == "input" else y])
+
+
+def test_activation_diagonal_sum_matches_autograd():
+    """An activation's diagonal sum is Σ_n Σ (g_x ⊙ e_x)², the terms of its coherent d_n squared before adding
+    (per-sequence scales), against gradients w.r.t. the op's input taken by autograd one sequence at a time."""
+    from inc_ipamp.formats import quantize
+
+    model = _tiny()
+    ids = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(4))
+    s = calibrate(model, [ids], ["int8"], progress=False)
+    op = "model.layers.1.mlp.down_proj"
+    dia = coh = 0.0
+    for row in ids:
+        (x, _), (gx,) = _input_output_grad(model, op, row[None], "input")
+        ge = gx * (quantize(x, "int8", -1, per_sample=True) - x)
+        dia += float((ge ** 2).sum())
+        coh += float(ge.sum()) ** 2
+    st = s.ops[op].operands["x"]
+    assert st.coh["int8"] == pytest.approx(coh, rel=1e-6)
+    assert st.dia["int8"] == pytest.approx(dia, rel=1e-6)
 
 
 def test_gqa_copies_share_one_rounding_error(monkeypatch):
@@ -388,6 +431,78 @@ def test_gqa_copies_share_one_rounding_error(monkeypatch):
             want["matmul_av", f] += float(((gv * ev) ** 2).sum())
     for (op, f), v in want.items():
         assert s.ops[f"model.layers.0.self_attn.{op}"].operands["b"].emp[f] == pytest.approx(v, rel=1e-6), (op, f)
+
+
+def test_first_order_means_are_shrunk_toward_their_op_types_mean():
+    """Empirical Bayes over the layers (``lossmodel.shrink``), against numbers computed by hand: 30 layers whose
+    per-sequence first-order changes are noise around one true mean come out at the pooled mean; layers whose means
+    differ by far more than their standard errors keep their own; a single op (lm_head) keeps its sample mean."""
+    from inc_ipamp import lossmodel
+    from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
+
+    rng = random.Random(0)
+    n = 8
+
+    def record(true_means: list[float], sd: float) -> Sensitivity:
+        ops = {}
+        for i, mu in enumerate(true_means + [0.5]):
+            name = f"model.layers.{i}.mlp.down_proj" if i < len(true_means) else "lm_head"
+            d = [mu + rng.gauss(0.0, sd) for _ in range(n)]
+            st = OperandStats(coh={"int8": sum(x * x for x in d)}, lin={"int8": sum(d)}, curv={"int8": 0.0})
+            ops[name] = OpSensitivity(name, "linear", operands={"x": st})
+        return Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=n)
+
+    same = record([0.01] * 30, sd=0.05)
+    raw = [st.lin["int8"] / n for o, st in ((o, o.operands["x"]) for o in same.ops.values()) if o.name != "lm_head"]
+    se2 = [(same.ops[f"model.layers.{i}.mlp.down_proj"].operands["x"].coh["int8"] / n - m * m) / (n - 1)
+           for i, m in enumerate(raw)]
+    mu = sum(raw) / 30
+    tau2 = max(sum((m - mu) ** 2 for m in raw) / 29 - sum(se2) / 30, 0.0)
+    by_hand = [mu + tau2 / (tau2 + e) * (m - mu) for m, e in zip(raw, se2, strict=True)]
+    got = [same.first_order_mean(f"model.layers.{i}.mlp.down_proj", "x", "int8") for i in range(30)]
+    assert got == pytest.approx(by_hand, rel=1e-9, abs=1e-15)
+    assert max(got) - min(got) < 0.3 * (max(raw) - min(raw))  # the noise is mostly gone
+    assert same.first_order_mean("lm_head", "x", "int8") == same.ops["lm_head"].operands["x"].lin["int8"] / n
+    apart = record([0.01 * i for i in range(30)], sd=0.001)
+    for i in range(30):
+        op = f"model.layers.{i}.mlp.down_proj"
+        assert apart.first_order_mean(op, "x", "int8") == pytest.approx(
+            apart.ops[op].operands["x"].lin["int8"] / n, rel=0.02, abs=1e-4)
+    lossmodel_shift = same.shift("model.layers.3.mlp.down_proj", "int8")
+    assert lossmodel_shift == pytest.approx(got[3])  # the shift uses it (no curvature in this record)
+    assert lossmodel.SHRINK_FIRST_ORDER
+
+
+def test_noise_variance_is_its_types_ratio_times_its_diagonal_sum():
+    """``POOL_NOISE``: an op's coherent variance is r_type · dia/N, r_type = Σ_type Var(d) / Σ_type dia/N, against
+    numbers computed by hand; switched off, or for an op without a type (lm_head), its own sample variance."""
+    from inc_ipamp import lossmodel
+    from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
+
+    rng = random.Random(1)
+    n, ops, own, dia = 8, {}, {}, {}
+    for i in range(12):
+        name = f"model.layers.{i}.self_attn.v_proj" if i < 11 else "lm_head"
+        d = [rng.gauss(0.002, 0.01) for _ in range(n)]
+        dia[name] = sum(x * x for x in d) * rng.uniform(0.5, 2.0)
+        st = OperandStats(coh={"int8": sum(x * x for x in d)}, lin={"int8": sum(d)}, dia={"int8": dia[name]})
+        own[name] = st.coh["int8"] / n - (st.lin["int8"] / n) ** 2
+        ops[name] = OpSensitivity(name, "linear", operands={"x": st})
+    rec = Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=0)
+    layers = [x for x in ops if x != "lm_head"]
+    r = sum(own[x] for x in layers) / sum(dia[x] / n for x in layers)
+    for x in layers:
+        assert rec.noise_variance(x, "x", "int8") == pytest.approx(r * dia[x] / n, rel=1e-12)
+        assert rec.term(x, "int8") == pytest.approx(r * dia[x] / n, rel=1e-12)
+    assert rec.noise_variance("lm_head", "x", "int8") == pytest.approx(own["lm_head"])
+    assert sum(rec.noise_variance(x, "x", "int8") for x in layers) == pytest.approx(sum(own[x] for x in layers))
+    assert lossmodel.POOL_NOISE
+    fresh = Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=0)
+    lossmodel.POOL_NOISE = False
+    try:
+        assert fresh.noise_variance(layers[0], "x", "int8") == pytest.approx(own[layers[0]])
+    finally:
+        lossmodel.POOL_NOISE = True
 
 
 def test_mean_is_not_counted_twice():

@@ -129,8 +129,8 @@ def timed_modules(backend: Backend, groups: Sequence[Group], configs: Sequence[S
     not depend on its neighbours' formats: the gain of any of ``configs`` is the time saved in the ops some config
     puts in low precision, so those ops alone are called, each on its own captured input. The rest of the group
     runs the same in every config and would add time and noise but no gain (the attention group's softmax and
-    BGEMMs, ~80% of ``self_attn``'s time, when only q/k/v have a real low-precision kernel). Elsewhere (a graph
-    compiler fusing casts across ops: hpu) the smallest module enclosing each group's ops.
+    BGEMMs, ~60% of ``self_attn``'s time on SmolLM2, when only q/k/v have a real low-precision kernel). Elsewhere
+    (a graph compiler fusing casts across ops: hpu) the smallest module enclosing each group's ops.
     """
     if backend.local_ops and type(backend).apply is Backend.apply:
         pos = [i for i in range(len(groups[0].ops)) if any(c[i] != ref for c in configs)]
