@@ -37,8 +37,8 @@ DEFAULT_MIN_SQNR_DB = 5.0
 #: measured 0.57-1.65× their predicted loss MSE. The case for on, which decided the default: on the default run
 #: (16×256 calibration tokens) its plan measured 1.530× at loss MSE 0.00112 (default_run.md) and off 1.346× at 0.00105
 #: (default_run_first_order_off.md): the first-order mean carries real signal on average (held-out shift of random
-#: assignments 0.97-1.11× predicted with it, 0.82-0.90× without: sensitivity.md, sensitivity_int8.md). The estimator
-#: to build is between the two (the per-op means shrunk toward their op type's pooled mean by their standard errors).
+#: assignments 0.97-1.11× predicted with it, 0.82-0.90× without: sensitivity.md, sensitivity_int8.md). Between the
+#: two, the default since loss model v4: the per-op means shrunk toward their op type's (``SHRINK_FIRST_ORDER``).
 FIRST_ORDER_SHIFT = True
 #: whether that first-order mean is each op's own sample mean (False) or an empirical-Bayes estimate (True, the
 #: default): shrunk toward the mean of its op type (the same op and operand in every decoder layer) by how much of
@@ -211,8 +211,9 @@ class LossModel:
         """The mean first-order loss change E_n[g·e] of one operand of one op in ``fmt``: its sample mean over the
         calibration sequences, or with ``SHRINK_FIRST_ORDER`` the empirical-Bayes estimate over its op type
         (``shrink``; SE² = (E[d²] − E[d]²)/(N − 1) per op). Why: over 8 sequences most per-op means are within a
-        standard error of 0 (SmolLM2 INT8: spread across layers ≈ the SEs for 15 of 18 op types), and a budget solved
-        on them buys the ops whose noise came out negative (their loss then measured 1.3-3.5× predicted)."""
+        standard error of 0 (SmolLM2 INT8, 8 sequences: the SEs explain most of the spread across layers for 14 of the
+        18 op types, all of it for 8), and a budget solved on them bought the ops whose noise came out negative (their
+        loss then measured 1.3-3.5× predicted)."""
         n = max(self.n_samples, 1)
         raw = self.ops[op].operands[operand].lin.get(fmt, 0.0) / n
         if not SHRINK_FIRST_ORDER or n < 2:
