@@ -35,10 +35,11 @@ DEFAULT_MIN_SQNR_DB = 5.0
 #: happens to be negative to cancel the curvature part (a β 0.0029 plan: Σ first order −0.0124 against Σ ½curvature
 #: +0.0129, predicted shift +0.0005, measured held out +0.0098); off, peers_first_order_off.md's 15 IP-ET plans
 #: measured 0.57-1.65× their predicted loss MSE. The case for on, which decided the default: on the default run
-#: (16×256 calibration tokens) its plan measured 1.530× at loss MSE 0.00112 (default_run.md) and off 1.346× at 0.00105
-#: (default_run_first_order_off.md): the first-order mean carries real signal on average (held-out shift of random
-#: assignments 0.97-1.11× predicted with it, 0.82-0.90× without: sensitivity.md, sensitivity_int8.md). Between the
-#: two, the default since loss model v4: the per-op means shrunk toward their op type's (``SHRINK_FIRST_ORDER``).
+#: (16×256 calibration tokens) its plan measured 1.530× at loss MSE 0.00112 (default_run.md at e96a9bd), off 1.346×
+#: at 0.00105 (default_run_first_order_off.md): the first-order mean carries real signal on average (held-out shift
+#: of random assignments 0.97-1.11× predicted with it, 0.82-0.90× without: sensitivity.md, sensitivity_int8.md).
+#: Between the two, the default since loss model v4: the per-op means shrunk toward their op type's
+#: (``SHRINK_FIRST_ORDER``).
 FIRST_ORDER_SHIFT = True
 #: whether that first-order mean is each op's own sample mean (False) or an empirical-Bayes estimate (True, the
 #: default): shrunk toward the mean of its op type (the same op and operand in every decoder layer) by how much of
