@@ -89,14 +89,25 @@ def shrink(means: list[float], se2: list[float]) -> list[float]:
     return [mu + (tau2 / (tau2 + e) if tau2 + e > 0 else 1.0) * (m - mu) for m, e in zip(means, se2, strict=True)]
 
 
+#: per-record caches of the estimators pooled over op types (``noise_variance``, ``first_order_mean``)
+_CACHES = ("_noise_cache", "_first_order_cache")
+
+
 class LossModel:
-    """Predictions over a sensitivity record's sums (the base of ``records.Sensitivity``, which holds them)."""
+    """Predictions over a sensitivity record's sums (the base of ``records.Sensitivity``, which holds them).
+
+    The estimators pooled over an op's type are computed once per record and cached on it, so a record's sums are
+    fixed once it has predicted; copies and pickles start without the caches (``__getstate__``), so a copy whose sums
+    are then changed predicts from its own."""
 
     ops: dict[str, OpSensitivity]
     n_samples: int
     n_curvature: int
     formats: list[str]
     noise_models: list[str]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in _CACHES}
 
     def operand_term(self, op: str, operand: str, fmt: str, noise: str = "auto", centred: bool = True) -> float:
         """Predicted loss-MSE contribution of quantising one operand of one op to ``fmt``.
@@ -177,7 +188,7 @@ class LossModel:
         own = self._own_noise(st, fmt, n, centred)
         if not POOL_NOISE or fmt not in st.dia:
             return own
-        cache = self.__dict__.setdefault("_noise_cache", {})
+        cache = self.__dict__.setdefault(_CACHES[0], {})
         key = (operand, fmt, n, centred)
         if key not in cache:
             cache[key] = self._pooled_noise(operand, fmt, n, centred)
@@ -219,7 +230,7 @@ class LossModel:
         raw = self.ops[op].operands[operand].lin.get(fmt, 0.0) / n
         if not SHRINK_FIRST_ORDER or n < 2:
             return raw
-        cache = self.__dict__.setdefault("_first_order_cache", {})
+        cache = self.__dict__.setdefault(_CACHES[1], {})
         key = (operand, fmt, n)
         if key not in cache:
             cache[key] = self._shrunk_means(operand, fmt, n)

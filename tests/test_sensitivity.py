@@ -505,6 +505,29 @@ def test_noise_variance_is_its_types_ratio_times_its_diagonal_sum():
         lossmodel.POOL_NOISE = True
 
 
+def test_a_copy_with_changed_sums_predicts_from_its_own():
+    """The pooled estimators are cached per record; a deep copy (or pickle) starts without the cache, so changing the
+    copy's sums after the original has predicted changes the copy's prediction (``LossModel.__getstate__``)."""
+    import copy
+    import pickle
+
+    from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
+
+    n = 8
+    ops = {f"model.layers.{i}.mlp.up_proj": OpSensitivity(f"model.layers.{i}.mlp.up_proj", "linear", operands={
+        "x": OperandStats(coh={"int8": 0.01 * (i + 1)}, lin={"int8": 0.02 * i}, dia={"int8": 0.1})}) for i in range(4)}
+    rec = Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=0)
+    op = "model.layers.0.mlp.up_proj"
+    before = (rec.first_order_mean(op, "x", "int8"), rec.noise_variance(op, "x", "int8"))
+    for twin in (copy.deepcopy(rec), pickle.loads(pickle.dumps(rec))):
+        for o in twin.ops.values():
+            o.operands["x"].lin["int8"] *= 3.0
+            o.operands["x"].coh["int8"] *= 2.0
+        after = (twin.first_order_mean(op, "x", "int8"), twin.noise_variance(op, "x", "int8"))
+        assert after[0] == pytest.approx(3.0 * before[0]) and after[1] != pytest.approx(before[1])
+    assert (rec.first_order_mean(op, "x", "int8"), rec.noise_variance(op, "x", "int8")) == before
+
+
 def test_mean_is_not_counted_twice():
     """A constant first-order change c on every sequence has E[Δ²] = c² (variance 0, mean c), not 2c²."""
     from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
