@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, IpampError
 from .formats import get_format, uniform_float_variance_factor
-from .ops import LAYER_CONTAINERS
+from .ops import op_type
 
 if TYPE_CHECKING:
     from .records import OpSensitivity
@@ -68,15 +69,6 @@ def auto_noise(fmt: str) -> str:
     1.0-1.5x.) Kept as a function: a format that validates better elsewhere gets its row here."""
     get_format(fmt)
     return "coherent"
-
-
-def op_type(op: str) -> str:
-    """An op's name with its decoder layer's index replaced by ``*``: the ops whose first-order means are pooled."""
-    parts = op.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in LAYER_CONTAINERS and parts[i + 1].isdigit():
-            return ".".join([*parts[: i + 1], "*", *parts[i + 2:]])
-    return op
 
 
 def shrink(means: list[float], se2: list[float]) -> list[float]:
@@ -188,11 +180,17 @@ class LossModel:
         own = self._own_noise(st, fmt, n, centred)
         if not POOL_NOISE or fmt not in st.dia:
             return own
-        cache = self.__dict__.setdefault(_CACHES[0], {})
-        key = (operand, fmt, n, centred)
-        if key not in cache:
-            cache[key] = self._pooled_noise(operand, fmt, n, centred)
-        return cache[key].get(op, own)
+        pooled = self._per_type(_CACHES[0], (operand, fmt, n, centred),
+                                lambda: self._pooled_noise(operand, fmt, n, centred))
+        return pooled.get(op, own)
+
+    def _per_type(self, cache: str, key: tuple, build: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """``build()``'s estimates for every op, made once per record and ``key`` and kept in ``cache``
+        (``_CACHES``)."""
+        store = self.__dict__.setdefault(cache, {})
+        if key not in store:
+            store[key] = build()
+        return store[key]
 
     @staticmethod
     def _own_noise(st, fmt: str, n: int, centred: bool) -> float:
@@ -230,11 +228,7 @@ class LossModel:
         raw = self.ops[op].operands[operand].lin.get(fmt, 0.0) / n
         if not SHRINK_FIRST_ORDER or n < 2:
             return raw
-        cache = self.__dict__.setdefault(_CACHES[1], {})
-        key = (operand, fmt, n)
-        if key not in cache:
-            cache[key] = self._shrunk_means(operand, fmt, n)
-        return cache[key].get(op, raw)
+        return self._per_type(_CACHES[1], (operand, fmt, n), lambda: self._shrunk_means(operand, fmt, n)).get(op, raw)
 
     def _shrunk_means(self, operand: str, fmt: str, n: int) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -157,11 +157,12 @@ class _Collector:
             _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
             st.coh[f.name] = st.coh.get(f.name, 0.0) + d2
             st.lin[f.name] = st.lin.get(f.name, 0.0) + d1
-            st.dia[f.name] = st.dia.get(f.name, 0.0) + _sum(ge * ge)
+            ge2 = _sum(ge * ge)  # the diagonal sum; for an activation it is also the empirical model's
+            st.dia[f.name] = st.dia.get(f.name, 0.0) + ge2
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
             if not self.diagonal:
                 continue
-            st.emp[f.name] = st.emp.get(f.name, 0.0) + _sum(ge * ge)
+            st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
             if f.kind == "int":
                 s = scale_of(x, f, reduce_dim, per_sample=True)
                 u = g2_sum * float(s) ** 2 / 12.0 if s.numel() == 1 else _sum(g2 * (s * s / 12.0))

@@ -53,11 +53,10 @@ from .measure import (
     check_quality,
     group_run,
     rescale_drift,
-    run_calls,
     speed_probe,
     time_group_configs,
     time_signature,
-    timed_modules,
+    timed_runs,
 )
 from .theory import memory_gain, roofline_device, roofline_gain
 
@@ -270,13 +269,7 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         kc: {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why} for kc, why in emulated.items()}
     todo = [(k, g, tuple(c)) for k, g in representative.items() for c in g.configs(formats)
             if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
-    names = {k: timed_modules(be, timed_with[k], [c for kk, _, c in todo if kk == k] or g.configs(formats), ref)
-             for k, g in representative.items()}  # what a timed run calls: prefill's rule
-    if any("" in v for v in names.values()):
-        raise IpampError("a group's ops share no enclosing module: decode timing needs a sub-graph per group")
-    inputs = capture_decode_inputs(model, step, sorted({n for v in names.values() for n in v}))
-    calls = {k: run_calls(v, inputs) for k, v in names.items()}
-    unit = {k: "+".join(dict.fromkeys(suffix(n) for n in v)) for k, v in names.items()}
+    calls, unit = timed_runs(be, timed_with, todo, formats, lambda n: capture_decode_inputs(model, step, n))
     cache = MeasurementCache(cache_path)
     counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
     history: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}  # every measurement of a config, in order

@@ -145,6 +145,23 @@ def run_calls(names: Sequence[str], inputs: dict[str, tuple], ids: torch.Tensor 
     return [(n, *inputs[n]) if n else ("", (ids,), {"use_cache": False}) for n in names]
 
 
+def timed_runs(backend: Backend, timed_with: dict[str, list[Group]], todo: Sequence[tuple[str, Group, tuple]],
+               formats: list[str], capture: Callable[[list[str]], dict[str, tuple]],
+               ids: torch.Tensor | None = None) -> tuple[dict[str, list], dict[str, str]]:
+    """Per signature, the calls of one timed run (``timed_modules`` on all its configs in ``todo``, fixed for the
+    whole measurement, so a config timed now and one taken from the cache were timed on the same sub-graph) and its
+    name for the cache key and the record. ``capture(names)``: each named module's (args, kwargs) from one real
+    forward of the phase; without ``ids`` (no whole-model run: decode) a group must have an enclosing module."""
+    names = {k: timed_modules(backend, v, [c for kk, _, c in todo if kk == k] or v[0].configs(formats), formats[0])
+             for k, v in timed_with.items()}
+    if ids is None and any("" in v for v in names.values()):
+        raise IpampError("a group's ops share no enclosing module: this phase's timing needs a sub-graph per group")
+    inputs = capture(sorted({n for v in names.values() for n in v if n}))
+    calls = {k: run_calls(v, inputs, ids) for k, v in names.items()}
+    unit = {k: "+".join(dict.fromkeys(suffix(n) for n in v)) or "<model>" for k, v in names.items()}
+    return calls, unit
+
+
 def group_run(model: nn.Module, backend: Backend, calls: Sequence[tuple[str, tuple, dict]],
               assignment: dict[str, str]) -> Callable[[], object]:
     """One timed run: ``calls`` back to back inside ``backend.apply(assignment)`` (the reference too enters
@@ -496,13 +513,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     for (k, c), why in emulated.items():
         recs[(k, c)] = {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why}
     todo = [(k, g, c) for k, g, c in todo if (k, c) not in emulated]
-    # what one timed run of each signature calls (``timed_modules``): fixed by all its configs to time, so a config
-    # timed now and one taken from the cache were timed on the same sub-graph (the cache key says which)
-    names = {k: timed_modules(be, timed_with[k], [c for kk, _, c in todo if kk == k] or g.configs(formats), ref)
-             for k, g in representative.items()}
-    inputs = capture_module_inputs(model, sorted({n for v in names.values() for n in v if n}), ids)
-    calls = {k: run_calls(v, inputs, ids) for k, v in names.items()}
-    unit = {k: "+".join(dict.fromkeys(suffix(n) for n in v)) or "<model>" for k, v in names.items()}
+    calls, unit = timed_runs(be, timed_with, todo, formats, lambda n: capture_module_inputs(model, n, ids), ids)
 
     from ..distributed import rank_and_world, shard
 
