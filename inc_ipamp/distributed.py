@@ -47,7 +47,8 @@ def _same(values: Sequence[Any], what: str) -> Any:
 
 
 def _merge_operands(stats: Sequence[OperandStats], where: str) -> OperandStats:
-    """Sum every number (max for ``amax``) and every {format: number} dict, key by key, in rank order."""
+    """Sum every number (max for ``amax``) and every {format: number} dict, key by key; concatenate every
+    {format: per-sequence list} dict (``seq``: each rank calibrated its own sequences), in rank order."""
     out = {}
     for f in dataclasses.fields(OperandStats):
         vals = [getattr(s, f.name) for s in stats]
@@ -62,6 +63,9 @@ def _merge_operands(stats: Sequence[OperandStats], where: str) -> OperandStats:
                 for k, x in d.items():
                     acc[k] = max(acc[k], x) if (f.name in _MAX_FIELDS and k in acc) else acc.get(k, 0.0) + x
             out[f.name] = acc
+        elif isinstance(v0, dict) and all(isinstance(x, list) for d in vals for x in d.values()):
+            keys = dict.fromkeys(k for d in vals for k in d)
+            out[f.name] = {k: [x for d in vals for x in d.get(k, [])] for k in keys}
         else:
             raise MergeError(f"no merge rule for OperandStats.{f.name} ({type(v0).__name__}); add one to "
                              "inc_ipamp.distributed")
@@ -84,6 +88,18 @@ def _merge_op(ops: Sequence[OpSensitivity], name: str) -> OpSensitivity:
             raise MergeError(f"no merge rule for OpSensitivity.{f.name} ({type(vals[0]).__name__}); add one to "
                              "inc_ipamp.distributed._OP_RULES")
     return OpSensitivity(**out)
+
+
+def _with_rank_sequences(op: OpSensitivity, ranks: Sequence[dict[str, OpSensitivity]], n: Sequence[int]
+                         ) -> OpSensitivity:
+    """The merged op's per-sequence lists (``OperandStats.seq``) rank by rank, zeros for the sequences of a rank
+    that does not have the op, so sequence i is the same sequence in every op's list."""
+    for name, st in op.operands.items():
+        for fmt in st.seq:
+            st.seq[fmt] = [x for ops, k in zip(ranks, n, strict=True) for x in (
+                (ops[op.name].operands[name].seq.get(fmt, []) + [0.0] * k)[:k]
+                if op.name in ops and name in ops[op.name].operands else [0.0] * k)]
+    return op
 
 
 def merge_sensitivities(records: Sequence[Sensitivity]) -> Sensitivity:
@@ -112,7 +128,8 @@ def merge_sensitivities(records: Sequence[Sensitivity]) -> Sensitivity:
             out[f.name] = [op for op in vals[0] if all(op in v for v in vals)]
         elif rule == "ops":
             names = list(dict.fromkeys(op for v in vals for op in v))  # execution order of the first rank, then others'
-            out[f.name] = {op: _merge_op([v[op] for v in vals if op in v], op) for op in names}
+            out[f.name] = {op: _with_rank_sequences(_merge_op([v[op] for v in vals if op in v], op), vals, n)
+                           for op in names}
         else:
             raise MergeError(f"no merge rule for Sensitivity.{f.name} ({type(vals[0]).__name__}); add one to "
                              "inc_ipamp.distributed._SENS_RULES")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,18 +36,23 @@ def sequence_losses(model: nn.Module, blocks: Iterable[torch.Tensor], batch_size
 
 
 def loss_change(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],
-                reference: torch.Tensor | None = None, apply: Applier | None = None) -> dict[str, float]:
+                reference: torch.Tensor | None = None, apply: Applier | None = None,
+                per_sequence: bool = False) -> dict[str, Any]:
     """One pass over ``blocks`` under the assignment (``apply``, default ``fake_quant``): the measured loss MSE
     E_n[(loss_n(assignment) − loss_n(reference))²] (the quantity the Taylor model predicts), the mean loss shift,
-    and the perplexity under the assignment."""
+    and the perplexity under the assignment; with ``per_sequence`` also each sequence's change ("loss_changes"), for
+    a bootstrap over the evaluation sequences."""
     blocks = list(blocks)
     if reference is None:
         reference = sequence_losses(model, blocks)
     with (apply or fake_quant)(model, assignment) as m:
         q = sequence_losses(m, blocks)
     d = q - reference
-    return {"measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
-            "perplexity": math.exp(float(q.mean()))}
+    out: dict[str, Any] = {"measured_loss_mse": float((d ** 2).mean()), "measured_loss_shift": float(d.mean()),
+                           "perplexity": math.exp(float(q.mean()))}
+    if per_sequence:
+        out["loss_changes"] = d.tolist()
+    return out
 
 
 def measured_loss_mse(model: nn.Module, blocks: Iterable[torch.Tensor], assignment: dict[str, str],

@@ -39,14 +39,22 @@ DEFAULT_MIN_SQNR_DB = 5.0
 #: (16×256 calibration tokens) its plan measured 1.530× at loss MSE 0.00112 (default_run.md at e96a9bd), off 1.346×
 #: at 0.00105 (default_run_first_order_off.md): the first-order mean carries real signal on average (held-out shift
 #: of random assignments 0.97-1.11× predicted with it, 0.82-0.90× without: sensitivity.md, sensitivity_int8.md).
-#: Between the two, the default since loss model v4: the per-op means shrunk toward their op type's
-#: (``SHRINK_FIRST_ORDER``).
+#: Between the two, the default since loss model v5: one estimate per op type, kept as far as the calibration can
+#: tell it from zero (``FIRST_ORDER_ESTIMATE``).
 FIRST_ORDER_SHIFT = True
-#: whether that first-order mean is each op's own sample mean (False) or an empirical-Bayes estimate (True, the
-#: default): shrunk toward the mean of its op type (the same op and operand in every decoder layer) by how much of
-#: the spread across layers its standard error explains (``first_order_mean``). Keeps the type's shared signal (v_proj's
-#: activations: 22 of 30 layers negative) and drops the per-layer noise the IP would otherwise pick for its sign.
-SHRINK_FIRST_ORDER = True
+#: how that first-order mean is estimated. "tested" (the default since loss model v5): one estimate per op type (the
+#: same op and operand in every decoder layer), its mean over the layers shrunk by its standard error from the
+#: per-sequence type totals (``first_order_mean``). "shrunk" (v4): each op's own mean shrunk toward its type's by
+#: empirical Bayes, the SEs per op. "own": each op's sample mean. Why "tested": the IP buys the ops whose estimate is
+#: lowest, so an estimate's noise becomes the plan's bias. With "shrunk" (SmolLM2 INT8, 8×256 calibration tokens) the
+#: five IP-ET plans of peers.md at 73738a3 had a first-order sum of −0.004 .. −0.082 in calibration and +0.001 ..
+#: −0.045 on three held-out sets of 8 sequences calibrated alike; their measured shifts were 2-10× the predicted. The
+#: type means themselves did not hold out (gate_proj's activations −0.00025 in calibration, +0.00012 / −0.00003 /
+#: −0.00004 held out) except v_proj's activations (−0.0019 / −0.0023 / −0.0017 / −0.0025): the layers share the
+#: calibration sequences, so their noise does not average out over the layers, and only a per-sequence type total
+#: sees that.
+FIRST_ORDER_ESTIMATE = "tested"
+FIRST_ORDER_ESTIMATES = ("tested", "shrunk", "own")
 #: whether the coherent model's per-op variance is the op's own sample variance of d_n (False) or a ratio estimate
 #: (True, the default): its op type's pooled coherent/diagonal ratio times its own diagonal sum ``dia``
 #: (``noise_variance``). The coherent sum is one squared number per sequence (8 sequences: ±50% sampling noise per
@@ -57,8 +65,9 @@ POOL_NOISE = True
 MIN_TYPE_MEMBERS = 3
 #: version of the sums in a sensitivity record: 2 = weight first-order (coh, lin) sums, GQA copies folded, curvature
 #: weighted by each sequence's T' and over ``n_curvature`` sequences, INT8 activations with the kernel's numerics;
-#: 3 = an output operand "y" for the formats whose kernels round their output (bf16); 4 = diagonal sums ``dia``
-LOSS_MODEL_VERSION = 4
+#: 3 = an output operand "y" for the formats whose kernels round their output (bf16); 4 = diagonal sums ``dia``;
+#: 5 = the per-sequence first-order changes ``seq``
+LOSS_MODEL_VERSION = 5
 
 
 def auto_noise(fmt: str) -> str:
@@ -81,8 +90,29 @@ def shrink(means: list[float], se2: list[float]) -> list[float]:
     return [mu + (tau2 / (tau2 + e) if tau2 + e > 0 else 1.0) * (m - mu) for m, e in zip(means, se2, strict=True)]
 
 
+def tested_mean(seqs: list[list[float]], tests: int = 1) -> float:
+    """One first-order mean for the ops of a type from their per-sequence changes ``seqs`` (one list per op, the
+    same sequences in the same order): m = E_n[D_n]/L, D_n = Σ_ops d_n the type's total of sequence n, times
+    max(0, 1 − λ²·SE²/m²), SE² = Var_n(D_n)/(N·L²). The SE is the one that counts: the ops share the calibration
+    sequences, so their errors need not cancel over the layers. The factor is a non-negative garrote at
+    λ² = max(1, 2 ln ``tests``), the universal threshold for that many means estimated at once (with λ² = 1 it is the
+    linear shrink μ²/(μ² + SE²), μ² estimated by m² − SE²): a mean within λ SEs of zero counts as zero, one of many
+    SEs nearly whole. Why the threshold grows with the tests: of 37 type means (SmolLM2, 8 sequences) several lie
+    2 SEs from zero by chance, and the IP buys whichever of them came out negative."""
+    n, k = len(seqs[0]), len(seqs)
+    if n < 2 or any(len(s) != n for s in seqs):
+        raise ArtifactError("per-sequence sums of unequal length (or fewer than 2 sequences): rerun calibrate")
+    totals = [sum(col) for col in zip(*seqs, strict=True)]
+    m = statistics.fmean(totals) / k
+    se2 = statistics.variance(totals) / (n * k * k)
+    if not (math.isfinite(m) and math.isfinite(se2)) or m == 0.0:
+        return 0.0
+    lam2 = max(1.0, 2.0 * math.log(max(tests, 1)))
+    return m * max(0.0, 1.0 - lam2 * se2 / (m * m))
+
+
 #: per-record caches of the estimators pooled over op types (``noise_variance``, ``first_order_mean``)
-_CACHES = ("_noise_cache", "_first_order_cache")
+_CACHES = ("_noise_cache", "_first_order_cache", "_tested_cache")
 
 
 class LossModel:
@@ -218,17 +248,48 @@ class LossModel:
         return {t: v for t, v in by_type.items() if len(v) >= MIN_TYPE_MEMBERS}
 
     def first_order_mean(self, op: str, operand: str, fmt: str) -> float:
-        """The mean first-order loss change E_n[g·e] of one operand of one op in ``fmt``: its sample mean over the
-        calibration sequences, or with ``SHRINK_FIRST_ORDER`` the empirical-Bayes estimate over its op type
-        (``shrink``; SE² = (E[d²] − E[d]²)/(N − 1) per op). Why: over 8 sequences most per-op means are within a
-        standard error of 0 (SmolLM2 INT8, 8 sequences: the SEs explain most of the spread across layers for 14 of the
-        18 op types, all of it for 8), and a budget solved on them bought the ops whose noise came out negative (their
-        loss then measured 1.3-3.5× predicted)."""
+        """The mean first-order loss change E_n[g·e] of one operand of one op in ``fmt``, as ``FIRST_ORDER_ESTIMATE``
+        says. "tested": its type's estimate (``tested_mean``, as many tests as the record has op types and operands
+        in ``fmt``) over the per-sequence sums ``seq``, spread over the type's ops by their curvature terms (equally
+        without curvature); "shrunk":
+        the empirical-Bayes estimate over its type (``shrink``; SE² = (E[d²] − E[d]²)/(N − 1) per op; types of at
+        least ``MIN_TYPE_MEMBERS`` ops); "own" (or fewer than 2 sequences): its sample mean."""
         n = max(self.n_samples, 1)
         raw = self.ops[op].operands[operand].lin.get(fmt, 0.0) / n
-        if not SHRINK_FIRST_ORDER or n < 2:
+        if FIRST_ORDER_ESTIMATE not in FIRST_ORDER_ESTIMATES:
+            raise IpampError(f"FIRST_ORDER_ESTIMATE must be one of {FIRST_ORDER_ESTIMATES}, "
+                             f"got {FIRST_ORDER_ESTIMATE!r}")
+        if FIRST_ORDER_ESTIMATE == "own" or n < 2:
             return raw
+        if FIRST_ORDER_ESTIMATE == "tested":
+            st = self.ops[op].operands[operand]
+            if fmt not in st.seq:
+                if fmt in st.lin:
+                    raise ArtifactError(f"{op}.{operand} has no per-sequence sums for {fmt}: rerun calibrate")
+                return raw  # an operand this format does not round (the output "y" of a non-bf16 format): 0
+            return self._per_type(_CACHES[2], (operand, fmt), lambda: self._tested_means(operand, fmt))[op]
         return self._per_type(_CACHES[1], (operand, fmt, n), lambda: self._shrunk_means(operand, fmt, n)).get(op, raw)
+
+    def _tested_means(self, operand: str, fmt: str) -> dict[str, float]:
+        by_type: dict[tuple[str, str], list[str]] = {}
+        for name, o in self.ops.items():
+            for opd, st in o.operands.items():
+                if fmt in st.seq:
+                    by_type.setdefault((op_type(name), opd), []).append(name)
+        out: dict[str, float] = {}
+        for (_, opd), names in by_type.items():
+            if opd != operand:
+                continue
+            est = tested_mean([self.ops[x].operands[operand].seq[fmt] for x in names], tests=len(by_type))
+            # spread over the type's ops by their curvature term: the IP buys the ops of a type whose errors are
+            # small, and their first-order change is small with them (v_proj's activations, SmolLM2 INT8: held-out
+            # per-layer means correlate -0.69 with the calibration's curvature terms)
+            scale = [self.ops[x].operands[operand].curv.get(fmt, 0.0) for x in names]
+            total = sum(scale)
+            if not (total > 0 and math.isfinite(total)):
+                scale, total = [1.0] * len(names), float(len(names))
+            out.update((x, est * len(names) * c / total) for x, c in zip(names, scale, strict=True))
+        return out
 
     def _shrunk_means(self, operand: str, fmt: str, n: int) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -84,6 +84,9 @@ class OperandStats:
     type (``LossModel.noise_variance``). For the weight operand its terms are the output's (g_y ⊙ E x, when the
     weight's changes come from the output errors) or the weight gradient's (g_W ⊙ E): one or the other for every
     layer of a record.
+    seq[f]: the d_n themselves, one per calibration sequence in calibration order (Σ seq = lin): summed over an op
+    type they give the type's first-order mean a standard error that counts the calibration sequences shared by all
+    its layers (``LossModel.first_order_mean``).
     Operand "y" is the op's output, for formats whose kernel rounds it (``Format.output_rounded``, bf16).
     """
 
@@ -99,6 +102,7 @@ class OperandStats:
     curv: dict[str, float] = field(default_factory=dict)
     lin: dict[str, float] = field(default_factory=dict)
     dia: dict[str, float] = field(default_factory=dict)
+    seq: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass

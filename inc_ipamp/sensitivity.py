@@ -157,6 +157,7 @@ class _Collector:
             _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
             st.coh[f.name] = st.coh.get(f.name, 0.0) + d2
             st.lin[f.name] = st.lin.get(f.name, 0.0) + d1
+            self._add_seq(st, f.name, d.tolist())
             ge2 = _sum(ge * ge)  # the diagonal sum; for an activation it is also the empirical model's
             st.dia[f.name] = st.dia.get(f.name, 0.0) + ge2
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
@@ -167,6 +168,23 @@ class _Collector:
                 s = scale_of(x, f, reduce_dim, per_sample=True)
                 u = g2_sum * float(s) ** 2 / 12.0 if s.numel() == 1 else _sum(g2 * (s * s / 12.0))
                 st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + u
+
+    def _add_seq(self, st: OperandStats, fmt: str, d: list[float]) -> None:
+        """Add this batch's per-sequence first-order changes to ``st.seq[fmt]`` at the batch's sequence indices (an op
+        called more than once per sequence adds up, as its Σ d_n does)."""
+        s = st.seq.setdefault(fmt, [])
+        i0 = self.state["seq0"]
+        s.extend([0.0] * (i0 + len(d) - len(s)))
+        for i, v in enumerate(d):
+            s[i0 + i] += v
+
+    def pad_seq(self, n: int) -> None:
+        """Every operand's ``seq`` as long as the calibration (zeros where the op was not reached), for every format
+        it collects, so sequence n means the same sequence in every op's list."""
+        for operand, st in self.rec.operands.items():
+            for f in (self.out_formats if operand == "y" else self.formats):
+                s = st.seq.setdefault(f.name, [])
+                s.extend([0.0] * (n - len(s)))
 
     def _alias(self, t: torch.Tensor, operand: str, reduce_dim: int, copies: int = 1) -> torch.Tensor:
         if not t.requires_grad:
@@ -263,19 +281,21 @@ class _Collector:
         for name, dy in dys.items():
             gd = gy * dy
             d = gd.reshape(n, -1).sum(1, dtype=torch.float64)
-            self._add_weight_changes(name, float((d * d).sum()), float(d.sum()), curv, 0.0 if curv else _sum(gd * gd))
+            self._add_weight_changes(name, d.tolist(), curv, 0.0 if curv else _sum(gd * gd))
 
-    def _add_weight_changes(self, fmt: str, sq: float, total: float, curv: bool, diag: float = 0.0) -> None:
-        """Add the weight operand's per-sequence changes d_n in ``fmt`` (``sq`` = Σ d_n², ``total`` = Σ d_n, ``diag``
-        = the squares of their terms) to the curvature sum (sampled-label pass, weighted by T') or to the coherent,
-        first-order and diagonal sums."""
+    def _add_weight_changes(self, fmt: str, d: list[float], curv: bool, diag: float = 0.0) -> None:
+        """Add the weight operand's per-sequence changes ``d`` = [d_n] in ``fmt`` (``diag`` = the squares of their
+        terms) to the curvature sum (sampled-label pass, weighted by T') or to the coherent, first-order, diagonal and
+        per-sequence sums."""
         st = self.rec.operands["w"]
+        sq = sum(v * v for v in d)
         if curv:
             st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sq
         else:
             st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
-            st.lin[fmt] = st.lin.get(fmt, 0.0) + total
+            st.lin[fmt] = st.lin.get(fmt, 0.0) + sum(d)
             st.dia[fmt] = st.dia.get(fmt, 0.0) + diag
+            self._add_seq(st, fmt, d)
 
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._w is None:  # weights are fixed during calibration: one scale per format, once
@@ -330,7 +350,7 @@ class _Collector:
                     s_c = _block_scale(scales[f.name], rows)
                     st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + _sum(g2 * (s_c * s_c / 12.0))
         for name, dn in d.items():
-            self._add_weight_changes(name, sum(v * v for v in dn), sum(dn), kind == "curv", dia[name])
+            self._add_weight_changes(name, dn, kind == "curv", dia[name])
 
     def finish_weight(self, n_samples: int) -> None:
         """Gradient-free sums of the weight operand (Σw², Σe², max|w|), once, and the non-finite check."""
@@ -437,6 +457,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             # A leaf that requires grad makes every activation downstream require grad, so the
             # hooks see gradients while no parameter gradient is ever computed or stored.
             state["tokens"] = batch.shape[1] - 1  # predicted tokens of each sequence of the batch (T')
+            state["seq0"] = n  # index of the batch's first sequence (``OperandStats.seq``)
             # batch i gets the curvature backward when the running share's ceiling steps up: evenly spread, and
             # the first batch always (a calibration of fewer than 1/share batches still gets a shift estimate)
             curv_now = curvature and math.ceil((n_batches + 1) * curvature_share) > math.ceil(
@@ -475,6 +496,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
         raise SensitivityError("the calibration data is empty")
     for c in cols:
         c.finish_weight(n)
+        c.pad_seq(n)
     tied = tied_linears(model)
     for c in cols:
         c.rec.tied = c.name in tied

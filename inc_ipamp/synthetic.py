@@ -78,6 +78,17 @@ def layer_layout(s: Shape, seq: int) -> list[tuple[str, list[tuple[str, str, int
     return out
 
 
+def per_sequence(rng: random.Random, n: int, lin: float, coh: float) -> list[float]:
+    """``n`` per-sequence first-order changes with sum ``lin`` and sum of squares ``coh`` (where coh ≥ lin²/n),
+    independent noise around their mean: what a record's ``seq`` holds, made up for a synthetic one."""
+    z = [rng.gauss(0.0, 1.0) for _ in range(n)]
+    mz = sum(z) / n
+    sz = math.sqrt(sum((v - mz) ** 2 for v in z) / n) or 1.0
+    m = lin / n
+    sd = math.sqrt(max(coh / n - m * m, 0.0))
+    return [m + sd * (v - mz) / sz for v in z]
+
+
 def synthetic_records(s: Shape, formats: tuple[str, ...] = ("bf16", "fp8_e4m3", "fp8_e5m2"), seq: int = 2048,
                       n_samples: int = 32, mean_loss: float = 2.0, seed: int = 0,
                       layers: int | None = None) -> tuple[Sensitivity, Partition, Gains]:
@@ -109,8 +120,9 @@ def synthetic_records(s: Shape, formats: tuple[str, ...] = ("bf16", "fp8_e4m3", 
                 if get_format(f).kind == "int":
                     st.int_uniform[f] = term * rng.uniform(0.8, 1.5)
                 if opd != "w":
-                    st.coh[f] = term * rng.uniform(0.7, 1.3)
-                    st.lin[f] = term * rng.uniform(-0.5, 0.5)
+                    lin, coh = term * rng.uniform(-0.5, 0.5), term * rng.uniform(0.7, 1.3)
+                    st.seq[f] = per_sequence(rng, n_samples, lin, coh)
+                    st.lin[f], st.coh[f] = sum(st.seq[f]), sum(v * v for v in st.seq[f])
             operands[opd] = st
         ops[name] = OpSensitivity(name, kind, calls=1, macs=macs, weight_numel=wnum, operands=operands)
         macs_of[name] = macs

@@ -93,7 +93,7 @@ def test_no_curvature_keeps_only_the_first_order_shift(run_dir, tmp_path):
     rec = Sensitivity.load(out / "sensitivity.json")
     low = {op: f for op, f in plan["assignment"].items() if f != "fp32"}
     assert plan["solver"]["predicted_shift"] == pytest.approx(sum(
-        st.lin.get(f, 0.0) for op, f in low.items() for st in rec.ops[op].operands.values()) / rec.n_samples)
+        rec.first_order_mean(op, o, f) for op, f in low.items() for o in rec.ops[op].operands))
 
 
 def test_stage_reruns_alone_from_files(run_dir, capsys):

@@ -77,6 +77,9 @@ def _close(a, b, where: str) -> None:
             _close(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-12), where
+    elif isinstance(a, list) and ".seq." in where:  # per-sequence lists: rank by rank (the shards are round-robin)
+        order = [i for r in range(WORLD) for i in range(r, len(b), WORLD)]
+        assert a == pytest.approx([b[i] for i in order], rel=1e-5, abs=1e-12), where
     else:
         assert a == b, where
 
@@ -113,10 +116,12 @@ def test_merge_rules_follow_the_fields():
     """Sums add, amax is the max, per-sequence constants must agree; an op one rank never reached comes from the
     other; a field of an unknown type fails loudly instead of being dropped."""
     def rec(n, amax, calls, macs=10, reached=True):
-        st = OperandStats(xg2=1.0 * n, g2=2.0, amax=amax, x2=3.0, numel=5, emp={"int8": 0.5}, lin={"int8": -1.0})
+        st = OperandStats(xg2=1.0 * n, g2=2.0, amax=amax, x2=3.0, numel=5, emp={"int8": 0.5}, lin={"int8": -1.0},
+                          seq={"int8": [amax + i for i in range(n)]})
         ops = {"a": OpSensitivity("a", "linear", calls=calls, macs=macs, operands={"x": st})}
         if reached:
-            ops["b"] = OpSensitivity("b", "linear", calls=calls, macs=macs, operands={"x": OperandStats(g2=1.0)})
+            ops["b"] = OpSensitivity("b", "linear", calls=calls, macs=macs, operands={"x": OperandStats(
+                g2=1.0, seq={"int8": [7.0] * n})})
         return Sensitivity("m", n, 16, mean_loss=2.0 * n, formats=["int8"], ops=ops,
                            unreached=[] if reached else ["b"])
 
@@ -125,9 +130,12 @@ def test_merge_rules_follow_the_fields():
     assert (m.n_samples, m.mean_loss, m.ops["a"].calls) == (4, (2.0 + 18.0) / 4, 4)
     assert (st.xg2, st.g2, st.amax, st.numel, st.emp, st.lin) == (4.0, 4.0, 4.0, 10, {"int8": 1.0}, {"int8": -2.0})
     assert m.unreached == [] and m.ops["b"].calls == 1
+    # per-sequence lists: rank order, and zeros for the sequences of the rank that never reached "b"
+    assert st.seq == {"int8": [4.0, 2.0, 3.0, 4.0]}
+    assert m.ops["b"].operands["x"].seq == {"int8": [7.0, 0.0, 0.0, 0.0]}
     with pytest.raises(MergeError, match="macs differs"):
         merge_sensitivities([rec(1, 1.0, 1), rec(1, 1.0, 1, macs=11)])
     bad = rec(1, 1.0, 1)
-    bad.ops["a"].operands["x"].emp = {"int8": [1.0]}  # a type no rule covers
+    bad.ops["a"].operands["x"].emp = {"int8": "1.0"}  # a type no rule covers
     with pytest.raises(MergeError, match="OperandStats.emp"):
         merge_sensitivities([bad, bad])

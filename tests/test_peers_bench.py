@@ -63,6 +63,35 @@ def test_equal_loss_comparison_interpolates_in_log_loss():
     assert c[0]["verdict"] == "ahead" and c[1]["verdict"] == "level"
 
 
+def test_equal_loss_bootstrap_carries_the_loss_measurements_noise():
+    """``bootstrap_equal_loss``: with quiet per-sequence loss changes the joint interval is about the timing's and the
+    verdict "ahead"; the same plans with loud per-sequence changes (same MSEs) get a wide interval that includes 0 —
+    the timing CIs alone would still say "ahead". The interval brackets the point difference."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n_seq, rounds = 24, 40
+    ref = list(1.0 + 0.005 * rng.standard_normal(rounds))
+
+    def plan(name, mse, speed, loud):
+        d = rng.standard_normal(n_seq) * (3.0 if loud else 0.05) + 1.0
+        d = d * np.sqrt(mse / np.mean(d ** 2))  # exactly this loss MSE
+        t = [r / speed * (1 + 0.002 * e) for r, e in zip(ref, rng.standard_normal(rounds), strict=True)]
+        return {"plan": name, "measured_loss_mse": float(np.mean(d ** 2)), "loss_changes": d.tolist()}, t
+
+    for loud, want in ((False, "ahead"), (True, "level")):
+        rows, times = [], {"reference": ref}
+        for name, mse, speed in (("a", 1e-4, 1.10), ("b", 1e-2, 1.30), ("x", 1e-3, 1.225)):
+            r, t = plan(name, mse, speed, loud)
+            r.update(bp.speedup_with_ci(ref, t))
+            rows.append(r)
+            times[name] = t
+        c = bp.bootstrap_equal_loss(rows[2:], rows[:2], times, n_boot=400)
+        assert len(c) == 1 and c[0]["theirs"] == pytest.approx(1.2, abs=0.01)
+        assert c[0]["diff"] > c[0]["timing_ci"]  # the timing CIs alone: ahead
+        assert c[0]["lo"] <= c[0]["diff"] <= c[0]["hi"] and c[0]["verdict"] == want, c[0]
+
+
 def test_autoscheme_per_tensor_candidate_follows_our_int8_record():
     from inc_ipamp.formats import get_format
 

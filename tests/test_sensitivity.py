@@ -246,10 +246,10 @@ def test_streamed_blocks_and_record_roundtrip(tmp_path, small_model, calib_block
 
 def test_mean_shifts_match_in_sample(small_model, calib_blocks, monkeypatch):
     """On the calibration sequences, each op's mean shift (first-order sample mean of both operands + its own
-    curvature term: ``FIRST_ORDER_SHIFT`` on, ``SHRINK_FIRST_ORDER`` off, as in-sample the sample mean is the right
+    curvature term: ``FIRST_ORDER_SHIFT`` on, ``FIRST_ORDER_ESTIMATE`` "own", as in-sample the sample mean is the right
     estimate) is its measured mean loss change, and a large guarded INT8 plan's loss MSE is within 3x of noise +
     (Σ shift)²; switched off, the shift is the curvature part alone. Out of sample and across domains, with the
-    shrunk default: benchmarks/results/sensitivity.md."""
+    type-level default: benchmarks/results/sensitivity_int8_v5.md."""
     from inc_ipamp import lossmodel
     from inc_ipamp.apply.fake import fake_quant
     from inc_ipamp.evaluate import sequence_losses
@@ -262,7 +262,7 @@ def test_mean_shifts_match_in_sample(small_model, calib_blocks, monkeypatch):
     assert curv_only == pytest.approx(0.5 * sum(st.curv["int8"] for st in s.ops[op].operands.values())
                                       / s.n_curvature) and curv_only > 0
     monkeypatch.setattr(lossmodel, "FIRST_ORDER_SHIFT", True)
-    monkeypatch.setattr(lossmodel, "SHRINK_FIRST_ORDER", False)
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "own")
     assert s.has_curvature and s.n_curvature == s.n_samples
     assert all(st.curv and st.lin for op in s.ops.values() for st in op.operands.values())
     plan = {o: "int8" for o in s.op_names if s.sqnr_db(o, "int8") >= 25}
@@ -319,6 +319,7 @@ def test_weight_first_order_change_per_sequence_matches_autograd():
                 dia[fmt] = dia.get(fmt, 0.0) + float(((g * e) ** 2).sum())  # the weight gradient's terms
             st = s.ops[op].operands["w"]
             assert st.lin[fmt] == pytest.approx(sum(d), rel=1e-6, abs=1e-12)
+            assert st.seq[fmt] == pytest.approx(d, rel=1e-6, abs=1e-12)  # each sequence's, in calibration order
             assert st.coh[fmt] == pytest.approx(sum(v * v for v in d), rel=1e-6)
             assert st.dia[fmt] == pytest.approx(dia[fmt], rel=1e-6)
     finally:
@@ -359,6 +360,7 @@ def test_weight_changes_from_output_errors_equal_those_from_weight_gradients(mon
         w.requires_grad_(False)
     st = fast.ops[op].operands["w"]
     assert st.lin["int8"] == pytest.approx(sum(d), rel=1e-5, abs=1e-12)
+    assert st.seq["int8"] == pytest.approx(d, rel=1e-5, abs=1e-12)
     assert st.coh["int8"] == pytest.approx(sum(v * v for v in d), rel=1e-5)
     # the diagonal sum of this route squares the output's terms g_y ⊙ E x (the gradient route's: g_W ⊙ E)
     dia = 0.0
@@ -390,12 +392,15 @@ def test_activation_diagonal_sum_matches_autograd():
     s = calibrate(model, [ids], ["int8"], progress=False)
     op = "model.layers.1.mlp.down_proj"
     dia = coh = 0.0
+    seq: list[float] = []
     for row in ids:
         (x, _), (gx,) = _input_output_grad(model, op, row[None], "input")
         ge = gx * (quantize(x, "int8", -1, per_sample=True) - x)
         dia += float((ge ** 2).sum())
         coh += float(ge.sum()) ** 2
+        seq.append(float(ge.sum()))
     st = s.ops[op].operands["x"]
+    assert st.seq["int8"] == pytest.approx(seq, rel=1e-6)  # an activation's d_n, sequence by sequence
     assert st.coh["int8"] == pytest.approx(coh, rel=1e-6)
     assert st.dia["int8"] == pytest.approx(dia, rel=1e-6)
 
@@ -433,11 +438,14 @@ def test_gqa_copies_share_one_rounding_error(monkeypatch):
         assert s.ops[f"model.layers.0.self_attn.{op}"].operands["b"].emp[f] == pytest.approx(v, rel=1e-6), (op, f)
 
 
-def test_first_order_means_are_shrunk_toward_their_op_types_mean():
-    """Empirical Bayes over the layers (``lossmodel.shrink``), against numbers computed by hand: 30 layers whose
-    per-sequence first-order changes are noise around one true mean come out at the pooled mean; layers whose means
-    differ by far more than their standard errors keep their own; a single op (lm_head) keeps its sample mean."""
+def test_first_order_means_are_shrunk_toward_their_op_types_mean(monkeypatch):
+    """``FIRST_ORDER_ESTIMATE`` "shrunk" (loss model v4): empirical Bayes over the layers (``lossmodel.shrink``),
+    against numbers computed by hand: 30 layers whose per-sequence first-order changes are noise around one true mean
+    come out at the pooled mean; layers whose means differ by far more than their standard errors keep their own; a
+    single op (lm_head) keeps its sample mean."""
     from inc_ipamp import lossmodel
+
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "shrunk")
     from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
 
     rng = random.Random(0)
@@ -470,7 +478,68 @@ def test_first_order_means_are_shrunk_toward_their_op_types_mean():
             apart.ops[op].operands["x"].lin["int8"] / n, rel=0.02, abs=1e-4)
     lossmodel_shift = same.shift("model.layers.3.mlp.down_proj", "int8")
     assert lossmodel_shift == pytest.approx(got[3])  # the shift uses it (no curvature in this record)
-    assert lossmodel.SHRINK_FIRST_ORDER
+
+
+def _seq_record(seqs: dict[str, list[float]], n: int, curv: dict[str, float] | None = None):
+    from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
+
+    ops = {name: OpSensitivity(name, "linear", operands={"x": OperandStats(
+        coh={"int8": sum(v * v for v in d)}, lin={"int8": sum(d)}, seq={"int8": d},
+        curv={"int8": (curv or {}).get(name, 0.0)})}) for name, d in seqs.items()}
+    return Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=n)
+
+
+def test_first_order_mean_is_tested_on_the_types_per_sequence_totals(monkeypatch):
+    """The default (``FIRST_ORDER_ESTIMATE`` "tested"): one estimate per op type, m·max(0, 1 − λ²SE²/m²) with m the
+    type's mean, SE from its per-sequence totals and λ² = 2 ln(number of types), spread over the type's ops by their
+    curvature terms, against numbers computed by hand. Layers whose changes share one per-sequence noise (the
+    calibration sequences are the same for every layer) around a true mean of 0 get 0, though the layers agree with
+    each other on it; layers with a real common mean keep most of it, the ones with small curvature less; a single op
+    is a type of its own. (v4's per-op shrinkage took the layers' pooled mean as exact: with the noise common to all
+    layers, it kept the shared noise whole.)"""
+    import math
+    import statistics
+
+    from inc_ipamp import lossmodel
+    from inc_ipamp.errors import ArtifactError
+
+    assert lossmodel.FIRST_ORDER_ESTIMATE == "tested"
+    rng = random.Random(3)
+    n = 8
+    common = [rng.gauss(0.0, 0.01) for _ in range(n)]
+    common = [c - statistics.fmean(common) + 0.003 for c in common]  # sample mean 0.003, true mean 0
+    seqs = {f"model.layers.{i}.mlp.gate_proj": [c + rng.gauss(0.0, 0.0005) for c in common] for i in range(30)}
+    seqs |= {f"model.layers.{i}.self_attn.v_proj": [-0.002 + rng.gauss(0.0, 0.0003) + 0.0002 * c for c in common]
+             for i in range(30)}
+    seqs["lm_head"] = [0.01 * (k % 2) + 0.004 for k in range(n)]
+    curv = {f"model.layers.{i}.self_attn.v_proj": 0.001 * (i + 1) for i in range(30)}
+    rec = _seq_record(seqs, n, curv)
+    lam2 = 2 * math.log(3)  # three types
+
+    def by_hand(names):
+        tot = [sum(seqs[x][k] for x in names) for k in range(n)]
+        m = statistics.fmean(tot) / len(names)
+        se2 = statistics.variance(tot) / (n * len(names) ** 2)
+        return m * max(0.0, 1.0 - lam2 * se2 / m ** 2)
+
+    gates = [x for x in seqs if x.endswith("gate_proj")]
+    assert [rec.first_order_mean(x, "x", "int8") for x in gates] == [0.0] * 30  # within λ SEs: counts as 0
+    assert by_hand(gates) == 0.0
+    vs = [x for x in seqs if x.endswith("v_proj")]
+    want = by_hand(vs)
+    assert want == pytest.approx(-0.002, rel=0.05)
+    got = [rec.first_order_mean(x, "x", "int8") for x in vs]
+    assert got == pytest.approx([want * 30 * curv[x] / sum(curv.values()) for x in vs], rel=1e-12)
+    assert rec.first_order_mean("lm_head", "x", "int8") == pytest.approx(by_hand(["lm_head"]), rel=1e-12)
+    assert 0 < by_hand(["lm_head"]) < 0.009  # one op, 8 sequences: a real mean 0.009, shrunk a little
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "shrunk")
+    shrunk = _seq_record(seqs, n).first_order_mean(gates[0], "x", "int8")
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "tested")
+    assert shrunk == pytest.approx(0.003, rel=0.1)  # per-op shrinkage keeps the shared noise
+    no_seq = _seq_record(seqs, n)
+    no_seq.ops[gates[0]].operands["x"].seq = {}
+    with pytest.raises(ArtifactError, match="rerun calibrate"):
+        no_seq.first_order_mean(gates[0], "x", "int8")
 
 
 def test_noise_variance_is_its_types_ratio_times_its_diagonal_sum():
@@ -514,14 +583,17 @@ def test_a_copy_with_changed_sums_predicts_from_its_own():
     from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
 
     n = 8
+    seqs = [[0.02 * i + 0.01 * (k % 3) for k in range(n)] for i in range(4)]
     ops = {f"model.layers.{i}.mlp.up_proj": OpSensitivity(f"model.layers.{i}.mlp.up_proj", "linear", operands={
-        "x": OperandStats(coh={"int8": 0.01 * (i + 1)}, lin={"int8": 0.02 * i}, dia={"int8": 0.1})}) for i in range(4)}
+        "x": OperandStats(coh={"int8": sum(v * v for v in d)}, lin={"int8": sum(d)}, seq={"int8": d},
+                          dia={"int8": 0.1})}) for i, d in enumerate(seqs)}
     rec = Sensitivity("m", n, 16, 3.0, ["int8"], ops, n_curvature=0)
     op = "model.layers.0.mlp.up_proj"
     before = (rec.first_order_mean(op, "x", "int8"), rec.noise_variance(op, "x", "int8"))
     for twin in (copy.deepcopy(rec), pickle.loads(pickle.dumps(rec))):
         for o in twin.ops.values():
             o.operands["x"].lin["int8"] *= 3.0
+            o.operands["x"].seq["int8"] = [3.0 * v for v in o.operands["x"].seq["int8"]]
             o.operands["x"].coh["int8"] *= 2.0
         after = (twin.first_order_mean(op, "x", "int8"), twin.noise_variance(op, "x", "int8"))
         assert after[0] == pytest.approx(3.0 * before[0]) and after[1] != pytest.approx(before[1])
@@ -533,7 +605,8 @@ def test_mean_is_not_counted_twice():
     from inc_ipamp.records import OperandStats, OpSensitivity, Sensitivity
 
     n, c = 8, 0.03
-    st = OperandStats(coh={"int8": n * c * c}, lin={"int8": n * c}, curv={"int8": 0.0}, emp={"int8": 1.0})
+    st = OperandStats(coh={"int8": n * c * c}, lin={"int8": n * c}, seq={"int8": [c] * n}, curv={"int8": 0.0},
+                      emp={"int8": 1.0})
     rec = Sensitivity("m", n, 16, 3.0, ["int8"], {"op": OpSensitivity("op", "linear", operands={"x": st})},
                       n_curvature=n)
     assert rec.predict({"op": "int8"}, "coherent") == pytest.approx(c * c)

@@ -128,8 +128,11 @@ def test_ip_matches_brute_force(records, metric):
 
 
 def _with_shifts(records, seed=1):
-    """The same records with curvature sums, so each op also has a predicted mean loss shift."""
+    """The same records with curvature sums and signed per-sequence first-order changes, so each op also has a
+    predicted mean loss shift of either sign (read as each op's own mean: ``FIRST_ORDER_ESTIMATE`` "own")."""
     import copy
+
+    from inc_ipamp.synthetic import per_sequence
 
     sens, part, gains = records
     sens = copy.deepcopy(sens)
@@ -138,6 +141,7 @@ def _with_shifts(records, seed=1):
         for st in op.operands.values():
             st.curv = {f: v * rng.uniform(0.2, 3.0) / sens.seq_len for f, v in st.emp.items()}
             st.lin = {f: v * rng.uniform(-4.0, 0.5) for f, v in st.emp.items()}  # signed first-order mean
+            st.seq = {f: per_sequence(rng, sens.n_samples, v, st.coh.get(f, v * v)) for f, v in st.lin.items()}
     sens.n_curvature = sens.n_samples
     return sens, part, gains
 
@@ -149,6 +153,7 @@ def test_shifts_add_before_squaring_and_the_ip_stays_optimal(records, monkeypatc
     from inc_ipamp import lossmodel
 
     monkeypatch.setattr(lossmodel, "FIRST_ORDER_SHIFT", True)
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "own")
     sens, part, gains = _with_shifts(records)
     assert sens.has_curvature and not records[0].has_curvature
     inst = build_instance(sens, part, gains, "ET")
@@ -352,8 +357,10 @@ def test_a_plan_over_its_budget_is_never_returned(records, monkeypatch):
     """Issue 13 (fail closed): the cutting-plane loop may stop at its round limit with a solution that violates the
     shift² budget; solve must then refuse, not return it."""
     import inc_ipamp.solver as solver_mod
+    from inc_ipamp import lossmodel
     from inc_ipamp.errors import InfeasibleBudgetError
 
+    monkeypatch.setattr(lossmodel, "FIRST_ORDER_ESTIMATE", "own")
     sens, part, gains = _with_shifts(records)
     monkeypatch.setattr(solver_mod, "MAX_CUT_ROUNDS", 1)  # no cut at all: the first relaxation is returned as is
     refused = 0
