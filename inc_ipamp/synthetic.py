@@ -97,6 +97,7 @@ def synthetic_records(s: Shape, formats: tuple[str, ...] = ("bf16", "fp8_e4m3", 
     ``formats[0]`` is the reference. ``layers`` keeps a prefix of the decoder (for small test instances).
     """
     rng = random.Random(seed)
+    seq_rng = random.Random(seed + 1)  # the per-sequence lists draw from their own stream: the sums stay as they were
     ref, lows = formats[0], list(formats[1:])
     for f in formats:
         get_format(f)
@@ -120,8 +121,8 @@ def synthetic_records(s: Shape, formats: tuple[str, ...] = ("bf16", "fp8_e4m3", 
                 if get_format(f).kind == "int":
                     st.int_uniform[f] = term * rng.uniform(0.8, 1.5)
                 if opd != "w":
-                    lin, coh = term * rng.uniform(-0.5, 0.5), term * rng.uniform(0.7, 1.3)
-                    st.seq[f] = per_sequence(rng, n_samples, lin, coh)
+                    coh = term * rng.uniform(0.7, 1.3)
+                    st.seq[f] = per_sequence(seq_rng, n_samples, term * rng.uniform(-0.5, 0.5), coh)
                     st.lin[f], st.coh[f] = sum(st.seq[f]), sum(v * v for v in st.seq[f])
             operands[opd] = st
         ops[name] = OpSensitivity(name, kind, calls=1, macs=macs, weight_numel=wnum, operands=operands)

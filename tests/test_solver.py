@@ -136,12 +136,12 @@ def _with_shifts(records, seed=1):
 
     sens, part, gains = records
     sens = copy.deepcopy(sens)
-    rng = random.Random(seed)
+    rng, seq_rng = random.Random(seed), random.Random(seed + 1)
     for op in sens.ops.values():
         for st in op.operands.values():
             st.curv = {f: v * rng.uniform(0.2, 3.0) / sens.seq_len for f, v in st.emp.items()}
             st.lin = {f: v * rng.uniform(-4.0, 0.5) for f, v in st.emp.items()}  # signed first-order mean
-            st.seq = {f: per_sequence(rng, sens.n_samples, v, st.coh.get(f, v * v)) for f, v in st.lin.items()}
+            st.seq = {f: per_sequence(seq_rng, sens.n_samples, v, st.coh.get(f, v * v)) for f, v in st.lin.items()}
     sens.n_curvature = sens.n_samples
     return sens, part, gains
 
