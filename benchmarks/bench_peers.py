@@ -532,7 +532,8 @@ def main() -> None:
     ap.add_argument("--decode-context", type=int, default=256, help="cached tokens before the timed decode step")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--loss-threads", type=int, default=None,
-                    help="torch threads for the held-out loss pass, which is not timed (default: the free cores)")
+                    help="torch threads for the held-out loss pass, which is not timed (default: the cores free when "
+                    "the run starts; by the loss pass this run's own load would count)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS / "peers"))
     a = ap.parse_args()
@@ -543,8 +544,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from inc_ipamp import pipeline
     from inc_ipamp.evaluate import loss_change, sequence_losses
-    from inc_ipamp.runtime import machine_state, set_threads
+    from inc_ipamp.runtime import free_cores, machine_state, set_threads
 
+    loss_threads_default = free_cores()
     threads = set_threads(a.threads)
     prov = provenance(__file__)  # after set_threads: it records the thread count
     tracks = [t for t in a.tracks.split(",") if t]
@@ -608,7 +610,7 @@ def main() -> None:
             for i, p in enumerate(found):
                 plans.append({"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p})
 
-    loss_threads = set_threads(a.loss_threads)  # untimed: every free core
+    loss_threads = set_threads(a.loss_threads or loss_threads_default)  # untimed: every core free at the start
     res["settings"]["loss_threads"] = loss_threads
     log.info("held-out loss of %d plans on %d sequences, %d threads", len(plans), len(ev), loss_threads)
     ref_losses = sequence_losses(model, ev)
