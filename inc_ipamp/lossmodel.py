@@ -251,9 +251,9 @@ class LossModel:
         """The mean first-order loss change E_n[g·e] of one operand of one op in ``fmt``, as ``FIRST_ORDER_ESTIMATE``
         says. "tested": its type's estimate (``tested_mean``, as many tests as the record has op types and operands
         in ``fmt``) over the per-sequence sums ``seq``, spread over the type's ops by their curvature terms (equally
-        without curvature); "shrunk":
-        the empirical-Bayes estimate over its type (``shrink``; SE² = (E[d²] − E[d]²)/(N − 1) per op; types of at
-        least ``MIN_TYPE_MEMBERS`` ops); "own" (or fewer than 2 sequences): its sample mean."""
+        without curvature); "shrunk": the empirical-Bayes estimate over its type (``shrink``; SE² = (E[d²] − E[d]²)/
+        (N − 1) per op; types of at least ``MIN_TYPE_MEMBERS`` ops); "own" (or fewer than 2 sequences): its sample
+        mean."""
         n = max(self.n_samples, 1)
         raw = self.ops[op].operands[operand].lin.get(fmt, 0.0) / n
         if FIRST_ORDER_ESTIMATE not in FIRST_ORDER_ESTIMATES:
