@@ -161,7 +161,8 @@ def bootstrap_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any]
             if pl[b, o[0]] <= x[b] <= pl[b, o[-1]]:
                 diffs.append(speed[c["plan"]][b] - np.interp(x[b], pl[b, o], ps[b, o]))
         lo, hi = (np.percentile(diffs, [2.5, 97.5]) if diffs else (float("nan"), float("nan")))
-        out.append({**c, "timing_ci": c.pop("ci"), "lo": float(lo), "hi": float(hi), "share": len(diffs) / n_boot,
+        timing_ci = c.pop("ci")  # renamed: the interval that decides is the joint one
+        out.append({**c, "timing_ci": timing_ci, "lo": float(lo), "hi": float(hi), "share": len(diffs) / n_boot,
                     "verdict": "ahead" if lo > 0 else "behind" if hi < 0 else "level"})
     return out
 

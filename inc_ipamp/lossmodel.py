@@ -237,15 +237,15 @@ class LossModel:
                 out.update((x, own / diag * st.dia[fmt]) for x, st in zip(names, sts, strict=True))
         return out
 
-    def _types(self, operand: str, fmt: str, field: str) -> dict[str, list[str]]:
+    def _types(self, operand: str, fmt: str, field: str, min_members: int = MIN_TYPE_MEMBERS) -> dict[str, list[str]]:
         """Ops whose ``operand`` has ``fmt`` in its coh and ``field`` sums, by ``op_type``; types of at least
-        ``MIN_TYPE_MEMBERS`` ops."""
+        ``min_members`` ops."""
         by_type: dict[str, list[str]] = {}
         for name, o in self.ops.items():
             st = o.operands.get(operand)
             if st is not None and fmt in st.coh and fmt in getattr(st, field):
                 by_type.setdefault(op_type(name), []).append(name)
-        return {t: v for t, v in by_type.items() if len(v) >= MIN_TYPE_MEMBERS}
+        return {t: v for t, v in by_type.items() if len(v) >= min_members}
 
     def first_order_mean(self, op: str, operand: str, fmt: str) -> float:
         """The mean first-order loss change E_n[g·e] of one operand of one op in ``fmt``, as ``FIRST_ORDER_ESTIMATE``
@@ -271,16 +271,13 @@ class LossModel:
         return self._per_type(_CACHES[1], (operand, fmt, n), lambda: self._shrunk_means(operand, fmt, n)).get(op, raw)
 
     def _tested_means(self, operand: str, fmt: str) -> dict[str, float]:
-        by_type: dict[tuple[str, str], list[str]] = {}
-        for name, o in self.ops.items():
-            for opd, st in o.operands.items():
-                if fmt in st.seq:
-                    by_type.setdefault((op_type(name), opd), []).append(name)
+        # every type of every operand is one of the means tested at once (``tested_mean``'s threshold)
+        types = {o: self._types(o, fmt, "seq", min_members=1)
+                 for o in dict.fromkeys(o for op in self.ops.values() for o in op.operands)}
+        tests = sum(len(t) for t in types.values())
         out: dict[str, float] = {}
-        for (_, opd), names in by_type.items():
-            if opd != operand:
-                continue
-            est = tested_mean([self.ops[x].operands[operand].seq[fmt] for x in names], tests=len(by_type))
+        for names in types[operand].values():
+            est = tested_mean([self.ops[x].operands[operand].seq[fmt] for x in names], tests=tests)
             # spread over the type's ops by their curvature term: the IP buys the ops of a type whose errors are
             # small, and their first-order change is small with them (v_proj's activations, SmolLM2 INT8: held-out
             # per-layer means correlate -0.69 with the calibration's curvature terms)

@@ -153,13 +153,9 @@ class _Collector:
             st.g2 += g2_sum
         for f in formats:
             e, ge, d = _first_order(x, g, f, reduce_dim)
-            d2, d1 = float((d * d).sum()), float(d.sum())
-            _check(self.name, operand, d2)  # a non-finite gradient makes every d non-finite: one scalar test
-            st.coh[f.name] = st.coh.get(f.name, 0.0) + d2
-            st.lin[f.name] = st.lin.get(f.name, 0.0) + d1
-            self._add_seq(st, f.name, d.tolist())
             ge2 = _sum(ge * ge)  # the diagonal sum; for an activation it is also the empirical model's
-            st.dia[f.name] = st.dia.get(f.name, 0.0) + ge2
+            sq = self._add_changes(st, f.name, d.tolist(), ge2)
+            _check(self.name, operand, sq)  # a non-finite gradient makes every d non-finite: one scalar test
             st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
             if not self.diagonal:
                 continue
@@ -168,6 +164,16 @@ class _Collector:
                 s = scale_of(x, f, reduce_dim, per_sample=True)
                 u = g2_sum * float(s) ** 2 / 12.0 if s.numel() == 1 else _sum(g2 * (s * s / 12.0))
                 st.int_uniform[f.name] = st.int_uniform.get(f.name, 0.0) + u
+
+    def _add_changes(self, st: OperandStats, fmt: str, d: list[float], diag: float) -> float:
+        """Add one batch's per-sequence first-order changes ``d`` = [d_n] of an operand in ``fmt`` (``diag``: the
+        squares of their terms) to its coherent, first-order, diagonal and per-sequence sums; returns Σ d_n²."""
+        sq = sum(v * v for v in d)
+        st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
+        st.lin[fmt] = st.lin.get(fmt, 0.0) + sum(d)
+        st.dia[fmt] = st.dia.get(fmt, 0.0) + diag
+        self._add_seq(st, fmt, d)
+        return sq
 
     def _add_seq(self, st: OperandStats, fmt: str, d: list[float]) -> None:
         """Add this batch's per-sequence first-order changes to ``st.seq[fmt]`` at the batch's sequence indices (an op
@@ -285,17 +291,13 @@ class _Collector:
 
     def _add_weight_changes(self, fmt: str, d: list[float], curv: bool, diag: float = 0.0) -> None:
         """Add the weight operand's per-sequence changes ``d`` = [d_n] in ``fmt`` (``diag`` = the squares of their
-        terms) to the curvature sum (sampled-label pass, weighted by T') or to the coherent, first-order, diagonal and
-        per-sequence sums."""
+        terms) to the curvature sum (sampled-label pass, weighted by T') or, as an activation's, to the coherent,
+        first-order, diagonal and per-sequence sums (``_add_changes``)."""
         st = self.rec.operands["w"]
-        sq = sum(v * v for v in d)
         if curv:
-            st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sq
+            st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sum(v * v for v in d)
         else:
-            st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
-            st.lin[fmt] = st.lin.get(fmt, 0.0) + sum(d)
-            st.dia[fmt] = st.dia.get(fmt, 0.0) + diag
-            self._add_seq(st, fmt, d)
+            self._add_changes(st, fmt, d, diag)
 
     def _weight(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self._w is None:  # weights are fixed during calibration: one scale per format, once
