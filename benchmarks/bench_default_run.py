@@ -47,8 +47,9 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     time.sleep(5)  # the competitor is running before the user's command starts, as on a busy machine
-    exe = str(Path(sys.executable).with_name("inc-ipamp"))
-    cmd = [exe, "run", "--out", str(work / "out"), *a.extra.split()]
+    exe = Path(sys.executable).with_name("inc-ipamp")  # the console script, as a user calls it
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-m", "inc_ipamp.cli"]  # package on PYTHONPATH only
+    cmd = [*cli, "run", "--out", str(work / "out"), *a.extra.split()]
     t0 = time.perf_counter()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,16 +74,18 @@ def main() -> None:
                    plan_ops=len(plan["assignment"]), gains_quality=gains["quality"], gains_notes=gains["notes"])
     path = Path(a.out)
     path.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    md = [f"# `inc-ipamp run` on the embedded default, {a.compete} competing busy process(es)", "",
-          *header(prov), f"Exit code {r.returncode}.", "",
+    md = [f"# `inc-ipamp run {a.extra}`".replace(" `", "`") + f" on the embedded default, {a.compete} competing busy "
+          "process(es)", "", *header(prov), f"Exit code {r.returncode}.", "",
           f"- Wall time **{wall / 60:.2f} min**, peak RSS **{peak_mb:.0f} MiB** (the whole command).",
           f"- Load average during the run: {min(v for _, v in loads):.2f} – {max(v for _, v in loads):.2f}."]
     if r.returncode == 0:
         ip = res["evaluation"]["plans"]["ip"]
         st = res["stages"]
-        md += [f"- Threads chosen: {st[0]['machine_start']['threads']}.",
+        md += [f"- Gains measured on: {gains['device']}.",
+               f"- Threads chosen: {st[0]['machine_start']['threads']}.",
                "- Stages: " + ", ".join(f"{s['stage']} {s['wall_s']:.0f} s" for s in st) + ".",
-               f"- Plan: {res['plan_low_ops']} of {res['plan_ops']} ops in INT8; predicted loss MSE "
+               f"- Plan: {res['plan_low_ops']} of {res['plan_ops']} ops in {'/'.join(gains['formats'][1:])}; "
+               "predicted loss MSE "
                f"{ip['predicted_loss_mse']:.3g}, measured (held-out) {ip['measured_loss_mse']:.3g}; perplexity "
                f"{res['evaluation']['reference']['perplexity']:.2f} → {ip['perplexity']:.2f}.",
                f"- Measured prefill speedup {ip.get('measured_speedup', float('nan')):.3f}x; speed check: "

@@ -58,8 +58,14 @@ from provenance import finish, header, provenance  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 #: track -> (our low-precision format, the phase every plan of the track is timed in and IP-ET maximises)
-TRACK_SPEC = {"int8": ("int8", "prefill"), "int8_pc": ("int8_pc", "prefill"), "int8_decode": ("int8", "decode")}
-TRACKS = tuple(TRACK_SPEC)
+TRACK_SPEC = {"int8": ("int8", "prefill"), "int8_pc": ("int8_pc", "prefill"), "int8_decode": ("int8", "decode"),
+              "fp8": ("fp8_e4m3", "prefill")}
+TRACKS = ("int8", "int8_pc", "int8_decode")  # the default run (CPU); ``fp8`` needs an FP8 GPU
+#: track -> (backend every plan is timed and its loss measured on, reference format); the rest: ("cpu", "fp32")
+TRACK_DEVICE = {"fp8": ("cuda", "bf16")}
+#: ``--peers-only``: the peers' budgets as shares of the searchable Linear parameters in the low format (no IP-ET
+#: plans to match where the peers search on another machine than IP-ET; the equal-loss comparison interpolates)
+DEFAULT_PEER_SHARES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.55, 0.7, 0.85, 1.0)
 #: the useful range of budgets: β is the loss-RMSE budget relative to the mean loss, so (β·L̄)² is the loss MSE the
 #: plan may add; 0.002-0.024 spans a perplexity change of a few tenths of a percent to ~10% on the default model
 #: (at 16e3d60 and a4e67b9, β 0.0257 measured +11% perplexity; the all-INT8 plan +220%)
@@ -172,6 +178,11 @@ def _half(r: dict[str, Any]) -> float:
 
 
 # -- the searches --------------------------------------------------------------------------------------------------
+def track_device(track: str) -> tuple[str, str]:
+    """(backend, reference format) of a track."""
+    return TRACK_DEVICE.get(track, ("cpu", "fp32"))
+
+
 def linear_params(model: torch.nn.Module) -> dict[str, int]:
     return {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -214,9 +225,11 @@ def run_ipet(settings, betas: list[float]) -> tuple[list[Any], dict[str, float],
 
 
 def modelopt_cfg(fmt: str) -> dict[str, Any]:
+    """ModelOpt's candidate for one of our formats: ``INT8_DEFAULT_CFG`` (weights per tensor for ``int8``, per channel
+    as shipped for ``int8_pc``) or ``FP8_DEFAULT_CFG`` (E4M3 per tensor, as our ``fp8_e4m3``); lm_head searchable."""
     import modelopt.torch.quantization as mtq
 
-    cfg = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG if fmt == "fp8_e4m3" else mtq.INT8_DEFAULT_CFG)
     for e in cfg["quant_cfg"]:
         if e.get("quantizer_name") == "*weight_quantizer" and fmt == "int8":
             e["cfg"]["axis"] = None  # per-tensor weights, as our int8
@@ -263,6 +276,8 @@ def autoscheme_fields(fmt: str) -> dict[str, Any] | str:
 
     if fmt == "int8_pc":
         return "INT8"
+    if fmt == "fp8_e4m3":
+        return "FP8_STATIC"  # E4M3 per-tensor weights and activations (static activation scales, as ModelOpt's)
     f = get_format(fmt)
     affine = bool(getattr(f, "act_affine", False))
     act_bits = int(math.log2(f.act_levels + 1)) if affine else f.bits
@@ -316,7 +331,8 @@ def run_autoscheme(fmt: str, cal: list[torch.Tensor], seq_len: int,
 
 # -- scoring --------------------------------------------------------------------------------------------------------
 def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_len: int, seed: int,
-                     phase: str = "prefill", decode_context: int = 256, warmup: int = 1) -> dict[str, list[float]]:
+                     phase: str = "prefill", decode_context: int = 256, warmup: int = 1, backend: str = "cpu",
+                     reference: str = "fp32") -> dict[str, list[float]]:
     """One call per plan per round, the FP32 reference included, in a fresh random order each round; each timed
     call enters the backend's ``apply`` (as ``compare_prefill``/``compare_decode`` do, so every side pays the module
     walk). ``phase`` "prefill": a 1×``seq_len`` prefill; "decode": one decode step of one sequence after
@@ -326,15 +342,16 @@ def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_l
     from inc_ipamp.gains.decode import decode_step
     from inc_ipamp.runtime import Progress
 
-    be = get_backend("cpu")
+    be = get_backend(backend)
     be.check()
-    be.prepare(model, "fp32")
+    be.prepare(model, reference)
     names = ["reference", *plans]
     assign = {"reference": {}, **plans}
     if phase == "decode":
-        run = decode_step(model, 1, decode_context, seed)
+        run = decode_step(model, 1, decode_context, seed, be.device())
     else:
-        ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(seed))
+        ids = torch.randint(0, model.config.vocab_size, (1, seq_len),
+                            generator=torch.Generator().manual_seed(seed)).to(be.device())
 
         def run(m):
             return _prefill_fn(m, ids)()
@@ -385,7 +402,7 @@ def plot(rows: list[dict[str, Any]], path: Path, tracks: list[str]) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel("measured held-out loss MSE (log)")
-        ax.set_ylabel(f"measured {TRACK_SPEC[track][1]} speedup vs FP32 (95% CI)")
+        ax.set_ylabel(f"measured {TRACK_SPEC[track][1]} speedup vs {track_device(track)[1]} (95% CI)")
         ax.set_title(f"track {track}")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -433,8 +450,17 @@ def goals(res: dict[str, Any]) -> list[str]:
 
 def write_md(res: dict[str, Any], path: Path) -> None:
     s = res["settings"]
-    md = ["# IP-ET vs ModelOpt auto_quantize vs AutoRound AutoScheme (SmolLM2-135M, CPU INT8 vs FP32)", "",
-          *header(res["provenance"]), "",
+    ref = res.get("reference_format", "fp32")
+    low = "/".join(sorted({TRACK_SPEC[t][0] for t in res["tracks"]}))
+    elsewhere = res.get("peers_searched_elsewhere")
+    md = [f"# IP-ET vs ModelOpt auto_quantize vs AutoRound AutoScheme (SmolLM2-135M, {res.get('device', 'cpu')} "
+          f"{low} vs {ref})", "", *header(res["provenance"]), "",
+          *([f"- Plans timed and their loss measured with the {res['device']} backend's real kernels: "
+             f"{res.get('loss_numerics', '')}."] if res.get("device", "cpu") != "cpu" else []),
+          *([f"- The peers searched on another machine (`--peers-only`, {elsewhere['file']}): "
+             f"{header(elsewhere['provenance'])[0]} Their budgets: shares {', '.join(map(str, elsewhere['shares']))} "
+             "of the Linear weight parameters in the low format (not matched to IP-ET's plans); their search "
+             "times below are that machine's and are not compared with IP-ET's."] if elsewhere else []),
           *([f"- inc_ipamp was imported from {res['inc_ipamp_from']}, not this checkout."]
             if res.get("inc_ipamp_from") else []),
           f"- Versions: torch {res['versions']['torch']}, transformers {res['versions']['transformers']}, "
@@ -446,12 +472,13 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           f"per-sequence changes kept for the bootstrap; the loss pass (not timed) on {s.get('loss_threads', 1)} "
           "thread(s).",
           f"- IP-ET budgets β = {', '.join(f'{b:g}' for b in s['betas'])} (loss-RMSE budget relative to the mean "
-          "loss); each peer gets, per IP-ET plan, the bit budget that puts the same weight parameters in INT8.",
+          "loss)" + ("." if elsewhere else "; each peer gets, per IP-ET plan, the bit budget that puts the same weight "
+                     "parameters in INT8."),
           *[f"- Timing, {ph} tracks ({', '.join(t for t in res['tracks'] if TRACK_SPEC[t][1] == ph)}): "
             + (f"prefill 1×{s['gain_seq_len']} tokens" if ph == "prefill" else
                f"one decode step of 1 sequence after {s['decode_context']} cached tokens (fp32 KV cache)")
-            + f", {tm['rounds']} rounds, {len(tm['plans'])} plans + FP32 reference interleaved in random order per "
-            "round; speedup = median T(FP32) / median T(plan), 95% CI from the paired bootstrap of the gain. "
+            + f", {tm['rounds']} rounds, {len(tm['plans'])} plans + {ref} reference interleaved in random order per "
+            f"round; speedup = median T({ref}) / median T(plan), 95% CI from the paired bootstrap of the gain. "
             f"Reference median {tm['reference_median_s'] * 1e3:.1f} ms; load average {tm['load_start']} → "
             f"{tm['load_end']}." for ph, tm in res["timing"].items()],
           f"- Reference held-out loss {res['reference_loss']:.4f} (perplexity {math.exp(res['reference_loss']):.2f}).",
@@ -459,7 +486,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           "", "## Search wall time", "", "| track | method | total s | phases (s) |", "|---|---|---|---|"]
     for track in res["tracks"]:
         for m in METHODS:
-            ph = res["search"][track].get(m)
+            ph = res["search"][track].get(m) or (elsewhere or {}).get("search", {}).get(track, {}).get(m)
             if ph:
                 md.append(f"| {track} | {m} | {sum(ph.values()):.1f} | "
                           + ", ".join(f"{k} {v:.1f}" for k, v in ph.items()) + " |")
@@ -468,13 +495,14 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     md += ["## Plans", "", "Low-precision ops are counted in our op list (271 ops: 210 decoder Linears, 60 attention "
            "BGEMMs, lm_head); a ModelOpt decision on q/k/v or gate/up counts as 3 or 2 ops. Speedup is of the "
            "track's phase (prefill, or the decode step on `int8_decode`).", "",
-           "| track | method | budget | INT8 ops | of which down_proj | lm_head | INT8 weight params | measured "
+           f"| track | method | budget | {low} ops | of which down_proj | lm_head | {low} weight params | measured "
            "speedup [95% CI] | measured loss MSE | IP-ET's predicted loss MSE | mean loss shift | perplexity |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["plans"]:
         pred = f"{r['predicted_loss_mse']:.3g}" if r.get("predicted_loss_mse") is not None else "—"
         md.append(f"| {r['track']} | {r['method']} | {r['budget']} | {r['n_low']} | {r['n_down_proj']} | "
-                  f"{'INT8' if r['lm_head'] else 'fp32'} | {r['low_params'] / 1e6:.1f} M | {r['speedup']:.3f} "
+                  f"{TRACK_SPEC[r['track']][0] if r['lm_head'] else ref} | {r['low_params'] / 1e6:.1f} M | "
+                  f"{r['speedup']:.3f} "
                   f"[{r['speedup_lo']:.3f}, {r['speedup_hi']:.3f}] | {r['measured_loss_mse']:.3g} | {pred} | "
                   f"{r['measured_loss_shift']:+.4f} | {r['perplexity']:.2f} |")
     md += ["", "## At equal measured loss", "",
@@ -512,6 +540,63 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(md) + "\n")
 
 
+# -- peers searched on another machine --------------------------------------------------------------------------------
+def blocks_digest(blocks: list[torch.Tensor]) -> str:
+    """Content hash of the calibration token blocks: peers' plans are only comparable when made from the same ones."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(b.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def write_peer_plans(path: Path, res: dict[str, Any], tracks: list[str], cal: list[torch.Tensor], cal_digest: str,
+                     params: dict[str, int], shares: list[float]) -> None:
+    """``--peers-only``: the peers' searches at ``shares`` of the Linear weights in the low format, with their search
+    times and this machine's provenance, for ``--peer-plans`` on the machine that scores them."""
+    out = {"provenance": res["provenance"], "versions": res["versions"], "calibration_digest": cal_digest,
+           "settings": res["settings"], "shares": shares, "search": {t: {} for t in tracks}, "plans": [],
+           "errors": []}
+    total = sum(params.values())
+    for track in tracks:
+        fmt = TRACK_SPEC[track][0]
+        low = [sh * total for sh in shares]
+        for method, search in (("ModelOpt", lambda f=fmt, lp=low: run_modelopt(f, cal, lp)),
+                               ("AutoScheme", lambda f=fmt, lp=low: run_autoscheme(f, cal, len(cal[0][0]), lp))):
+            log.info("[%s] %s search at %d budgets", track, method, len(low))
+            try:
+                found, phases = search()
+            except Exception as e:  # reported; the other peer's plans still count
+                log.exception("%s failed", method)
+                out["errors"].append(f"{track} {method}: {type(e).__name__}: {e}")
+                continue
+            out["search"][track][method] = phases
+            out["plans"] += [{"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p}
+                             for i, p in enumerate(found)]
+    finish(out["provenance"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"{len(out['plans'])} peer plans -> {path}; errors: {out['errors'] or 'none'}")
+
+
+def load_peer_plans(path: Path, tracks: list[str], cal_digest: str, res: dict[str, Any]) -> dict[str, Any]:
+    """``--peer-plans``: a ``--peers-only`` file, refused unless made from the same calibration blocks; its search
+    times and provenance go into ``res`` (``peers_searched_elsewhere``), not into the search-time comparison."""
+    d = json.loads(path.read_text())
+    if d.get("calibration_digest") != cal_digest:
+        raise SystemExit(f"{path} was searched on other calibration blocks ({d.get('calibration_digest')} vs "
+                         f"{cal_digest} here): give the same --data, --n-calib, --seq-len")
+    missing = [t for t in tracks if not any(p["track"] == t for p in d["plans"])]
+    if missing:
+        raise SystemExit(f"{path} has no peer plans for track(s) {', '.join(missing)}")
+    res["peers_searched_elsewhere"] = {"file": str(path), "provenance": d["provenance"], "versions": d["versions"],
+                                       "search": d["search"], "shares": d["shares"], "errors": d["errors"]}
+    res["versions"].update({k: v for k, v in d["versions"].items() if k in ("modelopt", "auto_round")})
+    res.setdefault("errors", []).extend(d["errors"])
+    return d
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -536,8 +621,18 @@ def main() -> None:
                     help="torch threads for the held-out loss pass, which is not timed (default: the cores free when "
                     "the run starts; by the loss pass this run's own load would count)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=None, help="text file for calibration and held-out loss (default: the embedded "
+                    "Wikipedia sample; the same documents written to a file give the same blocks)")
+    ap.add_argument("--peers-only", metavar="JSON", help="run only the peers' searches (at --peer-shares) and write "
+                    "their plans here, for scoring on a machine where they cannot run (the fp8 track's GPU)")
+    ap.add_argument("--peer-plans", metavar="JSON", help="the peers' plans from a --peers-only run instead of "
+                    "searching here; their search times are then not compared with IP-ET's (another machine)")
+    ap.add_argument("--peer-shares", default=",".join(map(str, DEFAULT_PEER_SHARES)),
+                    help="--peers-only budgets: shares of the Linear weight parameters in the low format")
     ap.add_argument("--out", default=str(RESULTS / "peers"))
     a = ap.parse_args()
+    if a.peers_only and a.peer_plans:
+        ap.error("--peers-only writes the peers' plans and --peer-plans reads them: give one")
     if a.quick:
         a.betas, a.n_calib, a.n_eval, a.seq_len, a.reps, a.rounds, a.decode_rounds = "0.004,0.016", 4, 4, 128, 3, 5, 5
         if a.out == str(RESULTS / "peers"):
@@ -553,7 +648,11 @@ def main() -> None:
     tracks = [t for t in a.tracks.split(",") if t]
     unknown = [t for t in tracks if t not in TRACK_SPEC]
     if unknown:
-        ap.error(f"unknown track {unknown[0]!r}; tracks: {', '.join(TRACKS)}")
+        ap.error(f"unknown track {unknown[0]!r}; tracks: {', '.join(TRACK_SPEC)}")
+    if len({track_device(t) for t in tracks}) > 1:
+        ap.error("tracks on different devices run separately: " + ", ".join(f"{t} on {track_device(t)[0]}"
+                                                                            for t in tracks))
+    device, reference = track_device(tracks[0])
     betas = [float(b) for b in a.betas.split(",") if b]
     import inc_ipamp
 
@@ -561,21 +660,29 @@ def main() -> None:
     res: dict[str, Any] = {
         "provenance": prov,  # the editable install may point elsewhere: say which code ran
         "inc_ipamp_from": str(pkg) if pkg != Path(__file__).resolve().parents[1] else None, "tracks": tracks,
-        "search": {t: {} for t in tracks},
+        "device": device, "reference_format": reference, "search": {t: {} for t in tracks},
         "settings": {"n_calib": a.n_calib, "n_eval": a.n_eval, "seq_len": a.seq_len, "gain_seq_len": a.gain_seq_len,
                      "reps": a.reps, "rounds": a.rounds, "decode_rounds": a.decode_rounds,
                      "decode_context": a.decode_context, "betas": betas, "threads": threads,
                      "threads_given": a.threads is not None, "seed": a.seed}}
-    import auto_round
-    import modelopt
     import transformers
 
-    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
-                       "modelopt": modelopt.__version__, "auto_round": auto_round.__version__}
+    res["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if not a.peer_plans:
+        import auto_round
+        import modelopt
+
+        res["versions"].update(modelopt=modelopt.__version__, auto_round=auto_round.__version__)
     base = pipeline.RunSettings(n_calib=a.n_calib, n_eval=a.n_eval, seq_len=a.seq_len, gain_seq_len=a.gain_seq_len,
-                                reps=a.reps, threads=threads, seed=a.seed)
+                                reps=a.reps, threads=threads, seed=a.seed, data=a.data)
     model, tok = pipeline.load(base)
     cal = [b if b.dim() == 2 else b[None] for b in pipeline.blocks(tok, base, "calibration")]
+    cal_digest = blocks_digest(cal)
+    if a.peers_only:
+        write_peer_plans(Path(a.peers_only), res, tracks, cal, cal_digest, linear_params(model),
+                         [float(x) for x in a.peer_shares.split(",") if x])
+        return
+    imported = load_peer_plans(Path(a.peer_plans), tracks, cal_digest, res) if a.peer_plans else None
     ev_blocks = pipeline.blocks(tok, base, "evaluation")
     res["eval_data"] = f"{ev_blocks.source}, {ev_blocks.split}"
     ev = list(ev_blocks)
@@ -584,7 +691,8 @@ def main() -> None:
     for track in tracks:
         fmt, phase = TRACK_SPEC[track]
         settings = copy.deepcopy(base)
-        settings.formats = ["fp32", fmt]
+        settings.device = device
+        settings.formats = [reference, fmt]
         settings.objective = phase
         settings.decode_context = a.decode_context
         log.info("[%s] IP-ET search", track)
@@ -593,11 +701,14 @@ def main() -> None:
         res.setdefault("ipet_info", {})[track] = info
         low = []
         for i, p in enumerate(ours):
-            asg = {op: f for op, f in p.assignment.items() if f != "fp32"}
+            asg = {op: f for op, f in p.assignment.items() if f != reference}
             low.append(sum(params.get(op, 0) for op in asg))
             plans.append({"track": track, "method": "IP-ET", "plan": f"IP-ET {track} #{i + 1}",
                           "budget": f"beta={p.beta:.3g}", "assignment": asg,
                           "predicted_loss_mse": p.predicted_loss_mse, "predicted_gain_s": p.predicted_gain})
+        if imported is not None:
+            plans += [p for p in imported["plans"] if p["track"] == track]
+            continue
         for method, search in (("ModelOpt", lambda f=fmt, lp=low: run_modelopt(f, cal, lp)),
                                ("AutoScheme", lambda f=fmt, lp=low: run_autoscheme(f, cal, a.seq_len, lp))):
             log.info("[%s] %s search at %d budgets", track, method, len(low))
@@ -614,13 +725,22 @@ def main() -> None:
     loss_threads = set_threads(a.loss_threads or loss_threads_default)  # untimed: every core free at the start
     res["settings"]["loss_threads"] = loss_threads
     log.info("held-out loss of %d plans on %d sequences, %d threads", len(plans), len(ev), loss_threads)
+    apply = None  # CPU tracks: fake quantisation (the kernels' numerics, bit-identical: tests/test_numerics.py)
+    if device != "cpu":  # an accelerator: the backend's real kernels in its reference format, as they are timed
+        from inc_ipamp.gains import get_backend
+
+        be = get_backend(device)
+        be.check()
+        be.prepare(model, reference)
+        apply = be.apply
+        res["loss_numerics"] = f"{be.name} backend kernels ({be.device_string()}), reference {reference}"
     ref_losses = sequence_losses(model, ev)
     res["reference_loss"] = float(ref_losses.mean())
     seen: dict[tuple, dict[str, float]] = {}
     for p in plans:
         key = tuple(sorted(p["assignment"].items()))
         if key not in seen:
-            seen[key] = loss_change(model, ev, p["assignment"], ref_losses, per_sequence=True)
+            seen[key] = loss_change(model, ev, p["assignment"], ref_losses, apply=apply, per_sequence=True)
         p.update(seen[key])
         p["n_low"] = len(p["assignment"])
         p["n_down_proj"] = sum(op.endswith("down_proj") for op in p["assignment"])
@@ -635,7 +755,7 @@ def main() -> None:
         log.info("interleaved %s timing of %d plans, %d rounds", phase, len(mine), rounds)
         load_t0 = machine_state()["load_avg_1min"]
         times = time_interleaved(model, {p["plan"]: p["assignment"] for p in mine}, rounds, a.gain_seq_len, a.seed,
-                                 phase, a.decode_context)
+                                 phase, a.decode_context, backend=device, reference=reference)
         res["timing"][phase] = {"rounds": rounds, "plans": [p["plan"] for p in mine], "load_start": load_t0,
                                 "load_end": machine_state()["load_avg_1min"],
                                 "reference_median_s": statistics.median(times["reference"]), "times_s": times}

@@ -27,8 +27,15 @@ def provenance(script: str, *paths: str) -> dict[str, Any]:
     those of inc_ipamp and of ``paths``, relative to the repository root). ``finish`` adds the state at the end."""
     from inc_ipamp.runtime import machine_state
 
-    dirty = _git("status", "--porcelain", "--", "inc_ipamp", str(Path(script).resolve().relative_to(ROOT)), *paths)
-    return {"commit": _git("rev-parse", "--short", "HEAD"), "uncommitted_changes": bool(dirty),
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit == "unknown" and os.environ.get("IPAMP_COMMIT"):
+        # a copy of the working tree without .git (a lent accelerator machine): the sender names the commit, and
+        # says whether the tree it sent had changes (IPAMP_DIRTY=1)
+        commit, dirty = os.environ["IPAMP_COMMIT"], os.environ.get("IPAMP_DIRTY", "1") != "0"
+    else:
+        dirty = bool(_git("status", "--porcelain", "--", "inc_ipamp", str(Path(script).resolve().relative_to(ROOT)),
+                          *paths))
+    return {"commit": commit, "uncommitted_changes": dirty,
             "command": "python " + shlex.join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
             "machine_start": machine_state()}
 
