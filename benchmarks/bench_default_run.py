@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--compete", type=int, default=1, help="CPU-bound busy-loop processes running alongside")
     ap.add_argument("--extra", default="", help="extra options for `inc-ipamp run`")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "default_run"))
+    ap.add_argument("--keep", help="copy the run's output folder here (default: removed)")
     a = ap.parse_args()
     prov = provenance(__file__)
     work = Path(tempfile.mkdtemp(prefix="ipamp_default_run_"))
@@ -101,6 +102,8 @@ def main() -> None:
     else:
         md += ["", "The run failed:", "", *[f"    {ln}" for ln in res["stderr_tail"]]]
     path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    if a.keep:
+        shutil.copytree(out, a.keep, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     print("\n".join(md))
 

@@ -173,6 +173,45 @@ def bootstrap_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any]
     return out
 
 
+def dominance(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], times: dict[str, list[float]],
+              n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Each peer plan against IP-ET's fastest plan whose measured loss is no larger, in every bootstrap replicate
+    (the same joint redraw of evaluation sequences and timing rounds as ``bootstrap_equal_loss``). It covers what
+    interpolation cannot: peer plans outside IP-ET's measured loss range, and IP-ET plans of zero loss (a budget at
+    which no op gains, so IP-ET keeps the reference). "ahead" = IP-ET is faster with no more loss (interval above
+    0); otherwise "inconclusive", never "behind": IP-ET's plan spent less loss, so being slower is not a loss at
+    equal loss. ``share`` = the replicates in which IP-ET had a plan with no more loss."""
+    if not ours or not theirs:
+        return []
+    rng = np.random.default_rng(seed)
+    plans = {r["plan"]: r for r in [*ours, *theirs]}
+    n_seq = len(next(iter(plans.values()))["loss_changes"])
+    t_ref = np.asarray(times["reference"])
+    idx_n = rng.integers(0, n_seq, (n_boot, n_seq))
+    idx_r = rng.integers(0, len(t_ref), (n_boot, len(t_ref)))
+    ref_med = np.median(t_ref[idx_r], axis=1)
+    loss = {k: (np.asarray(r["loss_changes"])[idx_n] ** 2).mean(1) for k, r in plans.items()}
+    speed = {k: ref_med / np.median(np.asarray(times[k])[idx_r], axis=1) for k in plans}
+    mine = [r["plan"] for r in ours]
+    ol, osp = np.stack([loss[k] for k in mine], 1), np.stack([speed[k] for k in mine], 1)
+    out = []
+    for p in theirs:
+        ok = ol <= loss[p["plan"]][:, None]  # (n_boot, ours): IP-ET plans with no more loss in the replicate
+        best = np.where(ok, osp, -np.inf).max(1)
+        keep = ok.any(1)
+        diffs = (best - speed[p["plan"]])[keep]
+        pt = [r for r in ours if r["measured_loss_mse"] <= p["measured_loss_mse"]]
+        if not pt:
+            continue
+        q = max(pt, key=lambda r: r["speedup"])
+        lo, hi = (np.percentile(diffs, [2.5, 97.5]) if diffs.size else (float("nan"), float("nan")))
+        out.append({"plan": p["plan"], "loss_mse": p["measured_loss_mse"], "ours_plan": q["plan"],
+                    "ours_loss_mse": q["measured_loss_mse"], "ours": q["speedup"], "theirs": p["speedup"],
+                    "diff": q["speedup"] - p["speedup"], "lo": float(lo), "hi": float(hi),
+                    "share": float(keep.mean()), "verdict": "ahead" if lo > 0 else "inconclusive"})
+    return out
+
+
 def _half(r: dict[str, Any]) -> float:
     return (r["speedup_hi"] - r["speedup_lo"]) / 2
 
@@ -219,7 +258,8 @@ def run_ipet(settings, betas: list[float]) -> tuple[list[Any], dict[str, float],
             "flagged_configs": measured.quality.get("flagged_configs"),
             "gains_reference_s": measured.reference_time_s, "timed_runs": gains.subgraph_calls,
             "speed_probe_rescaled": gains.quality.get("speed_probe_rescaled"),
-            "measure_notes": [n for n in measured.notes if n.startswith("ET")], "out": str(out)}
+            "measure_notes": [n for n in measured.notes if n.startswith("ET")], "out": str(out),
+            "reference_betas": [p.beta for p in plans if not p.low_precision_ops()]}
     del model
     return [p for p in plans if p.low_precision_ops()], phases, info
 
@@ -421,7 +461,11 @@ def verdicts(res: dict[str, Any], track: str, peer: str) -> tuple[list[dict[str,
     """The equal-loss comparisons with ``peer`` on ``track`` (both directions pooled) and how many are ahead, level
     and behind."""
     cs = [c for c in res["equal_loss"] + res["equal_loss_peer_points"] if c["track"] == track and c["peer"] == peer]
-    return cs, {v: sum(c["verdict"] == v for c in cs) for v in ("ahead", "level", "behind")}
+    covered = {c["plan"] for c in cs}  # peer plans the interpolation compared; dominance adds the rest
+    cs += [c for c in res.get("dominance", []) if c["track"] == track and c["peer"] == peer
+           and c["plan"] not in covered]
+    return cs, {v: sum(c["verdict"] == v or (v == "level" and c["verdict"] == "inconclusive") for c in cs)
+                for v in ("ahead", "level", "behind")}
 
 
 def goals(res: dict[str, Any]) -> list[str]:
@@ -526,7 +570,18 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         md.append(f"| {c['track']} | {c['peer']} | {c['plan']} | {c['loss_mse']:.3g} | {c['ours']:.3f} | "
                   f"{c['theirs']:.3f} | {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] | {c['timing_ci']:.3f} | "
                   f"{c['verdict']} |")
-    md += ["", "Summary (IP-ET minus peer speedup at equal measured loss, both directions pooled):", ""]
+    md += ["", "Dominance: each peer plan against IP-ET's fastest plan with no more measured loss (the zero-loss "
+           "reference plan included where some budget gave it), same joint bootstrap; it adds the peer plans the "
+           "interpolation cannot reach. \"ahead\" = IP-ET faster with no more loss; otherwise \"inconclusive\" (IP-ET "
+           "spent less loss).", "",
+           "| track | peer | peer plan | peer loss MSE | peer speedup | IP-ET plan | its loss MSE | IP-ET speedup | "
+           "difference [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in res.get("dominance", []):
+        md.append(f"| {c['track']} | {c['peer']} | {c['plan']} | {c['loss_mse']:.3g} | {c['theirs']:.3f} | "
+                  f"{c['ours_plan']} | {c['ours_loss_mse']:.3g} | {c['ours']:.3f} | {c['diff']:+.3f} "
+                  f"[{c['lo']:+.3f}, {c['hi']:+.3f}] | {c['verdict']} |")
+    md += ["", "Summary (IP-ET minus peer speedup at equal measured loss, both directions pooled, plus the dominance "
+           "rows of peer plans the interpolation did not reach, inconclusive counted as level):", ""]
     for track in res["tracks"]:
         for peer in METHODS[1:]:
             cs, n = verdicts(res, track, peer)
@@ -629,6 +684,8 @@ def main() -> None:
                     "searching here; their search times are then not compared with IP-ET's (another machine)")
     ap.add_argument("--peer-shares", default=",".join(map(str, DEFAULT_PEER_SHARES)),
                     help="--peers-only budgets: shares of the Linear weight parameters in the low format")
+    ap.add_argument("--backend", help="time and score on this gain backend instead of the track's own (e.g. "
+                    "cuda-on-cpu: the fp8 track's code on CPU, for a rehearsal without a GPU)")
     ap.add_argument("--out", default=str(RESULTS / "peers"))
     a = ap.parse_args()
     if a.peers_only and a.peer_plans:
@@ -653,6 +710,8 @@ def main() -> None:
         ap.error("tracks on different devices run separately: " + ", ".join(f"{t} on {track_device(t)[0]}"
                                                                             for t in tracks))
     device, reference = track_device(tracks[0])
+    if a.backend:
+        device, reference = a.backend, pipeline.DEVICE_FORMATS[a.backend][0]
     betas = [float(b) for b in a.betas.split(",") if b]
     import inc_ipamp
 
@@ -706,6 +765,10 @@ def main() -> None:
             plans.append({"track": track, "method": "IP-ET", "plan": f"IP-ET {track} #{i + 1}",
                           "budget": f"beta={p.beta:.3g}", "assignment": asg,
                           "predicted_loss_mse": p.predicted_loss_mse, "predicted_gain_s": p.predicted_gain})
+        if info["reference_betas"]:  # budgets at which no op gains: IP-ET's plan is the reference, timed as a plan
+            plans.append({"track": track, "method": "IP-ET", "plan": f"IP-ET {track} reference",
+                          "budget": "beta=" + ",".join(f"{b:.3g}" for b in info["reference_betas"]),
+                          "assignment": {}, "predicted_loss_mse": 0.0, "predicted_gain_s": 0.0})
         if imported is not None:
             plans += [p for p in imported["plans"] if p["track"] == track]
             continue
@@ -762,7 +825,7 @@ def main() -> None:
         for p in mine:
             p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
     res["plans"] = plans
-    res["equal_loss"], res["equal_loss_peer_points"] = [], []
+    res["equal_loss"], res["equal_loss_peer_points"], res["dominance"] = [], [], []
     for track in tracks:
         ours = [p for p in plans if p["track"] == track and p["method"] == "IP-ET"]
         for peer in METHODS[1:]:
@@ -777,6 +840,8 @@ def main() -> None:
                  "lo": -c["hi"], "hi": -c["lo"],
                  "verdict": {"ahead": "behind", "behind": "ahead"}.get(c["verdict"], c["verdict"])}
                 for c in bootstrap_equal_loss(theirs, ours, times, seed=a.seed)]
+            res["dominance"] += [{"track": track, "peer": peer, **c}
+                                 for c in dominance(ours, theirs, times, seed=a.seed)]
     finish(prov)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

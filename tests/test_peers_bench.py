@@ -99,3 +99,36 @@ def test_autoscheme_per_tensor_candidate_follows_our_int8_record():
     d = bp.autoscheme_fields("int8")
     assert d["bits"] == f.bits and d["group_size"] == 0 and d["act_dynamic"] and d["act_group_size"] == 0
     assert bp.autoscheme_fields("int8_pc") == "INT8"
+
+
+def test_dominance_compares_each_peer_plan_with_our_fastest_plan_of_no_more_loss():
+    """``dominance``: a zero-loss IP-ET plan (the reference, at budgets where no op gains) that is faster than a peer
+    plan is "ahead" of it; a peer plan faster than every IP-ET plan of no more loss is "inconclusive", never
+    "behind" (IP-ET spent less loss); a peer plan with less loss than any IP-ET plan gets no row."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n_seq, rounds = 16, 40
+    ref = list(1.0 + 0.005 * rng.standard_normal(rounds))
+
+    def plan(name, mse, speed):
+        d = np.zeros(n_seq) if mse == 0 else rng.standard_normal(n_seq) * 0.1 + 1.0
+        if mse:
+            d = d * np.sqrt(mse / np.mean(d ** 2))
+        t = [r / speed * (1 + 0.002 * e) for r, e in zip(ref, rng.standard_normal(rounds), strict=True)]
+        row = {"plan": name, "measured_loss_mse": float(np.mean(d ** 2)), "loss_changes": d.tolist(),
+               **bp.speedup_with_ci(ref, t)}
+        return row, t
+
+    times = {"reference": ref}
+    rows = {}
+    for name, mse, speed in (("ours0", 0.0, 1.0), ("ours1", 1e-3, 1.05), ("slow", 1e-4, 0.8), ("fast", 2e-3, 1.3),
+                             ("tiny", 1e-6, 0.9)):
+        rows[name], times[name] = plan(name, mse, speed)
+    c = {r["plan"]: r for r in bp.dominance([rows["ours0"], rows["ours1"]],
+                                            [rows["slow"], rows["fast"], rows["tiny"]], times, n_boot=300)}
+    assert c["slow"]["verdict"] == "ahead" and c["slow"]["ours_plan"] == "ours0" and c["slow"]["lo"] > 0
+    assert c["fast"]["verdict"] == "inconclusive" and c["fast"]["ours_plan"] == "ours1" and c["fast"]["hi"] < 0
+    assert c["tiny"]["ours_plan"] == "ours0" and c["tiny"]["verdict"] == "ahead"
+    without_reference = bp.dominance([rows["ours1"]], [rows["slow"]], times, n_boot=300)
+    assert without_reference == []  # no IP-ET plan with no more loss than 1e-4
