@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from inc_ipamp.apply.kernels import ScaledMMLinear
+from inc_ipamp.apply.kernels import EmulatedLinear, ScaledMMLinear
 from inc_ipamp.errors import DeviceUnavailableError
 from inc_ipamp.formats import get_format, quantize
 from inc_ipamp.gains import get_backend, measure_gains
@@ -60,6 +60,8 @@ def test_cuda_on_cpu_runs_scaled_mm_fp8_with_real_numerics(tiny):
         with be.apply(tiny, {Q: "fp8_e4m3", DOWN: "fp8_e5m2", "model.layers.0.self_attn.matmul_qk": "fp8_e4m3"}) as m:
             mod = m.get_submodule(Q)
             assert isinstance(mod, ScaledMMLinear)
+            # Hopper's _scaled_mm has no E5M2 x E5M2 GEMM (an H100 refused it): emulated, and the record says so
+            assert isinstance(m.get_submodule(DOWN), EmulatedLinear)
             fmt = get_format("fp8_e4m3")
             expect = torch.nn.functional.linear(quantize(x, fmt), quantize(lin.weight, fmt), lin.bias)
             torch.testing.assert_close(mod(x), expect, rtol=1e-4, atol=1e-4)  # exactly FP8 rounding + fp32 sums
@@ -68,6 +70,7 @@ def test_cuda_on_cpu_runs_scaled_mm_fp8_with_real_numerics(tiny):
         err = ((low - ref).norm() / ref.norm()).item()
         assert 0 < err < 0.2
     assert "_scaled_mm" in be.paths["linear:fp8_e4m3"] and "emulated" in be.paths["bgemm:fp8_e4m3"]
+    assert "emulated" in be.paths["linear:fp8_e5m2"]
 
 
 def test_cuda_backend_on_cuda_says_why_it_cannot_run_here():

@@ -137,6 +137,21 @@ def test_cpu_fp8_patches_exactly_the_planned_linears(model2):
     assert 0 < (out - ref).abs().max().item() < 0.5 * ref.abs().max().item()
 
 
+@torch.no_grad()
+def test_cpu_fp8_refuses_a_planned_linear_inc_left_unpatched(model2, monkeypatch):
+    """Fail closed: where INC's convert leaves a planned Linear as it was (INC picked a visible GPU as its
+    accelerator, as on an H100 machine), apply_cpu says so and how to fix it instead of running it in fp32."""
+    import neural_compressor.torch.quantization as incq
+
+    for name in ("prepare", "convert"):
+        monkeypatch.setattr(incq, name, lambda m, cfg: m)
+    monkeypatch.setattr(incq, "finalize_calibration", lambda m: None)
+    plan = _cpu_plan(model2, "fp8_e4m3", layer="layers.1")
+    ids = torch.randint(0, model2.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ExportError, match="INC_TARGET_DEVICE=cpu"):
+        apply_cpu(model2, plan, [ids])
+
+
 def test_stage_export_writes_what_each_target_can_run(tmp_path):
     from inc_ipamp.pipeline import RunSettings, stage_export
 

@@ -40,6 +40,13 @@ def apply_torchao_int8(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
+def _low_modules(model: nn.Module, plan: Plan) -> dict[str, nn.Module]:
+    """The plan's low-precision Linears (the modules INC's CPU FP8 path must patch)."""
+    mods = dict(model.named_modules())
+    return {op: mods[op] for op, f in plan.assignment.items()
+            if f != plan.reference_format and op in mods and isinstance(mods[op], nn.Linear)}
+
+
 def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compile: bool = False,
               inplace: bool = False, dynamic: bool = True, reuse_export: bool = False) -> nn.Module:
     """Quantize ``model`` with INC's CPU path for ``plan``; ``calib`` = token-id batches (1, seq) for calibration.
@@ -69,7 +76,15 @@ def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compi
             for ids in calib:
                 m(ids, use_cache=False)
         finalize_calibration(m)
-        return convert(m, quant)
+        m = convert(m, quant)
+        from ..gains.hpu import _require_patched
+
+        try:  # fail closed: an unpatched Linear would silently stay fp32 (BGEMMs stay fp32 by design: the notes say so)
+            _require_patched(m, _low_modules(model, plan))
+        except Exception as e:
+            raise ExportError(f"{e}. INC picks its accelerator when it is imported and prefers a visible GPU; its CPU "
+                              "FP8 Q/DQ path needs INC_TARGET_DEVICE=cpu in the environment before the start") from None
+        return m
     from neural_compressor.torch.export import export
 
     cfg, _ = inc_config_for_plan(plan)

@@ -76,7 +76,9 @@ class ScaledMMLinear(nn.Module):
         shp = x.shape
         x2 = x.reshape(-1, shp[-1])
         s_x = torch.clamp(x2.detach().abs().amax().float() / self.fmt.qmax, min=torch.finfo(torch.float32).tiny)
-        x8 = (x2 / s_x).clamp(-self.fmt.qmax, self.fmt.qmax).to(self.fp8)
+        # divided in fp32: a bf16 quotient would round twice (bf16, then FP8) and miss formats.quantize's grid
+        # (an H100 measured 1.3-1.8% relative error against it for 1-7 tokens with the bf16 quotient)
+        x8 = (x2.float() / s_x).clamp(-self.fmt.qmax, self.fmt.qmax).to(self.fp8)
         y = torch._scaled_mm(x8, self.w8t, scale_a=s_x, scale_b=self.s_w, out_dtype=x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

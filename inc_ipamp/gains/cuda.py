@@ -1,7 +1,9 @@
 """CUDA backend: FP8-E4M3/E5M2 Linear through ``torch._scaled_mm`` on Hopper-class GPUs (compute capability ≥ 8.9).
 
 Reference format bf16 (or fp32). Attention BGEMMs in FP8 have no batched scaled-mm in torch, so they are
-emulated (quantize-dequantize around the bf16 matmul) and that path is named in the record's notes.
+emulated (quantize-dequantize around the bf16 matmul) and that path is named in the record's notes. So are
+E5M2 Linears: ``torch._scaled_mm`` on Hopper multiplies E4M3 by E4M3 (or by E5M2), never E5M2 by E5M2 ("Multiplication
+of two Float8_e5m2 matrices is not supported", torch 2.11 on an H100).
 
 ``CudaBackend(device="cpu")`` (backend name ``cuda-on-cpu``) runs this same code placed on the CPU: torch 2.13
 implements ``torch._scaled_mm`` for CPU, so the FP8 modules, their numerics and the whole measure/evaluate flow
@@ -70,7 +72,8 @@ class CudaBackend(Backend):
     def convert(self, mod: nn.Module, kind: str, fmt: Format) -> nn.Module:
         if kind == "linear":
             w = mod.weight
-            if fmt.kind == "float" and fmt.max_value is not None and all(d % 16 == 0 for d in w.shape):
+            if (fmt.kind == "float" and fmt.max_value is not None and all(d % 16 == 0 for d in w.shape)
+                    and fmt.torch_dtype != "float8_e5m2"):
                 return ScaledMMLinear(mod, fmt).to(w.device)
             if fmt.kind == "float" and fmt.max_value is None:
                 return CastLinear(mod, getattr(torch, fmt.torch_dtype)).to(w.device)
