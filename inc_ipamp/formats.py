@@ -137,7 +137,9 @@ def _fmt(fmt: Format | str) -> Format:
 def weight_scale(w: torch.Tensor, fmt: Format | str, reduce_dim: int = -1) -> torch.Tensor:
     """Symmetric max-abs scale of a weight (per tensor or per slice), never zero so all-zero tensors stay zero."""
     fmt = _fmt(fmt)
-    return torch.clamp(_amax(w.detach(), fmt.granularity, reduce_dim) / fmt.qmax, min=torch.finfo(torch.float32).tiny)
+    # in fp32 whatever w's dtype, as the kernels compute it (a bf16 scale would put a bf16 model on another grid)
+    return torch.clamp(_amax(w.detach(), fmt.granularity, reduce_dim).float() / fmt.qmax,
+                       min=torch.finfo(torch.float32).tiny)
 
 
 #: fbgemm's SMALL_SCALE_THRESHOLD (a float32 constant): smaller affine scales are raised to it
@@ -173,7 +175,8 @@ def act_qparams(x: torch.Tensor, fmt: Format | str, reduce_dim: int = -1,
     gran = fmt.act_granularity or fmt.granularity
     x = x.detach()
     if not fmt.act_affine:
-        return torch.clamp(_amax(x, gran, reduce_dim, per_sample) / fmt.qmax, min=torch.finfo(torch.float32).tiny), None
+        return torch.clamp(_amax(x, gran, reduce_dim, per_sample).float() / fmt.qmax,
+                           min=torch.finfo(torch.float32).tiny), None
     if gran == "channel":
         mn, mx = x.amin(dim=reduce_dim, keepdim=True), x.amax(dim=reduce_dim, keepdim=True)
     elif per_sample and x.dim() > 1:
@@ -221,11 +224,11 @@ def quantize_with_scale(x: torch.Tensor, fmt: Format, s: torch.Tensor | None) ->
         return x
     if not fmt.has_scale:  # bf16
         return x.to(getattr(torch, fmt.torch_dtype)).to(x.dtype)
-    if fmt.kind == "float":
-        y = (x / s).clamp(-fmt.max_value, fmt.max_value).to(getattr(torch, fmt.torch_dtype))
-        return y.to(x.dtype) * s
+    if fmt.kind == "float":  # in fp32, as ScaledMMLinear: a bf16 quotient would round twice (bf16, then FP8)
+        y = (x.float() / s).clamp(-fmt.max_value, fmt.max_value).to(getattr(torch, fmt.torch_dtype))
+        return (y.float() * s).to(x.dtype)
     q = fmt.qmax
-    return torch.clamp(torch.round(x * torch.reciprocal(s)), -q, q) * s
+    return (torch.clamp(torch.round(x * torch.reciprocal(s)), -q, q) * s).to(x.dtype)
 
 
 def uniform_float_variance_factor(fmt: Format) -> float:

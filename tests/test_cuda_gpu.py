@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from inc_ipamp.apply.kernels import ScaledMMLinear
+from inc_ipamp.apply.kernels import EmulatedLinear, ScaledMMLinear
 from inc_ipamp.formats import get_format, quantize
 from inc_ipamp.gains import compare_prefill, get_backend, measure_gains
 from inc_ipamp.ops import install_attention
@@ -23,15 +23,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("tokens", [1, 7, 128])
-def test_scaled_mm_linear_on_gpu_computes_the_formats_numerics(fmt, tokens):
+def test_cuda_backend_linear_on_gpu_computes_the_formats_numerics(fmt, tokens):
     """Fresh random operands; the reference is float64 arithmetic on the operands ``formats.quantize`` rounds to, so
-    the only differences left are the GPU's accumulation order and the bf16 output (≈ 4e-3 relative at most)."""
+    the only differences left are the GPU's accumulation order and the bf16 output (≈ 4e-3 relative at most). E4M3
+    runs ``torch._scaled_mm``; E5M2 is emulated (Hopper has no E5M2 x E5M2 GEMM) with the same numerics."""
     g = torch.Generator(device="cuda").manual_seed(tokens)
     lin = torch.nn.Linear(576, 1536, bias=False).to("cuda", torch.bfloat16)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g, device="cuda") * 0.05)
     x = torch.randn(2, tokens, 576, generator=g, device="cuda").to(torch.bfloat16)
-    mod = ScaledMMLinear(lin, get_format(fmt)).to("cuda")
+    mod = get_backend("cuda").convert(lin, "linear", get_format(fmt))
+    assert isinstance(mod, ScaledMMLinear if fmt == "fp8_e4m3" else EmulatedLinear)
     out = torch.full((2, tokens, 1536), float("nan"), device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         out.copy_(mod(x))
