@@ -527,6 +527,13 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             f"{tm['load_end']}." for ph, tm in res["timing"].items()],
           f"- Reference held-out loss {res['reference_loss']:.4f} (perplexity {math.exp(res['reference_loss']):.2f}).",
           *[f"- Search failed: {e}" for e in res.get("errors", [])],
+          *([f"- Comparisons recomputed from this run's saved measurements by `{res['rescored']['command']}` at "
+             f"commit {res['rescored']['commit']}" + (" (with uncommitted changes)" if res['rescored'][
+                 'uncommitted_changes'] else "") + "; nothing was measured again."] if res.get("rescored") else []),
+          *[f"- Noise floor: {name} changes no op, so it is the reference program (speedup 1 by identity in the "
+            f"comparisons); timed apart, interleaved like a plan, it measured {r['speedup']:.3f} "
+            f"[{r['speedup_lo']:.3f}, {r['speedup_hi']:.3f}] against the reference: what two runs of one program "
+            "differ by here." for name, r in res.get("noise_floor", {}).items()],
           "", "## Search wall time", "", "| track | method | total s | phases (s) |", "|---|---|---|---|"]
     for track in res["tracks"]:
         for m in METHODS:
@@ -686,8 +693,14 @@ def main() -> None:
                     help="--peers-only budgets: shares of the Linear weight parameters in the low format")
     ap.add_argument("--backend", help="time and score on this gain backend instead of the track's own (e.g. "
                     "cuda-on-cpu: the fp8 track's code on CPU, for a rehearsal without a GPU)")
+    ap.add_argument("--rescore", metavar="JSON", help="recompute the comparisons and the report from a run's saved "
+                    "JSON (its measured times and per-sequence losses) with this code; nothing is measured")
     ap.add_argument("--out", default=str(RESULTS / "peers"))
     a = ap.parse_args()
+    if a.rescore:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        rescore(Path(a.rescore), Path(a.out), a.seed)
+        return
     if a.peers_only and a.peer_plans:
         ap.error("--peers-only writes the peers' plans and --peer-plans reads them: give one")
     if a.quick:
@@ -822,33 +835,66 @@ def main() -> None:
         res["timing"][phase] = {"rounds": rounds, "plans": [p["plan"] for p in mine], "load_start": load_t0,
                                 "load_end": machine_state()["load_avg_1min"],
                                 "reference_median_s": statistics.median(times["reference"]), "times_s": times}
-        for p in mine:
-            p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
     res["plans"] = plans
+    finish(prov)
+    compare(res, a.seed)
+    write_all(res, Path(a.out))
+
+
+def compare(res: dict[str, Any], seed: int) -> None:
+    """Speedups and every equal-loss comparison from the measured times and per-sequence losses in ``res``.
+
+    A plan that changes no op (IP-ET's answer at a budget where nothing gains) is the reference program itself: its
+    times are the reference's, so its speedup is 1 by identity. It was also timed apart, interleaved like any plan;
+    that speedup (``noise_floor``) is what two runs of one program differ by on this machine, and is reported."""
+    res["noise_floor"] = {}
+    for phase, tm in res["timing"].items():
+        times = tm["times_s"]
+        for p in res["plans"]:
+            if TRACK_SPEC[p["track"]][1] != phase:
+                continue
+            if not p["assignment"] and p["plan"] in times:
+                res["noise_floor"][p["plan"]] = speedup_with_ci(times["reference"], times[p["plan"]])
+                tm.setdefault("times_s_timed_apart", {})[p["plan"]] = times[p["plan"]]
+                times[p["plan"]] = times["reference"]
+            p.update(speedup_with_ci(times["reference"], times[p["plan"]]))
     res["equal_loss"], res["equal_loss_peer_points"], res["dominance"] = [], [], []
-    for track in tracks:
-        ours = [p for p in plans if p["track"] == track and p["method"] == "IP-ET"]
+    for track in res["tracks"]:
+        ours = [p for p in res["plans"] if p["track"] == track and p["method"] == "IP-ET"]
         for peer in METHODS[1:]:
-            theirs = [p for p in plans if p["track"] == track and p["method"] == peer]
+            theirs = [p for p in res["plans"] if p["track"] == track and p["method"] == peer]
             times = res["timing"][TRACK_SPEC[track][1]]["times_s"]
             res["equal_loss"] += [{"track": track, "peer": peer, **c}
-                                  for c in bootstrap_equal_loss(ours, theirs, times, seed=a.seed)]
+                                  for c in bootstrap_equal_loss(ours, theirs, times, seed=seed)]
             # the other direction: each peer plan inside IP-ET's measured range against IP-ET's interpolated curve
             # (verdict from IP-ET's side: "ahead" = IP-ET's curve is above the peer's plan)
             res["equal_loss_peer_points"] += [
                 {"track": track, "peer": peer, **c, "diff": -c["diff"], "ours": c["theirs"], "theirs": c["ours"],
                  "lo": -c["hi"], "hi": -c["lo"],
                  "verdict": {"ahead": "behind", "behind": "ahead"}.get(c["verdict"], c["verdict"])}
-                for c in bootstrap_equal_loss(theirs, ours, times, seed=a.seed)]
+                for c in bootstrap_equal_loss(theirs, ours, times, seed=seed)]
             res["dominance"] += [{"track": track, "peer": peer, **c}
-                                 for c in dominance(ours, theirs, times, seed=a.seed)]
-    finish(prov)
-    out = Path(a.out)
+                                 for c in dominance(ours, theirs, times, seed=seed)]
+
+
+def write_all(res: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    plot(plans, out.with_suffix(".png"), tracks)
+    plot(res["plans"], out.with_suffix(".png"), res["tracks"])
     write_md(res, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
+
+
+def rescore(path: Path, out: Path, seed: int) -> None:
+    """``--rescore``: the comparisons recomputed by this code from a run's saved measurements (times, per-sequence
+    losses), nothing measured again; the run's provenance stays, this command's is added as ``rescored``."""
+    res = json.loads(path.read_text())
+    for tm in res["timing"].values():  # the times as the run measured them
+        tm["times_s"].update(tm.pop("times_s_timed_apart", {}))
+    res["rescored"] = finish(provenance(__file__))
+    res["rescored"]["from"] = str(path)
+    compare(res, seed)
+    write_all(res, out)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,26 @@ def test_dominance_compares_each_peer_plan_with_our_fastest_plan_of_no_more_loss
     assert c["tiny"]["ours_plan"] == "ours0" and c["tiny"]["verdict"] == "ahead"
     without_reference = bp.dominance([rows["ours1"]], [rows["slow"]], times, n_boot=300)
     assert without_reference == []  # no IP-ET plan with no more loss than 1e-4
+
+
+def test_compare_treats_a_plan_that_changes_no_op_as_the_reference_program():
+    """``compare``: IP-ET's empty plan (no op gains at its budget) is the reference program, so its speedup is 1 by
+    identity; what it measured when timed apart is kept as the noise floor, and the peer is judged against 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    ref = list(1.0 + 0.01 * rng.standard_normal(40))
+    apart = [t * 1.03 for t in ref]  # the same program, timed apart, 3% slower by chance
+    peer = [t / 0.95 for t in ref]
+    res = {"tracks": ["fp8"], "timing": {"prefill": {"times_s": {"reference": ref, "IP-ET fp8 reference": apart,
+                                                                 "ModelOpt fp8 #1": peer}}},
+           "plans": [{"track": "fp8", "method": "IP-ET", "plan": "IP-ET fp8 reference", "assignment": {},
+                      "measured_loss_mse": 0.0, "loss_changes": [0.0] * 8},
+                     {"track": "fp8", "method": "ModelOpt", "plan": "ModelOpt fp8 #1", "assignment": {"x": "fp8_e4m3"},
+                      "measured_loss_mse": 1e-4, "loss_changes": [0.01] * 8}]}
+    bp.compare(res, seed=0)
+    ours = res["plans"][0]
+    assert ours["speedup"] == 1.0 and ours["speedup_lo"] == ours["speedup_hi"] == 1.0
+    assert res["noise_floor"]["IP-ET fp8 reference"]["speedup"] == pytest.approx(1 / 1.03, rel=1e-6)
+    d = [c for c in res["dominance"] if c["peer"] == "ModelOpt"]
+    assert len(d) == 1 and d[0]["verdict"] == "ahead" and d[0]["diff"] == pytest.approx(0.05, abs=1e-6)
