@@ -23,6 +23,14 @@ class GaudiUnavailableError(DeviceUnavailableError):
     """A Gaudi-only step was asked for on a machine without Intel Gaudi software."""
 
 
+def require_patched(q: torch.nn.Module, ops: dict[str, torch.nn.Module]) -> None:
+    """INC skips module types it has no patch for on this device; such an op would silently stay high precision."""
+    for op, m in ops.items():
+        if not type(q.get_submodule(op)).__name__.startswith("Patched"):
+            raise DeviceUnavailableError(
+                f"INC fp8_quant did not patch {op} ({type(m).__name__}) on this device: it cannot run in FP8 here")
+
+
 def require_gaudi(what: str = "this step") -> None:
     """Raise GaudiUnavailableError unless habana_frameworks (Intel Gaudi's PyTorch bridge) is importable."""
     if importlib.util.find_spec("habana_frameworks") is None:

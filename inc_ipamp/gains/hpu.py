@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..apply.hpu import require_patched
 from ..errors import DeviceUnavailableError, IpampError
 from ..export.fp8 import FP8_FORMATS, fp8_settings
 from ..formats import Format, get_format
@@ -59,14 +60,6 @@ def _shell(mods: dict[str, nn.Module]) -> nn.Module:
             parent = parent._modules[p]
         parent.add_module(leaf, mod)
     return root
-
-
-def _require_patched(q: nn.Module, ops: dict[str, nn.Module]) -> None:
-    """INC skips module types it has no patch for on this device; such an op would silently stay high precision."""
-    for op, m in ops.items():
-        if not type(q.get_submodule(op)).__name__.startswith("Patched"):
-            raise DeviceUnavailableError(
-                f"INC fp8_quant did not patch {op} ({type(m).__name__}) on this device: it cannot run in FP8 here")
 
 
 class HpuBackend(Backend):
@@ -158,14 +151,14 @@ class HpuBackend(Backend):
                           hp_dtype=self.hp_dtype, use_qdq=self.use_qdq)
                 q = prepare(_shell({op: copy.deepcopy(m) for op, m in ops.items()}),
                             fp8_settings(plan, "inc", "MEASURE", **kw).config())
-                _require_patched(q, ops)
+                require_patched(q, ops)
                 with torch.no_grad():
                     for op, m in ops.items():
                         q.get_submodule(op)(*self._inputs[id(m)])
                 finalize_calibration(q)
                 q = convert(q, fp8_settings(plan, "inc", "QUANTIZE", **kw).config())
             self.inc_passes += 1
-            _require_patched(q, ops)
+            require_patched(q, ops)
             for op, m in ops.items():
                 new = q.get_submodule(op)
                 kind = "bgemm" if isinstance(m, Matmul) else "linear"
