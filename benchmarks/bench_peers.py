@@ -134,6 +134,22 @@ def compare_at_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any
     return out
 
 
+def _replicates(rows: list[dict[str, Any]], times: dict[str, list[float]], n_boot: int,
+                seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per plan, its loss MSE and speedup in each of ``n_boot`` joint bootstrap replicates: one redraw of the
+    evaluation sequences and one of the timing rounds per replicate, shared by every plan (both were paired)."""
+    rng = np.random.default_rng(seed)
+    plans = {r["plan"]: r for r in rows}
+    n_seq = len(next(iter(plans.values()))["loss_changes"])
+    t_ref = np.asarray(times["reference"])
+    idx_n = rng.integers(0, n_seq, (n_boot, n_seq))
+    idx_r = rng.integers(0, len(t_ref), (n_boot, len(t_ref)))
+    ref_med = np.median(t_ref[idx_r], axis=1)
+    loss = {k: (np.asarray(r["loss_changes"])[idx_n] ** 2).mean(1) for k, r in plans.items()}
+    speed = {k: ref_med / np.median(np.asarray(times[k])[idx_r], axis=1) for k in plans}
+    return loss, speed
+
+
 def bootstrap_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], times: dict[str, list[float]],
                          n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
     """``compare_at_equal_loss`` with a 95% interval that carries both measurements' sampling noise: each bootstrap
@@ -143,18 +159,10 @@ def bootstrap_equal_loss(ours: list[dict[str, Any]], theirs: list[dict[str, Any]
     the loss side dominates: over 24 sequences a plan's measured loss MSE is uncertain by tens of percent, which moves
     the peer's interpolated speedup by more than the timing CIs do. "ahead"/"behind" = the interval excludes 0.
     Replicates where our plan's loss falls outside the peer's range are left out (``share``: the share kept)."""
-    rng = np.random.default_rng(seed)
     point = compare_at_equal_loss(ours, theirs)
     if not point:
         return []
-    plans = {r["plan"]: r for r in [*ours, *theirs]}
-    n_seq = len(next(iter(plans.values()))["loss_changes"])
-    t_ref = np.asarray(times["reference"])
-    idx_n = rng.integers(0, n_seq, (n_boot, n_seq))
-    idx_r = rng.integers(0, len(t_ref), (n_boot, len(t_ref)))
-    ref_med = np.median(t_ref[idx_r], axis=1)
-    loss = {k: (np.asarray(r["loss_changes"])[idx_n] ** 2).mean(1) for k, r in plans.items()}
-    speed = {k: ref_med / np.median(np.asarray(times[k])[idx_r], axis=1) for k in plans}
+    loss, speed = _replicates([*ours, *theirs], times, n_boot, seed)
     peer = [r["plan"] for r in theirs if r["measured_loss_mse"] > 0]
     pl = np.log(np.stack([loss[k] for k in peer], 1))  # (n_boot, peers)
     ps = np.stack([speed[k] for k in peer], 1)
@@ -183,15 +191,7 @@ def dominance(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], times: d
     equal loss. ``share`` = the replicates in which IP-ET had a plan with no more loss."""
     if not ours or not theirs:
         return []
-    rng = np.random.default_rng(seed)
-    plans = {r["plan"]: r for r in [*ours, *theirs]}
-    n_seq = len(next(iter(plans.values()))["loss_changes"])
-    t_ref = np.asarray(times["reference"])
-    idx_n = rng.integers(0, n_seq, (n_boot, n_seq))
-    idx_r = rng.integers(0, len(t_ref), (n_boot, len(t_ref)))
-    ref_med = np.median(t_ref[idx_r], axis=1)
-    loss = {k: (np.asarray(r["loss_changes"])[idx_n] ** 2).mean(1) for k, r in plans.items()}
-    speed = {k: ref_med / np.median(np.asarray(times[k])[idx_r], axis=1) for k in plans}
+    loss, speed = _replicates([*ours, *theirs], times, n_boot, seed)
     mine = [r["plan"] for r in ours]
     ol, osp = np.stack([loss[k] for k in mine], 1), np.stack([speed[k] for k in mine], 1)
     out = []

@@ -308,7 +308,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             with stage("solve"):
                 plan, front = P.stage_solve(out, s)
             s.save(out)
-            _print_plan(plan, s)
+            _print_plan(plan, s, _solved_on(out, s))
         if cmd in ("run", "export"):
             with stage("export"):
                 files = P.stage_export(out, s)
@@ -343,7 +343,16 @@ def _print_quality(gains) -> None:
         print(f"WARNING: {inconsistency(q)}", file=sys.stderr)
 
 
-def _print_plan(plan, s) -> None:
+def _solved_on(out: Path, s):
+    """The gains record the plan was solved on (the objective's), for what the summary line cannot say."""
+    from . import pipeline as P
+    from .records import Gains
+
+    return P.objective_gains(out, s, Gains.load(out / "gains.json"))[0] if (out / "gains.json").exists() else None
+
+
+def _print_plan(plan, s, gains=None) -> None:
+    from .report import nothing_pays
     from .solver import speedup_of
 
     ref_t = plan.solver.get("reference_time_s")
@@ -361,6 +370,8 @@ def _print_plan(plan, s) -> None:
     low = sorted({f for f in plan.assignment.values() if f != plan.reference_format})
     print(f"plan: {len(plan.low_precision_ops())} of {len(plan.assignment)} ops in {', '.join(low) or '(none)'}, "
           f"the rest {plan.reference_format}; predicted loss MSE {plan.predicted_loss_mse:.3g}; {gain}")
+    if gains is not None and not plan.low_precision_ops() and (msg := nothing_pays(gains, plan.metric)):
+        print(msg)
 
 
 def _print_evaluation(ev: dict) -> None:

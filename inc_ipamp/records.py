@@ -231,6 +231,16 @@ class Gains(StageRecord):
     #: ``reference_time_s`` is then the decode step, TPOT): gains/decode.py
     phase: str = "prefill"
 
+    def best_low_precision(self, metric: str = "ET") -> tuple[float, str, list[str]] | None:
+        """(gain, group, config) of the usable configuration with any op off the reference format that gains most,
+        or None where there is none: a gain ≤ 0 says no low-precision configuration pays on this device at all."""
+        best = None
+        for name, gg in self.groups.items():
+            for i, (cfg, g) in enumerate(zip(gg.configs, gg.gains.get(metric, []), strict=False)):
+                if any(f != self.formats[0] for f in cfg) and gg.usable(metric, i) and (best is None or g > best[0]):
+                    best = (g, name, cfg)
+        return best
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Gains:
         check_finite({k: v for k, v in d.items() if k != "quality"}, "gains")

@@ -207,7 +207,8 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
         head += " gain predicted | gain measured (±CI) | speedup measured |"
         sep += "---|---|---|"
     lines += ["", f"Loss MSE and perplexity on held-out text ({measured.get('loss_data', 'evaluation split')}; "
-              "fake-quantised, out of sample: not the calibration sequences); gains end to "
+              f"{measured.get('loss_numerics') or 'fake-quantised'}, out of sample: not the calibration sequences); "
+              "gains end to "
               "end with the device's real kernels, reference and plan interleaved. The baselines are greedy per-op "
               "orders at the same loss budget (Random, Prefix = network order, SQNR = highest SQNR first).", "",
               head, sep]
@@ -270,6 +271,22 @@ def _objective_frontiers(fronts: dict[str, list[Plan]], m: str) -> list[str]:
     return lines
 
 
+def nothing_pays(gains: Gains, metric: str) -> str | None:
+    """One sentence when no low-precision configuration measured a gain at all (so the plan is the reference and no
+    budget changes that), naming the least slow one; None otherwise. Measured on an H100 with a 135M model, every
+    FP8 Linear was slower: a user must hear that the device, not the budget, decided."""
+    best = gains.best_low_precision(metric) if metric == "ET" else None
+    if best is None or best[0] > 0:
+        return None
+    g, group, cfg = best
+    where = " (".join(p.strip() for p in gains.device.split(";")[:2]) + (")" if ";" in gains.device else "")
+    return (f"No low-precision configuration measured faster than {gains.formats[0]} on {where}: the least slow, "
+            f"{group} as {'/'.join(cfg)}, costs {-g * 1e3:.3g} ms more {_PER.get(gains.phase, 'per prefill')}; the "
+            "plan keeps "
+            f"every op in {gains.formats[0]} whatever the budget (small shapes are bound by launching kernels: "
+            f"larger --batch/--gain-seq-len measure whether your shapes pay)")
+
+
 def write_report(
     path: str | Path,
     plan: Plan,
@@ -325,6 +342,8 @@ def write_report(
                         if s["budget_binds"] else ""))
     if s.get("note"):
         lines.append(f"- Note: {s['note']}")
+    if not plan.low_precision_ops() and (msg := nothing_pays(gains, m)):
+        lines.append(f"- **{msg}**")
     q = gains.quality or {}
     # a mix record carries each phase's own quality record
     phases = [(p, q[p]) for p in ("prefill", "decode") if isinstance(q.get(p), dict)] if gains.phase == "mix" else \

@@ -238,3 +238,25 @@ def test_loss_check_flags_a_plan_over_its_budget():
     free = SimpleNamespace(budget_loss_mse=None, predicted_loss_mse=0.001)
     assert not loss_check({"measured_loss_mse": 0.0025}, free, 8)["ok"]
     assert loss_check({}, plan, 8) is None
+
+
+def test_a_device_where_nothing_pays_is_said_so_naming_the_least_slow_config() -> None:
+    """On an H100 every FP8 Linear of SmolLM2 measured slower than bf16: the plan is all-reference whatever the
+    budget, and the report and CLI say that the device decided, naming the least slow usable configuration (a
+    flagged one, however fast, is not a candidate)."""
+    from inc_ipamp.records import Gains, GroupGains
+    from inc_ipamp.report import nothing_pays
+
+    def record(gains_b, flags_b=("", "", "")):
+        groups = {"a": GroupGains("a", [["bf16"], ["fp8_e4m3"]], {"ET": [0.0, -2e-4]}),
+                  "b": GroupGains("b", [["bf16", "bf16"], ["fp8_e4m3", "bf16"], ["fp8_e4m3", "fp8_e4m3"]],
+                                  {"ET": [0.0, *gains_b]}, flags={"ET": list(flags_b)})}
+        return Gains("m", "cuda; NVIDIA H100 80GB HBM3; torch 2.11", ["bf16", "fp8_e4m3"], 1, 128, 0.025, groups)
+
+    msg = nothing_pays(record([-1.5e-4, -3e-4]), "ET")
+    assert msg and "No low-precision configuration measured faster than bf16 on cuda (NVIDIA H100 80GB HBM3)" in msg
+    assert "b as fp8_e4m3/bf16, costs 0.15 ms more per prefill" in msg
+    assert nothing_pays(record([-1.5e-4, 1e-5]), "ET") is None  # one config pays: the budget decides
+    flagged = record([-1.5e-4, 1e-5], ("", "", "noisy"))
+    assert "b as fp8_e4m3/bf16" in nothing_pays(flagged, "ET")  # the flagged gain is not a candidate
+    assert nothing_pays(record([-1.5e-4, -3e-4]), "TT") is None
