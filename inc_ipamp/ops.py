@@ -184,7 +184,7 @@ def execution_order(model: nn.Module, names: list[str]) -> dict[str, int]:
     return order
 
 
-def _layer_part(parts: list[str]) -> int | None:
+def layer_part(parts: list[str]) -> int | None:
     """Index in a dotted name's parts of its decoder-layer number (``model.layers.3...``, GPT-2's ``h.3``)."""
     for i, p in enumerate(parts[:-1]):
         if p in ("layers", "h", "layer", "blocks") and parts[i + 1].isdigit():
@@ -195,7 +195,7 @@ def _layer_part(parts: list[str]) -> int | None:
 def decoder_layer_index(op_name: str) -> int | None:
     """The decoder-layer number in an op name (``model.layers.3.mlp.up_proj`` -> 3), else None."""
     parts = op_name.split(".")
-    i = _layer_part(parts)
+    i = layer_part(parts)
     return None if i is None else int(parts[i])
 
 
@@ -203,5 +203,5 @@ def op_type(op_name: str) -> str:
     """An op's name with its decoder layer's number replaced by ``*`` (``model.layers.*.mlp.up_proj``): the same op
     in every layer, over which the loss model pools its estimates."""
     parts = op_name.split(".")
-    i = _layer_part(parts)
+    i = layer_part(parts)
     return op_name if i is None else ".".join([*parts[:i], "*", *parts[i + 1:]])

@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import UnsupportedModelError
-from .ops import OpInfo, decoder_layer_index, find_ops, install_attention, linear_weight
+from .ops import OpInfo, decoder_layer_index, find_ops, install_attention, layer_part, linear_weight
 from .records import Group, Partition
 
 log = logging.getLogger(__name__)
@@ -286,11 +286,9 @@ def cut_groups_moe(h: nx.DiGraph, ops_in_order: list[str]) -> list[list[str]]:
 # -- signatures -----------------------------------------------------------------------------------------
 def suffix(op: str) -> str:
     """An op's name below its decoder layer (``self_attn.q_proj``): what makes two layers' groups comparable."""
-    layer = decoder_layer_index(op)
-    if layer is None:
-        return op
-    m = re.search(rf"\.{layer}\.(.*)$", op)
-    return m.group(1) if m else op
+    parts = op.split(".")
+    i = layer_part(parts)  # the one parser of layer numbers (ops.py)
+    return ".".join(parts[i + 1:]) or op if i is not None else op
 
 
 def first_calls(model: nn.Module, names: Iterable[str], ids: torch.Tensor,
