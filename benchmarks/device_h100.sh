@@ -8,7 +8,8 @@
 #          bench_peers' fp8 track (IP-ET searched and every plan scored on the GPU), then `inc-ipamp run --device
 #          cuda` on the embedded default (bench_default_run.py).
 #   stage: the smoke call's copying and installing alone (a rerun of `full` on a fresh machine).
-# Results come back under $OUT; benchmarks/results/cuda_h100*.md are made from them.
+# benchmarks/device_stage.sh builds .dev/ here first. Results come back under $OUT; benchmarks/results/cuda_h100*,
+# gpu_tests_h100.md and peers_fp8_h100* are made from them.
 # Usage there: IPAMP_COMMIT=<sha> IPAMP_DIRTY=0 bash benchmarks/device_h100.sh smoke|stage|full
 set -u
 STEP=${1:?smoke or full}
