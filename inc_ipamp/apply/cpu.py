@@ -77,11 +77,12 @@ def apply_cpu(model: nn.Module, plan: Plan, calib: Iterable[torch.Tensor], compi
                 m(ids, use_cache=False)
         finalize_calibration(m)
         m = convert(m, quant)
+        from ..errors import DeviceUnavailableError
         from .hpu import require_patched
 
         try:  # fail closed: an unpatched Linear would silently stay fp32 (BGEMMs stay fp32 by design: the notes say so)
             require_patched(m, _low_modules(model, plan))
-        except Exception as e:
+        except DeviceUnavailableError as e:
             raise ExportError(f"{e}. INC picks its accelerator when it is imported and prefers a visible GPU; its CPU "
                               "FP8 Q/DQ path needs INC_TARGET_DEVICE=cpu in the environment before the start") from None
         return m
