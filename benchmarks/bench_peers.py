@@ -369,6 +369,29 @@ def run_autoscheme(fmt: str, cal: list[torch.Tensor], seq_len: int,
     return plans, phases
 
 
+def run_peers(track: str, cal: list[torch.Tensor], seq_len: int,
+              low_params: list[float]) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]], list[str]]:
+    """Both peers' searches on ``track`` at the budgets that put ``low_params`` weights in its format: their plans
+    (named "<method> <track> #i"), each method's search phases, and the errors of a peer that failed (reported; the
+    other peer's plans still count)."""
+    fmt = TRACK_SPEC[track][0]
+    plans: list[dict[str, Any]] = []
+    phases: dict[str, dict[str, float]] = {}
+    errors: list[str] = []
+    for method, search in (("ModelOpt", lambda: run_modelopt(fmt, cal, low_params)),
+                           ("AutoScheme", lambda: run_autoscheme(fmt, cal, seq_len, low_params))):
+        log.info("[%s] %s search at %d budgets", track, method, len(low_params))
+        try:
+            found, phases[method] = search()
+        except Exception as e:  # a peer that fails is reported, the rest of the comparison still runs
+            log.exception("%s failed", method)
+            errors.append(f"{track} {method}: {type(e).__name__}: {e}")
+            continue
+        plans += [{"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p}
+                  for i, p in enumerate(found)]
+    return plans, phases, errors
+
+
 # -- scoring --------------------------------------------------------------------------------------------------------
 def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_len: int, seed: int,
                      phase: str = "prefill", decode_context: int = 256, warmup: int = 1, backend: str = "cpu",
@@ -627,20 +650,9 @@ def write_peer_plans(path: Path, res: dict[str, Any], tracks: list[str], cal: li
            "errors": []}
     total = sum(params.values())
     for track in tracks:
-        fmt = TRACK_SPEC[track][0]
-        low = [sh * total for sh in shares]
-        for method, search in (("ModelOpt", lambda f=fmt, lp=low: run_modelopt(f, cal, lp)),
-                               ("AutoScheme", lambda f=fmt, lp=low: run_autoscheme(f, cal, len(cal[0][0]), lp))):
-            log.info("[%s] %s search at %d budgets", track, method, len(low))
-            try:
-                found, phases = search()
-            except Exception as e:  # reported; the other peer's plans still count
-                log.exception("%s failed", method)
-                out["errors"].append(f"{track} {method}: {type(e).__name__}: {e}")
-                continue
-            out["search"][track][method] = phases
-            out["plans"] += [{"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p}
-                             for i, p in enumerate(found)]
+        found, out["search"][track], errors = run_peers(track, cal, len(cal[0][0]), [sh * total for sh in shares])
+        out["plans"] += found
+        out["errors"] += errors
     finish(out["provenance"])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str) + "\n")
@@ -790,18 +802,11 @@ def main() -> None:
         if imported is not None:
             plans += [p for p in imported["plans"] if p["track"] == track]
             continue
-        for method, search in (("ModelOpt", lambda f=fmt, lp=low: run_modelopt(f, cal, lp)),
-                               ("AutoScheme", lambda f=fmt, lp=low: run_autoscheme(f, cal, a.seq_len, lp))):
-            log.info("[%s] %s search at %d budgets", track, method, len(low))
-            try:
-                found, phases = search()
-            except Exception as e:  # a peer that fails is reported, the rest of the comparison still runs
-                log.exception("%s failed", method)
-                res.setdefault("errors", []).append(f"{track} {method}: {type(e).__name__}: {e}")
-                continue
-            res["search"][track][method] = phases
-            for i, p in enumerate(found):
-                plans.append({"track": track, "method": method, "plan": f"{method} {track} #{i + 1}", **p})
+        found, peer_phases, errors = run_peers(track, cal, a.seq_len, low)
+        plans += found
+        res["search"][track].update(peer_phases)
+        if errors:
+            res.setdefault("errors", []).extend(errors)
 
     loss_threads = set_threads(a.loss_threads or loss_threads_default)  # untimed: every core free at the start
     res["settings"]["loss_threads"] = loss_threads
