@@ -394,7 +394,7 @@ def run_peers(track: str, cal: list[torch.Tensor], seq_len: int,
 
 # -- scoring --------------------------------------------------------------------------------------------------------
 def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_len: int, seed: int,
-                     phase: str = "prefill", decode_context: int = 256, warmup: int = 1, backend: str = "cpu",
+                     phase: str = "prefill", decode_context: int = 256, warmup: int = 1, backend: Any = "cpu",
                      reference: str = "fp32") -> dict[str, list[float]]:
     """One call per plan per round, the FP32 reference included, in a fresh random order each round; each timed
     call enters the backend's ``apply`` (as ``compare_prefill``/``compare_decode`` do, so every side pays the module
@@ -405,7 +405,7 @@ def time_interleaved(model, plans: dict[str, dict[str, str]], rounds: int, seq_l
     from inc_ipamp.gains.decode import decode_step
     from inc_ipamp.runtime import Progress
 
-    be = get_backend(backend)
+    be = get_backend(backend) if isinstance(backend, str) else backend  # an instance keeps its converted modules
     be.check()
     be.prepare(model, reference)
     names = ["reference", *plans]
@@ -812,13 +812,14 @@ def main() -> None:
     res["settings"]["loss_threads"] = loss_threads
     log.info("held-out loss of %d plans on %d sequences, %d threads", len(plans), len(ev), loss_threads)
     apply = None  # CPU tracks: fake quantisation (the kernels' numerics, bit-identical: tests/test_numerics.py)
+    timing_backend: Any = device
     if device != "cpu":  # an accelerator: the backend's real kernels in its reference format, as they are timed
         from inc_ipamp.gains import get_backend
 
         be = get_backend(device)
         be.check()
         be.prepare(model, reference)
-        apply = be.apply
+        apply, timing_backend = be.apply, be  # the timing reuses the modules the loss pass converted
         res["loss_numerics"] = f"{be.name} backend kernels ({be.device_string()}), reference {reference}"
     ref_losses = sequence_losses(model, ev)
     res["reference_loss"] = float(ref_losses.mean())
@@ -841,7 +842,7 @@ def main() -> None:
         log.info("interleaved %s timing of %d plans, %d rounds", phase, len(mine), rounds)
         load_t0 = machine_state()["load_avg_1min"]
         times = time_interleaved(model, {p["plan"]: p["assignment"] for p in mine}, rounds, a.gain_seq_len, a.seed,
-                                 phase, a.decode_context, backend=device, reference=reference)
+                                 phase, a.decode_context, backend=timing_backend, reference=reference)
         res["timing"][phase] = {"rounds": rounds, "plans": [p["plan"] for p in mine], "load_start": load_t0,
                                 "load_end": machine_state()["load_avg_1min"],
                                 "reference_median_s": statistics.median(times["reference"]), "times_s": times}

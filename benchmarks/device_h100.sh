@@ -20,20 +20,24 @@ LOG=$OUT/log_$STEP.txt
 exec > >(tee -a "$LOG") 2>&1
 T0=$(date +%s)
 left() { echo $(( DEADLINE - ($(date +%s) - T0) )); }
-
-if [ "$STEP" = stage ]; then  # only what `full` needs from the first call
+# what `full` needs from the first call: part 1 and the text kept outside the tree, the wheels installed
+stage_files() {
   mkdir -p $KEEP && cp .dev/a/* $KEEP/ && gunzip -f $KEEP/*.gz
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/w/*.whl
+}
+
+if [ "$STEP" = stage ]; then
+  stage_files
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   exit 0
 fi
 if [ "$STEP" = smoke ]; then
   DEADLINE=${DEADLINE:-200}
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,utilization.gpu --format=csv
-  mkdir -p $KEEP && cp .dev/a/* $KEEP/ && gunzip -f $KEEP/*.gz
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/w/*.whl
-  python3 -c "import torch, transformers, pyomo, highspy, gguf, neural_compressor as n; print('torch', torch.__version__,
-    'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'inc', n.__version__,
+  stage_files
+  python3 -c "import torch, transformers, pyomo, highspy, gguf; from importlib.metadata import version as v
+print('torch', torch.__version__,
+    'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'inc', v('neural-compressor-pt'),
     torch.cuda.get_device_name(), torch.cuda.get_device_capability(), 'cpus', __import__('os').cpu_count())"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_gpu.py tests/test_backends.py
   echo "pytest rc=$?"
