@@ -6,15 +6,17 @@ Runs in the second environment (INC 2.x API = neural-compressor 3.7.1, see requi
     .venv-inc2/bin/python examples/inc2_post_training_quant.py --spelling criterion   # INC's own spelling
 
 The strategy reads the token ids of ``calib_dataloader``, calibrates, partitions, measures the INT8 gains on this CPU
-with torch.ao dynamic INT8 (the kernels INC's 2.x dynamic path builds) and solves the frontier; INC quantizes its
-points most aggressive first, scores them with ``eval_func`` and keeps the first within the accuracy criterion. The
-accepted plan, INC's ``op_name_dict`` for it and a report land in ``<workspace>/<hash>/selected/``. The script then
+with torch.ao dynamic INT8 with per-channel weights (``int8_pc``: the kernels INC's 2.x dynamic path builds) and
+solves the frontier; INC quantizes its points most aggressive first, scores them with ``eval_func`` and keeps the
+first within the accuracy criterion. The accepted plan, INC's ``op_name_dict`` for it and a report land in
+``<workspace>/<hash>/selected/``. The script then
 measures the returned model's prefill time and loss against fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -80,10 +82,12 @@ def main() -> None:
         print("no frontier point met the accuracy criterion")
         return
     plan = q.ipamp_plan
-    got = inc2.quantized_ops(q)
+    got = inc2.quantized_formats(q)
+    want = {op: plan.assignment[op] for op in plan.low_precision_ops()}
     print(f"fit: {wall:.0f} s; accepted point {q.ipamp_point}: {len(plan.low_precision_ops())} INT8 ops of "
           f"{len(plan.assignment)}; torch.ao INT8 Linears in the returned model: {len(got)} "
-          f"({'exactly the plan' if got == sorted(plan.low_precision_ops()) else 'DIFFERENT from the plan'})")
+          f"({'exactly the plan, formats included' if got == want else 'DIFFERENT from the plan'}: "
+          f"{', '.join(f'{n} {f}' for f, n in sorted(collections.Counter(got.values()).items()))})")
     ws = inc2.workspace_of(q)
     print("phases (s):", json.loads((ws / "phases.json").read_text()))
     print("trials:", json.loads((ws / "trials.json").read_text())["trials"])

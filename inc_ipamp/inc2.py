@@ -7,7 +7,8 @@
     q = quantization.fit(model, conf, calib_dataloader=loader, eval_func=eval_fn)
 
 The strategy reads token ids from INC's ``calib_dataloader``, runs calibrate -> partition -> measure (CPU,
-torch.ao dynamic INT8: the same kernels INC's 2.x dynamic path builds) -> solve (``inc.method.run_method``, in a
+torch.ao dynamic INT8 with per-channel weights, ``int8_pc``: the kernels INC's 2.x dynamic path builds, and the only
+ones it builds, ``INC2_FORMAT``) -> solve (``inc.method.run_method``, in a
 content-hashed workspace that a second call reuses), and yields the frontier points most aggressive first as
 INC tuning configs; INC evaluates each with ``eval_func`` and stops at the first within its accuracy criterion.
 
@@ -63,8 +64,29 @@ log = logging.getLogger(__name__)
 
 NAME = "ip_empirical_time"
 PLACEMENT = "inc2-torch.ao-dynamic-int8"
-#: INC's 2.x tuning-space keys for the weight granularity of each of our INT8 formats
-GRANULARITY = {"int8": "per_tensor", "int8_pc": "per_channel"}
+#: the one INT8 format INC's 2.x dynamic path builds. Its PyTorch adaptor (``adaptor/pytorch.py``, ``_cfg_to_qconfig``,
+#: neural-compressor 3.7.1, torch >= 1.11) gives every dynamic Linear ``torch.quantization.per_channel_dynamic_qconfig``
+#: whatever weight granularity the tuning config asks for: a per-tensor ``int8`` plan came back with per-channel
+#: weights (SmolLM2-135M all-INT8: held-out loss 3.81 where the per-tensor plan it was solved for gives 3.88), so the
+#: loss and gains the frontier was solved with were not those of the returned model. Per-channel weights are ``int8_pc``
+#: (INC's observer takes amax/127.5 per channel where ``formats`` takes amax/127: scales 0.39% apart, ≤ 1 level).
+INC2_FORMAT = "int8_pc"
+#: INC 2.x's name for that format's weight granularity (its tuning-space key and ``op_name_dict``)
+GRANULARITY = {INC2_FORMAT: "per_channel"}
+
+
+def inc2_kwargs(strategy_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The strategy's options with the formats INC 2.x can build: fp32 + ``INC2_FORMAT`` by default; anything else
+    (per-tensor ``int8`` included, which INC 2.x would return with per-channel weights) is refused."""
+    kwargs = dict(strategy_kwargs or {})
+    kwargs.setdefault("formats", ["fp32", INC2_FORMAT])
+    fmts, dev = list(kwargs["formats"]), kwargs.get("device", "cpu")
+    if dev != "cpu" or fmts != ["fp32", INC2_FORMAT]:
+        raise TuningSetupError(
+            f"INC's 2.x path is dynamic INT8 on CPU with per-channel weights (its adaptor builds every dynamic Linear "
+            f"with per_channel_dynamic_qconfig, whatever granularity is asked): device must be 'cpu' and formats "
+            f"['fp32', '{INC2_FORMAT}'] (got {dev!r}, {fmts})")
+    return kwargs
 
 
 def inc_to_ours(inc_name: str) -> str:
@@ -84,7 +106,7 @@ class IPEmpiricalTimeTuneStrategy(TuneStrategy):
             raise TuningSetupError(
                 f"ip_empirical_time measures and applies dynamic INT8 (torch.ao, INC's fast CPU path); approach "
                 f"{self.config.approach!r} is not supported: pass approach='dynamic' (the default with this strategy)")
-        MethodSettings.from_kwargs(self.config.tuning_criterion.strategy_kwargs)
+        MethodSettings.from_kwargs(inc2_kwargs(self.config.tuning_criterion.strategy_kwargs))
         if q_dataloader is None:
             raise TuningSetupError("ip_empirical_time calibrates on your data: pass calib_dataloader= (batches of "
                                    "token ids from real text) to quantization.fit")
@@ -124,11 +146,8 @@ class IPEmpiricalTimeTuneStrategy(TuneStrategy):
                     check_score(a, "eval_func (INC's fp32 baseline)")
                 elif not (isinstance(a, (int, float)) and math.isfinite(a)):
                     raise TuningSetupError(f"eval_func returned {a!r}: it must return a finite number")
-        kwargs = dict(self.config.tuning_criterion.strategy_kwargs or {})
+        kwargs = inc2_kwargs(self.config.tuning_criterion.strategy_kwargs)
         settings = MethodSettings.from_kwargs(kwargs)
-        if settings.device != "cpu" or any(f not in ("fp32", *GRANULARITY) for f in settings.formats):
-            raise TuningSetupError("INC's 2.x path is INT8 on CPU: device must be 'cpu' and formats fp32 + int8 "
-                                   f"and/or int8_pc (got {settings.device!r}, {settings.formats})")
         batches = ids_from_loader(self.calib_dataloader, settings.max_calib)
         _, _, init = self.initial_tuning_cfg()
         self._ipamp_init = init
@@ -308,12 +327,22 @@ def uninstall() -> None:
     STRATEGIES.pop(NAME, None)
 
 
-def quantized_ops(model: Any) -> list[str]:
-    """Our names of the Linears INC turned into torch.ao dynamic INT8 modules in a ``fit`` result."""
+def quantized_formats(model: Any) -> dict[str, str]:
+    """Our name and format of each Linear INC turned into a torch.ao dynamic INT8 module in a ``fit`` result, read
+    from its weight (``int8``: one scale per tensor, ``int8_pc``: per output channel): what the model runs, to compare
+    with the plan's assignment."""
+    import torch
     from torch.ao.nn.quantized import dynamic as nnqd
 
+    per_tensor = (torch.per_tensor_affine, torch.per_tensor_symmetric)
     m = getattr(model, "model", model)
-    return sorted(inc_to_ours(n) for n, mod in m.named_modules() if isinstance(mod, nnqd.Linear))
+    return {inc_to_ours(n): "int8" if mod.weight().qscheme() in per_tensor else "int8_pc"
+            for n, mod in m.named_modules() if isinstance(mod, nnqd.Linear)}
+
+
+def quantized_ops(model: Any) -> list[str]:
+    """Our names of the Linears INC turned into torch.ao dynamic INT8 modules in a ``fit`` result."""
+    return sorted(quantized_formats(model))
 
 
 def workspace_of(model: Any) -> Path | None:

@@ -146,10 +146,27 @@ def test_fit_runs_the_whole_method_then_reuses_it_and_stops_within_tolerance(dat
     assert plan.assignment == q.ipamp_plan.assignment and plan.low_precision_ops()
     # the returned model's INT8 ops are exactly the accepted plan's (INC's `.module` wrappers mapped back)
     assert inc2.quantized_ops(q) == sorted(plan.low_precision_ops())
+    # ... in the format the frontier was solved for: INC 2.x builds per-channel weights whatever it is asked, so the
+    # plan is int8_pc, and the returned weights are the ones our int8_pc kernel (what the gains timed) rounds to,
+    # but for INC's observer scale amax/127.5 (ours amax/127): within one level
+    want = {op: plan.assignment[op] for op in plan.low_precision_ops()}
+    assert set(want.values()) == {inc2.INC2_FORMAT} and inc2.quantized_formats(q) == want
+    from inc_ipamp.apply.kernels import dynamic_int8_linear
+
+    theirs = {inc2.inc_to_ours(n): m for n, m in getattr(q, "model", q).named_modules()
+              if type(m).__name__ == "Linear" and hasattr(m, "_packed_params")}
+    op = sorted(want)[0]
+    ours = dynamic_int8_linear(dict(model.named_modules())[op], per_channel=True).weight()
+    got = theirs[op].weight()
+    assert got.q_per_channel_axis() == ours.q_per_channel_axis() == 0
+    assert torch.allclose(ours.q_per_channel_scales() / got.q_per_channel_scales(),
+                          torch.tensor(127.5 / 127, dtype=torch.float64), rtol=1e-6)
+    assert (ours.int_repr().int() - got.int_repr().int()).abs().max() <= 1
     cfg = load_json(ws / "selected" / "inc_config.json")
     assert cfg["quantized_ops"] == sorted(plan.low_precision_ops())
     low_inc = {n for n, v in cfg["op_name_dict"].items() if "granularity" in v.get("weight", {})}
     assert {inc2.inc_to_ours(n) for n in low_inc} == set(plan.low_precision_ops())
+    assert {tuple(cfg["op_name_dict"][n]["weight"]["granularity"]) for n in low_inc} == {("per_channel",)}
     assert any(n.endswith(".module") for n in cfg["op_name_dict"])  # INC's names kept in its own config
     sel = load_json(ws / "selected" / "selected.json")
     assert sel["fp32_unplaceable"] and all(op.endswith(("matmul_qk", "matmul_av")) for op in sel["fp32_unplaceable"])
@@ -175,6 +192,13 @@ def test_setup_errors_are_one_clear_sentence(data, inc_cwd, tmp_path):
     with pytest.raises(TuningSetupError, match="approach 'post_training_static_quant'"):
         quantization.fit(model, PostTrainingQuantConfig(tuning_strategy="ip_empirical_time", approach="static"),
                          calib_dataloader=_loader(cal), eval_func=lambda m: 1.0)
+    # per-tensor INT8 would come back per-channel from INC 2.x: refused, not silently changed
+    for bad in ({"formats": ["fp32", "int8"]}, {"formats": ["fp32", "int8", "int8_pc"]}, {"device": "hpu"}):
+        with pytest.raises(TuningSetupError, match="per_channel_dynamic_qconfig"):
+            quantization.fit(model, PostTrainingQuantConfig(tuning_strategy="ip_empirical_time",
+                                                            tuning_criterion=TuningCriterion(strategy_kwargs=bad)),
+                             calib_dataloader=_loader(cal), eval_func=lambda m: 1.0)
+    assert not any(tmp_path.iterdir())
     with pytest.raises(TuningSetupError, match="unknown ip_empirical_time option"):
         quantization.fit(model, PostTrainingQuantConfig(tuning_strategy="ip_empirical_time",
                                                         tuning_criterion=TuningCriterion(strategy_kwargs={"rep": 3})),
