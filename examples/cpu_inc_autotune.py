@@ -12,9 +12,9 @@ the first within ``--tolerable-loss``. The accepted point's plan, INC config and
     .venv/bin/python examples/cpu_inc_autotune.py --op-filter 'layers\\.[0-3]\\.' --reps 3   # a quick look
     .venv/bin/python examples/cpu_inc_autotune.py --frontier ipamp_out/frontier.json         # replay a CLI run
 
-On this CPU, INC's PT2E INT8 graph runs Q/DQ in eager mode and is slower than fp32 (benchmarks/results/
-inc_native.md, inc_cpu.md); the fast CPU path is torch.ao's dynamic INT8 (also what INC's 2.x API builds,
-examples/inc2_post_training_quant.py), hence the default.
+On this CPU, INC's PT2E INT8 graph runs Q/DQ in eager mode and is slower than fp32 (benchmarks/results/inc_cpu.md;
+inc_native.md as of a94df6b); the fast CPU path is torch.ao's dynamic INT8 (also what INC's 2.x API builds, there with
+per-channel weights: examples/inc2_post_training_quant.py), hence the default.
 """
 
 from __future__ import annotations

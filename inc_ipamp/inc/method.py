@@ -58,7 +58,7 @@ _D = RunSettings()
 APPLY_OPTIONS = {"workspace", "cpu_kernels"}
 #: ``cpu_kernels``: "torch.ao" applies a CPU INT8 point with the torch.ao dynamic INT8 Linears the gains were measured
 #: with (the fast CPU path, what INC 2.x's dynamic path builds); "pt2e" with INC 3.x's own PT2E dynamic INT8 graph,
-#: which ran at 0.81x of fp32 in eager mode on a 2-core AVX2 CPU (benchmarks/results/inc_native.md) and is meant to
+#: which ran at 0.81x of fp32 in eager mode on a 2-core CPU (inc_native.md as of a94df6b; inc_cpu.md) and is meant to
 #: be torch.compile'd on CPUs with fast INT8 instructions
 CPU_KERNELS = ("torch.ao", "pt2e")
 
