@@ -11,9 +11,10 @@ INT8 and lm_head fp32 (the most aggressive CPU point); the FP8 row uses the same
 
 Accuracy on real held-out text (``--acc-seqs`` x ``--seq-len`` tokens of the evaluation split), for the plan and for
 the same plan without ``down_proj``: mean next-token loss, max and mean |Δlogit| vs fp32 of INC's PT2E INT8,
-torch.ao dynamic INT8 and our fake-quant (``apply.fake.fake_quant``, per-tensor max-abs), plus each Linear family's
-smallest per-tensor INT8 input SQNR on that text. This separates a bug in how the INC config is built (INC far
-off the other INT8 implementations of the same plan) from the plan's own INT8 error (all three alike).
+torch.ao dynamic INT8 and our fake-quant (``apply.fake.fake_quant``: the kernel's operand numerics, fp32
+accumulation), plus each Linear family's smallest per-tensor INT8 input SQNR on that text. This separates a bug in
+how the INC config is built (INC far off the other INT8 implementations of the same plan) from the plan's own INT8
+error (all three alike).
 
     python benchmarks/bench_inc_cpu.py --layers 30 --seq-len 256 --reps 9
 """
@@ -87,7 +88,7 @@ def accuracy(model, q8, plan: Plan, text: torch.Tensor) -> dict:
     with be.apply(model, plan.assignment) as m:
         out["torch.ao dynamic int8"] = row(m)
     with fake_quant(model, plan.assignment) as m:
-        out["fake-quant int8 (per-tensor max-abs)"] = row(m)
+        out["fake-quant int8 (kernel numerics, fp32 matmul)"] = row(m)
     return out
 
 
@@ -253,7 +254,7 @@ def accuracy_lines(acc: dict, sqnr: dict[str, float], n: int, seq: int) -> list[
     def d(rows, k):
         return rows[k]["loss"] - rows["fp32"]["loss"]
 
-    inc, ao, fq = "INC PT2E dynamic int8", "torch.ao dynamic int8", "fake-quant int8 (per-tensor max-abs)"
+    inc, ao, fq = "INC PT2E dynamic int8", "torch.ao dynamic int8", "fake-quant int8 (kernel numerics, fp32 matmul)"
     others = max(d(p, ao), d(p, fq))
     verdict = ("no larger than" if d(p, inc) <= others else "larger than")
     worst = min(sqnr, key=sqnr.get) if sqnr else "?"
