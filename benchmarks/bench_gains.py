@@ -190,7 +190,7 @@ def main() -> None:
                    "wall_ratio_estimate": paper_runs * t_ref / measure_s if measure_s else float("nan")},
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = OUT / f"bench_gains_L{args.layers}_s{args.seq_len}"
+    stem = OUT / (f"bench_gains_L{args.layers}_s{args.seq_len}" + (f"_seed{args.seed}" if args.seed else ""))
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = [f"# bench_gains: {part.model}, {args.layers} layers, batch {args.batch}, seq {args.seq_len}", "",
           *header(prov),
