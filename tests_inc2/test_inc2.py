@@ -151,10 +151,11 @@ def test_fit_runs_the_whole_method_then_reuses_it_and_stops_within_tolerance(dat
     # but for INC's observer scale amax/127.5 (ours amax/127): within one level
     want = {op: plan.assignment[op] for op in plan.low_precision_ops()}
     assert set(want.values()) == {inc2.INC2_FORMAT} and inc2.quantized_formats(q) == want
+    from torch.ao.nn.quantized import dynamic as nnqd
+
     from inc_ipamp.apply.kernels import dynamic_int8_linear
 
-    theirs = {inc2.inc_to_ours(n): m for n, m in getattr(q, "model", q).named_modules()
-              if type(m).__name__ == "Linear" and hasattr(m, "_packed_params")}
+    theirs = {inc2.inc_to_ours(n): m for n, m in getattr(q, "model", q).named_modules() if isinstance(m, nnqd.Linear)}
     op = sorted(want)[0]
     ours = dynamic_int8_linear(dict(model.named_modules())[op], per_channel=True).weight()
     got = theirs[op].weight()
