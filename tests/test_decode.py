@@ -80,6 +80,17 @@ def test_decode_gains_record(decode_gains, tmp_path):
     assert keys and all(k["key"] for k in keys)
 
 
+def test_decode_gains_are_timed_on_the_enclosing_module_not_the_ops_alone(decode_gains):
+    """A one-token Linear streams its weights and its time depends on the traffic around it, so decode times each
+    group's block (o_proj's and down_proj's too: ``self_attn``, ``mlp``), where prefill on the same CPU backend times
+    the changed ops alone."""
+    part, g, _ = decode_gains
+    for grp in part.groups:
+        src = g.groups[grp.name].source["ET"]
+        want = ({"self_attn", "mlp", "lm_head"} & set(grp.ops[0].split("."))).pop()  # o_proj, down_proj: theirs
+        assert f"sub-graph {want}" in src and "_proj" not in src, (grp.name, src)
+
+
 def test_decode_gains_are_reused_from_the_cache(llama, decode_gains):
     part, g, cache = decode_gains
     again = measure_decode_gains(llama, part, ["fp32", "int8"], batch=2, context=16, reps=3, warmup=1,

@@ -30,8 +30,8 @@ class Backend:
     version = "1"
     reference_formats: tuple[str, ...] = ("fp32",)
     #: an op's time does not depend on its neighbours' formats (ops swapped one module at a time and run eagerly),
-    #: so a config is timed on the ops it changes alone (``measure.timed_modules``); False where a graph compiler
-    #: fuses casts and kernels across ops, whose gains need the whole group's enclosing module
+    #: so a prefill config is timed on the ops it changes alone (``measure.timed_modules``; decode never is); False
+    #: where a graph compiler fuses casts and kernels across ops, whose gains need the whole group's enclosing module
     local_ops = True
 
     def __init__(self) -> None:

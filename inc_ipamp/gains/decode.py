@@ -269,7 +269,10 @@ def measure_decode_gains(model: nn.Module, partition: Partition, formats: list[s
         kc: {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why} for kc, why in emulated.items()}
     todo = [(k, g, tuple(c)) for k, g in representative.items() for c in g.configs(formats)
             if any(f != ref for f in c) and (k, tuple(c)) not in emulated]
-    calls, unit = timed_runs(be, timed_with, todo, formats, lambda n: capture_decode_inputs(model, step, n))
+    # each group's block, never the changed ops alone: a one-token Linear streams its weights, and how long that
+    # takes depends on the traffic around it (``measure.timed_modules``)
+    calls, unit = timed_runs(be, timed_with, todo, formats, lambda n: capture_decode_inputs(model, step, n),
+                             streaming=True)
     cache = MeasurementCache(cache_path)
     counts = {"timed": 0, "reused": 0, "remeasured": 0, "rescaled": 0}
     history: dict[tuple[str, tuple[str, ...]], list[dict[str, Any]]] = {}  # every measurement of a config, in order
