@@ -46,7 +46,6 @@ from neural_compressor.strategy.strategy import STRATEGIES, TuneStrategy
 from neural_compressor.strategy.utils.tuning_structs import OpTuningConfig
 
 from .errors import IpampError
-from .formats import get_format
 from .inc.method import (
     MethodResult,
     MethodSettings,
@@ -163,8 +162,7 @@ class IPEmpiricalTimeTuneStrategy(TuneStrategy):
 
     def _ipamp_cfg(self, plan: Plan, ops: dict[str, tuple[str, str]]) -> OrderedDict:
         """INC's all-fp32 config with exactly the plan's low-precision ops set to dynamic INT8."""
-        low = {op: f for op, f in plan.assignment.items() if f != plan.reference_format
-               and get_format(f).kind != "ref"}
+        low = plan.quantized_ops()
         missing = sorted(set(low) - set(ops))
         if missing:  # cannot happen: run_method only offers placeable ops; fail closed if it ever does
             raise TuningSetupError(f"INC's tuning space has no op for {missing[:3]}")
@@ -228,7 +226,7 @@ class IPEmpiricalTimeTuneStrategy(TuneStrategy):
 
 def inc2_config(plan: Plan, init: dict) -> dict[str, Any]:
     """The plan as INC 2.x ``PostTrainingQuantConfig`` keywords (``op_name_dict`` by INC's own op names)."""
-    low = {op: f for op, f in plan.assignment.items() if f != plan.reference_format and get_format(f).kind != "ref"}
+    low = plan.quantized_ops()
     op_name_dict: dict[str, Any] = {}
     for key in init:
         if not isinstance(key, tuple):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .errors import ArtifactError
+from .formats import get_format
 from .io import load_json, save_json
 from .lossmodel import LOSS_MODEL_VERSION, NOISE_MODELS, LossModel
 
@@ -278,6 +279,12 @@ class Plan(StageRecord):
 
     def low_precision_ops(self) -> list[str]:
         return [op for op, f in self.assignment.items() if f != self.reference_format]
+
+    def quantized_ops(self) -> dict[str, str]:
+        """op -> format of the ops an engine's quantization config must list: neither the reference nor fp32 (the
+        reference kind: an fp32 op in a bf16 plan runs above the reference, nothing to quantize)."""
+        return {op: f for op, f in self.assignment.items() if f != self.reference_format
+                and get_format(f).kind != "ref"}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:

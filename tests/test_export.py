@@ -73,6 +73,15 @@ def test_gaudi_refuses_formats_it_cannot_run(tmp_path):
     assert e5.modules["model.layers.0.self_attn.qkv_proj"] == "bf16"  # fused_qkv variant: k, v not in the plan
 
 
+def test_quantized_ops_leave_out_the_reference_and_fp32():
+    """What an engine's config lists (CPU export, INC 2.x): never the reference, never fp32 (in a bf16 plan an fp32
+    op runs above the reference); bf16 in an fp32 plan is a low-precision choice and is listed."""
+    plan = Plan("m", {"a": "int8", "b": "bf16", "c": "fp32", "d": "int8_pc"}, "fp32", "ET", None, 0.0, 0.0)
+    assert plan.quantized_ops() == {"a": "int8", "b": "bf16", "d": "int8_pc"}
+    hp = Plan("m", {"a": "fp8_e4m3", "b": "bf16", "c": "fp32"}, "bf16", "ET", None, 0.0, 0.0)
+    assert hp.quantized_ops() == {"a": "fp8_e4m3"} and sorted(hp.low_precision_ops()) == ["a", "c"]
+
+
 # ---------------------------------------------------------------------------------------------- CPU
 @pytest.fixture(scope="module")
 def model2():

@@ -24,7 +24,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..formats import get_format
 from ..io import load_json, save_json
 from ..ops import is_bgemm_name
 from ..records import Plan
@@ -41,7 +40,7 @@ CPU_FP8_SCALE_METHOD = "maxabs_pow2"
 
 def cpu_path(plan: Plan) -> str:
     """The INC path that runs the plan's low-precision formats on CPU (one per plan)."""
-    low = {f for f in plan.assignment.values() if get_format(f).kind != "ref" and f != plan.reference_format}
+    low = set(plan.quantized_ops().values())
     if not low:
         return "none"
     if low <= set(INT8):
@@ -53,16 +52,12 @@ def cpu_path(plan: Plan) -> str:
         f"{', '.join(sorted(low))}")
 
 
-def _low_ops(plan: Plan) -> dict[str, str]:
-    return {op: f for op, f in plan.assignment.items() if f != plan.reference_format and get_format(f).kind != "ref"}
-
-
 def inc_config_for_plan(plan: Plan, dump_stats_path: str | None = None, mode: str = "QUANTIZE"):
     """The INC 3.x config object for the plan (see the module docstring) and the notes on what differs."""
     from neural_compressor.torch.quantization import DynamicQuantConfig
 
     path = cpu_path(plan)
-    low = _low_ops(plan)
+    low = plan.quantized_ops()
     notes: list[str] = []
     if path in ("none", "pt2e_dynamic_int8"):
         cfg = DynamicQuantConfig(w_dtype="fp32", act_dtype="fp32")  # global: leave everything fp32
