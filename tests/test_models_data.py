@@ -78,6 +78,28 @@ def test_calibration_and_evaluation_never_overlap(small_model):
     assert not any(tuple(r[i:i + 16].tolist()) in grams for r in b for i in range(112))
 
 
+def test_blocks_are_spread_over_the_documents(small_model):
+    """One block per document before any document gives a second (short ones joined into one unit): consecutive
+    blocks of one stream were one Wikipedia article for the whole default calibration."""
+    tok = small_model[1]
+    words = ["alpha", "bravo", "charlie"]
+    docs = [" ".join([w] * 300) for w in words]
+    first = tok(" alpha", add_special_tokens=False)["input_ids"][-1]
+    got = token_blocks(tok, docs, 5, 64).ids
+    ids = {w: set(tok(" ".join([w] * 300), add_special_tokens=False)["input_ids"]) for w in words}
+    for row, w in zip(got, ["alpha", "bravo", "charlie", "alpha", "bravo"], strict=True):
+        assert set(row.tolist()) <= ids[w] | {tok.eos_token_id}, w
+    assert first in got[0].tolist()
+    short = token_blocks(tok, ["one two three", "four five six"] * 20, 2, 8).ids  # short documents joined
+    assert short.shape == (2, 8) and tok.eos_token_id in short[0].tolist()
+    wiki = load_blocks(tok, "calibration", 8, 256).ids
+    starts = {tuple(d_ids[:16]) for d_ids in (tok(d, add_special_tokens=False)["input_ids"]
+                                              for d in split_documents(wiki_documents(), "calibration")[:40])}
+    assert sum(tuple(r[:16].tolist()) in starts for r in wiki) >= 6  # each block opens a different article
+    with pytest.raises(DataError, match="only 2 blocks of 64 tokens, 3 asked"):
+        token_blocks(tok, [" ".join(["alpha"] * 150)], 3, 64)
+
+
 def test_blocks_are_deterministic(small_model):
     tok = small_model[1]
     assert torch.equal(load_blocks(tok, "calibration", 2, 32).ids, load_blocks(tok, "calibration", 2, 32).ids)
