@@ -44,8 +44,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default="ipamp_out", help="output folder for all artifacts (default: ./ipamp_out)")
     g.add_argument("--model", help="HF model id or local folder (default: embedded SmolLM2-135M)")
     g.add_argument("--layers", type=int, help="keep only the first N decoder layers (quick runs)")
-    g.add_argument("--data", help="calibration/evaluation text file (blank-line separated documents); "
-                                  "default: gensim's Wikipedia sample")
+    g.add_argument("--data", help="calibration/evaluation text file (blank-line separated documents; even ones "
+                                  "calibrate, odd ones evaluate, one block per document before any gives a "
+                                  "second); default: gensim's Wikipedia sample")
     g.add_argument("--n-calib", type=int, help="calibration sequences (default 16)")
     g.add_argument("--curvature", action=argparse.BooleanOptionalAction, default=None,
                    help="also estimate each op's mean loss shift (one more backward per batch; default on): the "
