@@ -144,25 +144,24 @@ def token_blocks(tokenizer, docs: list[str], n_blocks: int, seq_len: int, source
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     units: list[list[int]] = []
     cur: list[int] = []
-    total = 0
     for doc in docs:
         cur.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         cur.append(eos)
         if len(cur) >= seq_len:
             units.append(cur)
-            total += len(cur) // seq_len
             cur = []
             if len(units) >= n_blocks:
                 break
     rows: list[list[int]] = []
-    k = 0
-    while len(rows) < n_blocks and k * seq_len < max((len(u) for u in units), default=0):
+    for k in range(max((len(u) // seq_len for u in units), default=0)):  # k-th block of every unit that has one
+        if len(rows) >= n_blocks:
+            break
         rows.extend(u[k * seq_len:(k + 1) * seq_len] for u in units if len(u) >= (k + 1) * seq_len)
-        k += 1
     if len(rows) < n_blocks:
         if not rows:
             raise DataError(f"the {split or 'given'} data has {len(cur)} tokens, fewer than one block of {seq_len}")
-        raise DataError(f"the {split or 'given'} data yields only {total} blocks of {seq_len} tokens, {n_blocks} asked")
+        raise DataError(f"the {split or 'given'} data yields only {len(rows)} blocks of {seq_len} tokens, "
+                        f"{n_blocks} asked")
     return TokenBlocks(torch.tensor(rows[:n_blocks], dtype=torch.long), source, split)
 
 

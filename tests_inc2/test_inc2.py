@@ -149,7 +149,7 @@ def test_fit_runs_the_whole_method_then_reuses_it_and_stops_within_tolerance(dat
     # ... in the format the frontier was solved for: INC 2.x builds per-channel weights whatever it is asked, so the
     # plan is int8_pc, and the returned weights are the ones our int8_pc kernel (what the gains timed) rounds to,
     # but for INC's observer scale amax/127.5 (ours amax/127): within one level
-    want = {op: plan.assignment[op] for op in plan.low_precision_ops()}
+    want = plan.quantized_ops()
     assert set(want.values()) == {inc2.INC2_FORMAT} and inc2.quantized_formats(q) == want
     from torch.ao.nn.quantized import dynamic as nnqd
 
