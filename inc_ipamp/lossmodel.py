@@ -8,7 +8,9 @@ of the guard.
 
 from __future__ import annotations
 
+import copy
 import math
+import random
 import statistics
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -296,6 +298,34 @@ class LossModel:
             se2 = [max(st.coh[fmt] / n - m * m, 0.0) / (n - 1) for st, m in zip(sts, means, strict=True)]
             if all(map(math.isfinite, means + se2)):
                 out.update(zip(names, shrink(means, se2), strict=True))
+        return out
+
+    def resampled(self, rng: random.Random) -> LossModel | None:
+        """A copy whose sums are those of a bootstrap draw of the calibration: the same number of sequences drawn
+        with replacement (``seq``), and curvature batches (``cseq``) drawn alike, jointly with the sequences where
+        each batch is one sequence (the default). Sums kept per record only (``dia``, ``emp``, SQNR, the mean
+        loss) stay as they are: they enter as shapes or constants. Why: the IP buys the ops whose estimates came
+        out low, so its own prediction of the plan it chose is biased low; re-choosing on draws measures by how
+        much (``solver.selection_optimism``). None where the record cannot be redrawn (fewer than 2 sequences, no
+        per-batch curvature terms: a record calibrated before they were kept, or ranks merged unevenly)."""
+        sts = [st for o in self.ops.values() for st in o.operands.values()]
+        n_seq = {len(v) for st in sts for v in st.seq.values()}
+        n_cb = {len(v) for st in sts for v in st.cseq.values()}
+        if len(n_seq) != 1 or min(n_seq) < 2 or (self.has_curvature and len(n_cb) != 1):
+            return None
+        n = n_seq.pop()
+        draw = [rng.randrange(n) for _ in range(n)]
+        nc = n_cb.pop() if n_cb else 0
+        cdraw = draw if nc == n else [rng.randrange(nc) for _ in range(nc)]
+        out = copy.deepcopy(self)  # the per-type caches are not copied (``__getstate__``)
+        for st in (st for o in out.ops.values() for st in o.operands.values()):
+            for f, v in st.seq.items():
+                st.seq[f] = [v[i] for i in draw]
+                st.lin[f] = math.fsum(st.seq[f])
+                st.coh[f] = math.fsum(x * x for x in st.seq[f])
+            for f, v in st.cseq.items():
+                st.cseq[f] = [v[i] for i in cdraw]
+                st.curv[f] = math.fsum(st.cseq[f])
         return out
 
     def shift(self, op: str, fmt: str) -> float:

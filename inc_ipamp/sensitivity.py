@@ -126,7 +126,15 @@ class _Collector:
         x, g = _wide(x), _wide(g)
         for f in formats:
             d = _first_order(x, g, f, reduce_dim)[2]
-            st.curv[f.name] = st.curv.get(f.name, 0.0) + self.state["tokens"] * float((d * d).sum())
+            self._add_curv(st, f.name, self.state["tokens"] * float((d * d).sum()))
+
+    def _add_curv(self, st: OperandStats, fmt: str, v: float) -> None:
+        """Add a curvature term to the sum and to this curvature batch's entry of ``cseq``."""
+        st.curv[fmt] = st.curv.get(fmt, 0.0) + v
+        cs = st.cseq.setdefault(fmt, [])
+        i = self.state["cbatch"]
+        cs.extend([0.0] * (i + 1 - len(cs)))
+        cs[i] += v
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
     def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, copies: int = 1,
@@ -191,6 +199,9 @@ class _Collector:
             for f in (self.out_formats if operand == "y" else self.formats):
                 s = st.seq.setdefault(f.name, [])
                 s.extend([0.0] * (n - len(s)))
+                c = st.cseq.get(f.name)
+                if c is not None:  # as long as the curvature batches (an op a batch did not reach adds 0)
+                    c.extend([0.0] * (self.state["cbatch"] - len(c)))
 
     def _alias(self, t: torch.Tensor, operand: str, reduce_dim: int, copies: int = 1) -> torch.Tensor:
         if not t.requires_grad:
@@ -295,7 +306,7 @@ class _Collector:
         first-order, diagonal and per-sequence sums (``_add_changes``)."""
         st = self.rec.operands["w"]
         if curv:
-            st.curv[fmt] = st.curv.get(fmt, 0.0) + self.state["tokens"] * sum(v * v for v in d)
+            self._add_curv(st, fmt, self.state["tokens"] * sum(v * v for v in d))
         else:
             self._add_changes(st, fmt, d, diag)
 
@@ -444,7 +455,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
-    state: dict[str, Any] = {"phase": "grad", "tokens": 1}
+    state: dict[str, Any] = {"phase": "grad", "tokens": 1, "cbatch": 0}  # cbatch: curvature batches so far
     cols = [_Collector(o.name, mods[o.name], o.kind, formats, state, diagonal) for o in ops]
     for c in cols:
         c.attach()
@@ -483,6 +494,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                     _ce(logits, sampled).sum().backward()
                 finally:
                     state["phase"] = "grad"
+                    state["cbatch"] += 1
             loss_sum += float(loss.detach().sum())
             # the graph (and through its hooks every op's saved input) lives as long as ``loss`` does: drop it
             # before the next batch builds its own, or two batches' activations are held at once
