@@ -300,24 +300,35 @@ class LossModel:
                 out.update(zip(names, shrink(means, se2), strict=True))
         return out
 
-    def resampled(self, rng: random.Random) -> LossModel | None:
-        """A copy whose sums are those of a bootstrap draw of the calibration: the same number of sequences drawn
-        with replacement (``seq``), and curvature batches (``cseq``) drawn alike, jointly with the sequences where
-        each batch is one sequence (the default). Sums kept per record only (``dia``, ``emp``, SQNR, the mean
-        loss) stay as they are: they enter as shapes or constants. Why: the IP buys the ops whose estimates came
-        out low, so its own prediction of the plan it chose is biased low; re-choosing on draws measures by how
-        much (``solver.selection_optimism``). None where the record cannot be redrawn (fewer than 2 sequences, no
-        per-batch curvature terms: a record calibrated before they were kept, or ranks merged unevenly)."""
+    def bootstrap(self, rng: random.Random) -> tuple[LossModel, LossModel] | None:
+        """One bootstrap draw of the calibration: (in-bag, out-of-bag) copies of the record whose sums are those of
+        the sequences drawn with replacement (as many as there are) and of the sequences the draw left out. Per
+        sequence: ``seq`` (so ``lin`` and ``coh``), ``dseq`` (so ``dia``) and the curvature batches' ``cseq`` (so
+        ``curv``), drawn with the sequences where each batch is one sequence (the default), else apart. Sums kept per
+        record only (``emp``, SQNR, the mean loss) stay: the coherent terms do not read them, the guard and the
+        budget's scale are the calibration's. Why: the IP buys the ops whose estimates came out low, so its own
+        prediction of the plan it chose is biased low; re-choosing on draws measures by how much
+        (``solver.selection_optimism``). None where the record cannot be redrawn (fewer than 4 sequences, no
+        per-sequence curvature or diagonal terms: a record calibrated before they were kept, with a batch of more
+        than one sequence, or ranks merged unevenly) or the draw left fewer than 2 sequences out."""
         sts = [st for o in self.ops.values() for st in o.operands.values()]
         n_seq = {len(v) for st in sts for v in st.seq.values()}
         n_cb = {len(v) for st in sts for v in st.cseq.values()}
-        if len(n_seq) != 1 or min(n_seq) < 2 or (self.has_curvature and len(n_cb) != 1):
-            return None
-        n = n_seq.pop()
+        if (len(n_seq) != 1 or min(n_seq) < 4 or (self.has_curvature and len(n_cb) != 1)
+                or any(len(st.dseq.get(f, ())) != min(n_seq) for st in sts for f in st.dia)):
+            return None  # dseq must be per sequence (batch 1) to be drawn with them
+        n, nc = n_seq.pop(), (n_cb.pop() if n_cb else 0)
         draw = [rng.randrange(n) for _ in range(n)]
-        nc = n_cb.pop() if n_cb else 0
         cdraw = draw if nc == n else [rng.randrange(nc) for _ in range(nc)]
+        left, cleft = [i for i in range(n) if i not in draw], [i for i in range(nc) if i not in cdraw]
+        if len(left) < 2 or (nc and not cleft):
+            return None
+        return self._subsample(draw, cdraw, nc), self._subsample(left, cleft, nc)
+
+    def _subsample(self, draw: list[int], cdraw: list[int], nc: int) -> LossModel:
         out = copy.deepcopy(self)  # the per-type caches are not copied (``__getstate__``)
+        out.n_samples = len(draw)
+        out.n_curvature = round(self.n_curvature * len(cdraw) / nc) if nc else 0  # sequences, not batches
         for st in (st for o in out.ops.values() for st in o.operands.values()):
             for f, v in st.seq.items():
                 st.seq[f] = [v[i] for i in draw]
@@ -326,6 +337,9 @@ class LossModel:
             for f, v in st.cseq.items():
                 st.cseq[f] = [v[i] for i in cdraw]
                 st.curv[f] = math.fsum(st.cseq[f])
+            for f, v in st.dseq.items():
+                st.dseq[f] = [v[i] for i in draw]
+                st.dia[f] = math.fsum(st.dseq[f])
         return out
 
     def shift(self, op: str, fmt: str) -> float:

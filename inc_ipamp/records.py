@@ -88,9 +88,9 @@ class OperandStats:
     seq[f]: the d_n themselves, one per calibration sequence in calibration order (Σ seq = lin): summed over an op
     type they give the type's first-order mean a standard error that counts the calibration sequences shared by all
     its layers (``LossModel.first_order_mean``).
-    cseq[f]: the curvature sum's terms per curvature batch (Σ cseq = curv; one per sequence at the default batch of
-    1): what ``LossModel.resampled`` redraws to see how much the IP's choice flatters its own prediction (records
-    calibrated before it lack them: that check is then skipped).
+    cseq[f], dseq[f]: the curvature and diagonal sums' terms per curvature batch and per batch (Σ cseq = curv,
+    Σ dseq = dia; one per sequence at the default batch of 1): what ``LossModel.bootstrap`` redraws to see how much
+    the IP's choice flatters its own prediction (records calibrated before them lack them: that check is skipped).
     Operand "y" is the op's output, for formats whose kernel rounds it (``Format.output_rounded``, bf16).
     """
 
@@ -108,6 +108,7 @@ class OperandStats:
     dia: dict[str, float] = field(default_factory=dict)
     seq: dict[str, list[float]] = field(default_factory=dict)
     cseq: dict[str, list[float]] = field(default_factory=dict)
+    dseq: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass

@@ -131,10 +131,7 @@ class _Collector:
     def _add_curv(self, st: OperandStats, fmt: str, v: float) -> None:
         """Add a curvature term to the sum and to this curvature batch's entry of ``cseq``."""
         st.curv[fmt] = st.curv.get(fmt, 0.0) + v
-        cs = st.cseq.setdefault(fmt, [])
-        i = self.state["cbatch"]
-        cs.extend([0.0] * (i + 1 - len(cs)))
-        cs[i] += v
+        _add_at(st.cseq, fmt, self.state["cbatch"], v)
 
     # -- activation-like operands (reduced per call) -----------------------------------------------
     def _reduce(self, operand: str, x: torch.Tensor, g: torch.Tensor, reduce_dim: int, copies: int = 1,
@@ -180,6 +177,7 @@ class _Collector:
         st.coh[fmt] = st.coh.get(fmt, 0.0) + sq
         st.lin[fmt] = st.lin.get(fmt, 0.0) + sum(d)
         st.dia[fmt] = st.dia.get(fmt, 0.0) + diag
+        _add_at(st.dseq, fmt, self.state["batch"], diag)
         self._add_seq(st, fmt, d)
         return sq
 
@@ -199,9 +197,9 @@ class _Collector:
             for f in (self.out_formats if operand == "y" else self.formats):
                 s = st.seq.setdefault(f.name, [])
                 s.extend([0.0] * (n - len(s)))
-                c = st.cseq.get(f.name)
-                if c is not None:  # as long as the curvature batches (an op a batch did not reach adds 0)
-                    c.extend([0.0] * (self.state["cbatch"] - len(c)))
+                for lists, k in ((st.cseq, "cbatch"), (st.dseq, "batch")):  # as long as the (curvature) batches
+                    if f.name in lists:  # an op a batch did not reach adds 0
+                        lists[f.name].extend([0.0] * (self.state[k] - len(lists[f.name])))
 
     def _alias(self, t: torch.Tensor, operand: str, reduce_dim: int, copies: int = 1) -> torch.Tensor:
         if not t.requires_grad:
@@ -455,7 +453,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
-    state: dict[str, Any] = {"phase": "grad", "tokens": 1, "cbatch": 0}  # cbatch: curvature batches so far
+    state: dict[str, Any] = {"phase": "grad", "tokens": 1, "cbatch": 0, "batch": 0}  # cbatch: curvature batches
     cols = [_Collector(o.name, mods[o.name], o.kind, formats, state, diagonal) for o in ops]
     for c in cols:
         c.attach()
@@ -476,6 +474,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             curv_now = curvature and math.ceil((n_batches + 1) * curvature_share) > math.ceil(
                 n_batches * curvature_share)
             state["passes"] = 2 if curv_now else 1  # backward passes this batch gets (``_Collector._by_output``)
+            state["batch"] = n_batches  # index of this batch (``OperandStats.dseq``)
             n_batches += 1
             embeds = emb(batch).detach().requires_grad_(True)
             logits, loss = _logits_and_loss(model, batch, embeds)
@@ -508,6 +507,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             c.detach()
     if n == 0:
         raise SensitivityError("the calibration data is empty")
+    state["batch"] = n_batches  # pad_seq pads dseq to the batch count
     for c in cols:
         c.finish_weight(n)
         c.pad_seq(n)
@@ -522,6 +522,13 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                        ops={c.name: c.rec for c in cols}, unreached=unreached,
                        wall_s=time.perf_counter() - t0, data_source=data_source, n_curvature=n_curv,
                        noise_models=models)
+
+
+def _add_at(lists: dict[str, list[float]], fmt: str, i: int, v: float) -> None:
+    """Add ``v`` to entry ``i`` of ``lists[fmt]``, growing it with zeros (per-batch sums: ``cseq``, ``dseq``)."""
+    s = lists.setdefault(fmt, [])
+    s.extend([0.0] * (i + 1 - len(s)))
+    s[i] += v
 
 
 def _len(x) -> int | None:
