@@ -960,7 +960,10 @@ def solve(
         if opt is not None:
             info["selection_optimism"] = opt
             if inst.loss_of(choice) * opt["factor"] > eps_max:  # re-choose within the budget the optimism leaves
-                tight, tinfo = ip.maximise_gain(eps_max / opt["factor"], mem_min)
+                # a fresh IP: the persistent one, re-solved at a smaller budget, once stopped with a plan over it
+                # (its cut at that z existed already), which would refuse a budget that has plans
+                tight, tinfo = GroupChoiceIP(inst, sensitivity, time_limit_s, fast=fast).maximise_gain(
+                    eps_max / opt["factor"], mem_min)
                 if tight is None:
                     raise _infeasible(ip, f"no configuration could be certified within the loss-MSE budget of "
                                       f"{eps_max:.4g} (beta={beta}) once the selection optimism "
