@@ -88,6 +88,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="never put an op in a format whose input SQNR is below this (default 5 dB: the loss model "
                         "was validated down to 7.4 dB; a Taylor model cannot hold where the error rivals the "
                         "signal); <0 disables")
+    d.add_argument("--selection-draws", type=int,
+                   help="bootstrap draws of the calibration for the selection check at a --beta budget: the plan is "
+                        "chosen within the budget divided by how much the IP's choice flatters its own prediction "
+                        "(default 10; 0 disables)")
     d.add_argument("--reps", type=int,
                    help="timed repetitions per measurement (default 10; a noisy one is re-measured with twice as many)")
     d.add_argument("--span", type=int,
@@ -354,7 +358,7 @@ def _solved_on(out: Path, s):
 
 def _print_plan(plan, s, gains=None) -> None:
     from .report import nothing_pays
-    from .solver import speedup_of
+    from .solver import selection_note, speedup_of
 
     ref_t = plan.solver.get("reference_time_s")
     if plan.metric == "ET":
@@ -371,6 +375,8 @@ def _print_plan(plan, s, gains=None) -> None:
     low = sorted({f for f in plan.assignment.values() if f != plan.reference_format})
     print(f"plan: {len(plan.low_precision_ops())} of {len(plan.assignment)} ops in {', '.join(low) or '(none)'}, "
           f"the rest {plan.reference_format}; predicted loss MSE {plan.predicted_loss_mse:.3g}; {gain}")
+    if note := selection_note(plan):
+        print(note)
     if gains is not None and not plan.low_precision_ops() and (msg := nothing_pays(gains, plan.metric)):
         print(msg)
 

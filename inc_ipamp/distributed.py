@@ -90,15 +90,18 @@ def _merge_op(ops: Sequence[OpSensitivity], name: str) -> OpSensitivity:
     return OpSensitivity(**out)
 
 
-def _with_rank_sequences(op: OpSensitivity, ranks: Sequence[dict[str, OpSensitivity]], n: Sequence[int]
-                         ) -> OpSensitivity:
-    """The merged op's per-sequence lists (``OperandStats.seq``) rank by rank, zeros for the sequences of a rank
-    that does not have the op, so sequence i is the same sequence in every op's list."""
+def _with_rank_sequences(op: OpSensitivity, ranks: Sequence[dict[str, OpSensitivity]], n: Sequence[int],
+                         n_curv: Sequence[int]) -> OpSensitivity:
+    """The merged op's per-sequence lists (``OperandStats.seq``, and ``dseq``/``cseq`` per (curvature) batch: per
+    sequence at batch 1, the only case they are read) rank by rank, zeros for the sequences of a rank that does not
+    have the op, so sequence i is the same sequence in every op's list."""
     for name, st in op.operands.items():
-        for fmt in st.seq:
-            st.seq[fmt] = [x for ops, k in zip(ranks, n, strict=True) for x in (
-                (ops[op.name].operands[name].seq.get(fmt, []) + [0.0] * k)[:k]
-                if op.name in ops and name in ops[op.name].operands else [0.0] * k)]
+        for field, counts in (("seq", n), ("dseq", n), ("cseq", n_curv)):
+            lists = getattr(st, field)
+            for fmt in lists:
+                lists[fmt] = [x for ops, k in zip(ranks, counts, strict=True) for x in (
+                    (getattr(ops[op.name].operands[name], field).get(fmt, []) + [0.0] * k)[:k]
+                    if op.name in ops and name in ops[op.name].operands else [0.0] * k)]
     return op
 
 
@@ -128,7 +131,8 @@ def merge_sensitivities(records: Sequence[Sensitivity]) -> Sensitivity:
             out[f.name] = [op for op in vals[0] if all(op in v for v in vals)]
         elif rule == "ops":
             names = list(dict.fromkeys(op for v in vals for op in v))  # execution order of the first rank, then others'
-            out[f.name] = {op: _with_rank_sequences(_merge_op([v[op] for v in vals if op in v], op), vals, n)
+            n_curv = [r.n_curvature for r in records]
+            out[f.name] = {op: _with_rank_sequences(_merge_op([v[op] for v in vals if op in v], op), vals, n, n_curv)
                            for op in names}
         else:
             raise MergeError(f"no merge rule for Sensitivity.{f.name} ({type(vals[0]).__name__}); add one to "

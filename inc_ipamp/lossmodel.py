@@ -31,6 +31,9 @@ DEFAULT_NOISE = "auto"
 #: is a third of the signal's and a Taylor model is not expected to hold. 25 dB (the former default, set when the
 #: INT8 numerics were the symmetric 8-bit ones) now excluded every Linear of SmolLM2 but ~40.
 DEFAULT_MIN_SQNR_DB = 5.0
+#: bootstrap draws of the calibration for the selection check of a plan chosen at a β budget
+#: (``solver.selection_optimism``; 0: off). Each draw is one more IP solve (0.3-3 s on SmolLM2).
+SELECTION_DRAWS = 10
 #: whether the mean first-order change E_n[g·e] is part of an op's mean shift (signed). On by default. Off, the
 #: first-order change counts by its second moment E[d²] in the noise and the shift is the curvature part alone (≥ 0).
 #: The case for off: the mean is over a few calibration sequences, its sign across ops is mostly noise (SmolLM2 INT8,

@@ -15,7 +15,7 @@ import torch
 
 from .errors import ArtifactError, IpampError
 from .io import load_json, save_json
-from .lossmodel import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE
+from .lossmodel import DEFAULT_MIN_SQNR_DB, DEFAULT_NOISE, SELECTION_DRAWS
 from .sensitivity import DEFAULT_CURVATURE_SHARE
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class RunSettings:
     #: ops whose input SQNR is below it are kept out of plans: where the rounding error is not small the
     #: first-order model can be off by large factors (benchmarks/results/sensitivity.md, per-op SQNR per row)
     min_sqnr_db: float | None = DEFAULT_MIN_SQNR_DB
+    #: bootstrap draws of the selection check at a β budget (``solver.solve``'s ``selection_draws``; 0: off)
+    selection_draws: int = SELECTION_DRAWS
     metric: str = "ET"
     #: 1 %: the RMS per-sequence loss change may be 1 % of the mean loss (INC's default tolerable loss is 1 %
     #: relative); at 0.05 no budget bound on SmolLM2 (every op the SQNR guard allows was taken)
@@ -98,6 +100,7 @@ class RunSettings:
 
         for name in ("n_calib", "n_eval", "calib_batch", "batch", "layers", "span", "acc_limit", "threads"):
             positive(name)
+        positive("selection_draws", 0)
         positive("seq_len", 2)
         positive("gain_seq_len", 2)
         positive("reps", 3)  # a confidence interval needs a few repetitions
@@ -322,7 +325,8 @@ def stage_solve(out: Path, settings: RunSettings):
         plan = solve(sens, part, gains, metric=settings.metric, target_speedup=1 - 1 / settings.target_speedup,
                      **guard, **guard_kv)
     else:
-        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard, **guard_kv)
+        plan = solve(sens, part, gains, metric=settings.metric, beta=settings.beta, **guard, **guard_kv,
+                     selection_draws=settings.selection_draws)
     plan.model = settings.model
     plan.inputs = inputs
     save_frontier(front, out / "frontier.json", inputs=inputs, objective=settings.objective)

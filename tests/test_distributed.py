@@ -77,7 +77,8 @@ def _close(a, b, where: str) -> None:
             _close(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, float):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-12), where
-    elif isinstance(a, list) and ".seq." in where:  # per-sequence lists: rank by rank (the shards are round-robin)
+    elif isinstance(a, list) and any(f".{k}." in where for k in ("seq", "dseq", "cseq")):
+        # per-sequence lists (batch 1): rank by rank (the shards are round-robin)
         order = [i for r in range(WORLD) for i in range(r, len(b), WORLD)]
         assert a == pytest.approx([b[i] for i in order], rel=1e-5, abs=1e-12), where
     else:

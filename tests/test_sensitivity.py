@@ -736,3 +736,38 @@ def test_bf16_output_rounding_is_a_term_of_its_own(small_model, calib_blocks, sm
         op.operands.pop("y")
     inputs_only = without.predict({"lm_head": "bf16"})
     assert measured / inputs_only > 2 * measured / s.predict({"lm_head": "bf16"})  # the term is most of it
+
+
+def test_per_sequence_sums_add_up_and_a_bootstrap_draw_rebuilds_them():
+    """``cseq`` and ``dseq`` hold the curvature and diagonal sums per sequence (batch 1): they add up to ``curv`` and
+    ``dia``, as ``seq`` does to ``lin`` and (squared) ``coh``. A bootstrap draw (``LossModel.bootstrap``) rebuilds
+    every sum it redraws from the drawn sequences, in-bag and out-of-bag; with a quarter of the sequences getting the
+    curvature pass, ``cseq`` has one entry per such batch."""
+    import math
+
+    model = _tiny()
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(5))
+    s = calibrate(model, [ids], ["int8"], progress=False)
+    sts = [st for o in s.ops.values() for st in o.operands.values()]
+    for st in sts:
+        for f in st.curv:
+            assert len(st.cseq[f]) == 8 and math.fsum(st.cseq[f]) == pytest.approx(st.curv[f], rel=1e-9)
+        for f in st.dia:
+            assert len(st.dseq[f]) == 8 and math.fsum(st.dseq[f]) == pytest.approx(st.dia[f], rel=1e-9)
+        for f, v in st.seq.items():
+            assert math.fsum(v) == pytest.approx(st.lin[f], rel=1e-9, abs=1e-15)
+            assert math.fsum(x * x for x in v) == pytest.approx(st.coh[f], rel=1e-9)
+    rng = random.Random(0)
+    inbag, left = s.bootstrap(rng)
+    assert inbag.n_samples == 8 and inbag.n_curvature == 8 and 2 <= left.n_samples < 8
+    for rec in (inbag, left):
+        for st in (st for o in rec.ops.values() for st in o.operands.values()):
+            for f in st.curv:
+                assert math.fsum(st.cseq[f]) == pytest.approx(st.curv[f]) and len(st.seq[f]) == rec.n_samples
+    plan = {"model.layers.0.mlp.up_proj": "int8", "model.layers.1.self_attn.o_proj": "int8"}
+    assert inbag.predict(plan) != s.predict(plan)  # another sample, another estimate
+    quarter = calibrate(model, [ids], ["int8"], progress=False, curvature_share=0.25)
+    assert {len(v) for st in (st for o in quarter.ops.values() for st in o.operands.values())
+            for v in st.cseq.values()} == {2}
+    assert s.bootstrap(random.Random(1)) is not None and calibrate(model, [ids[:3]], ["int8"], progress=False
+                                                                   ).bootstrap(random.Random(1)) is None

@@ -483,3 +483,19 @@ def test_selection_check_is_skipped_where_the_record_cannot_be_redrawn(records):
     plan = solve(sens, part, gains, beta=0.5)
     assert "selection_optimism" not in plan.solver and "corrected_loss_mse" not in plan.solver
     assert sens.bootstrap(random.Random(0)) is None
+
+
+def test_a_correction_the_other_budgets_forbid_is_said_not_hidden():
+    """A memory budget that needs more low-precision ops than the corrected loss budget allows: the plan within the
+    user's loss budget is kept, and the solver's note says it is over the budget once corrected."""
+    sens, part, gains, true_shift = _noisy_calibration(0)
+    beta = 10.5 * true_shift / sens.mean_loss  # ~10 ops fit the budget as estimated, fewer once corrected
+    ref_bytes = _solver.build_instance(sens, part, gains, "ET", "coherent", None).reference_weight_bytes
+    kw = {"beta": beta, "noise": "coherent", "min_sqnr_db": None}
+    free = _solver.solve(sens, part, gains, **kw)
+    need = len(free.low_precision_ops()) + 1  # one more INT8 op than the corrected plan has
+    plan = _solver.solve(sens, part, gains, memory_budget_bytes=ref_bytes - need * 300, **kw)
+    assert plan.solver.get("selection_over_budget") and plan.predicted_loss_mse <= plan.budget_loss_mse
+    assert plan.solver["corrected_loss_mse"] > plan.budget_loss_mse
+    assert "OVER the budget" in _solver.selection_note(plan)
+    assert "chosen within the budget /" in _solver.selection_note(free)
