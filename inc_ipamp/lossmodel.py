@@ -323,7 +323,8 @@ class LossModel:
         n, nc = n_seq.pop(), (n_cb.pop() if n_cb else 0)
         draw = [rng.randrange(n) for _ in range(n)]
         cdraw = draw if nc == n else [rng.randrange(nc) for _ in range(nc)]
-        left, cleft = [i for i in range(n) if i not in draw], [i for i in range(nc) if i not in cdraw]
+        drawn, cdrawn = set(draw), set(cdraw)
+        left, cleft = [i for i in range(n) if i not in drawn], [i for i in range(nc) if i not in cdrawn]
         if len(left) < 2 or (nc and not cleft):
             return None
         return self._subsample(draw, cdraw, nc), self._subsample(left, cleft, nc)

@@ -970,12 +970,13 @@ def solve(
                     f"budget of {eps_max:.4g} (beta={beta})" if memory_budget_bytes is not None else
                     f"no configuration could be certified within the loss-MSE budget of {eps_max:.4g} (beta={beta})")
             raise _infeasible(ip, what, info)
+        loss = inst.loss_of(choice)
         opt = (selection_optimism(sensitivity, partition, gains, eps_max, metric, noise, min_sqnr_db, shift, kv_cache,
                                   draws=selection_draws, time_limit_s=time_limit_s)
-               if selection_draws > 0 and inst.loss_of(choice) > 0 else None)
+               if selection_draws > 0 and loss > 0 else None)
         if opt is not None:
             info["selection_optimism"] = opt
-            if inst.loss_of(choice) * opt["factor"] > eps_max:  # re-choose within the budget the optimism leaves
+            if loss * opt["factor"] > eps_max:  # re-choose within the budget the optimism leaves
                 # a fresh IP: the persistent one, re-solved at a smaller budget, once refused it ("not certified
                 # after 3 cut rounds", seen ad hoc on a SmolLM2 record) where plans existed
                 tight, tinfo = GroupChoiceIP(inst, sensitivity, time_limit_s, fast=fast).maximise_gain(
@@ -983,9 +984,9 @@ def solve(
                 if tight is None:  # e.g. a memory budget no plan within the tighter loss budget meets: said, kept
                     info["selection_over_budget"] = True
                 else:
-                    choice, info = tight, {**tinfo, "selection_optimism": opt}
+                    choice, info, loss = tight, {**tinfo, "selection_optimism": opt}, inst.loss_of(tight)
                     info["solved_at_loss_mse"] = eps_max / opt["factor"]
-            info["corrected_loss_mse"] = inst.loss_of(choice) * opt["factor"]
+            info["corrected_loss_mse"] = loss * opt["factor"]
         fastest_loss = inst.loss_of(inst.fastest())
         info["budget_binds"] = fastest_loss > eps_max
         info["fastest_allowed_loss_mse"] = fastest_loss
