@@ -314,13 +314,10 @@ class LossModel:
         (``solver.selection_optimism``). None where the record cannot be redrawn (fewer than 4 sequences, no
         per-sequence curvature or diagonal terms: a record calibrated before they were kept, with a batch of more
         than one sequence, or ranks merged unevenly) or the draw left fewer than 2 sequences out."""
-        sts = [st for o in self.ops.values() for st in o.operands.values()]
-        n_seq = {len(v) for st in sts for v in st.seq.values()}
-        n_cb = {len(v) for st in sts for v in st.cseq.values()}
-        if (len(n_seq) != 1 or min(n_seq) < 4 or (self.has_curvature and len(n_cb) != 1)
-                or any(len(st.dseq.get(f, ())) != min(n_seq) for st in sts for f in st.dia)):
-            return None  # dseq must be per sequence (batch 1) to be drawn with them
-        n, nc = n_seq.pop(), (n_cb.pop() if n_cb else 0)
+        shape = self._redraw_shape()
+        if shape is None:
+            return None
+        n, nc = shape
         draw = [rng.randrange(n) for _ in range(n)]
         cdraw = draw if nc == n else [rng.randrange(nc) for _ in range(nc)]
         drawn, cdrawn = set(draw), set(cdraw)
@@ -328,6 +325,23 @@ class LossModel:
         if len(left) < 2 or (nc and not cleft):
             return None
         return self._subsample(draw, cdraw, nc), self._subsample(left, cleft, nc)
+
+    @property
+    def can_redraw(self) -> bool:
+        """Whether ``bootstrap`` can redraw this record's sequences at all (its per-sequence sums are complete)."""
+        return self._redraw_shape() is not None
+
+    def _redraw_shape(self) -> tuple[int, int] | None:
+        """(sequences, curvature batches) of a record whose per-sequence sums can be redrawn, else None: every
+        ``seq`` list as long (at least 4), the ``cseq`` lists as long as each other, and every ``dseq`` one per
+        sequence (a batch of one), since it is drawn with them."""
+        sts = [st for o in self.ops.values() for st in o.operands.values()]
+        n_seq = {len(v) for st in sts for v in st.seq.values()}
+        n_cb = {len(v) for st in sts for v in st.cseq.values()}
+        if (len(n_seq) != 1 or min(n_seq) < 4 or (self.has_curvature and len(n_cb) != 1)
+                or any(len(st.dseq.get(f, ())) != min(n_seq) for st in sts for f in st.dia)):
+            return None
+        return min(n_seq), (min(n_cb) if n_cb else 0)
 
     def _subsample(self, draw: list[int], cdraw: list[int], nc: int) -> LossModel:
         out = copy.deepcopy(self)  # the per-type caches are not copied (``__getstate__``)

@@ -878,11 +878,13 @@ def selection_optimism(sensitivity: Sensitivity, partition: Partition, gains: Ga
     calibration articles: the IP's plans measured a median 1.48x, at most 2.34x, their budget on 48 held-out
     articles; chosen within budget / factor, 1.03x: benchmarks/results/selection.md).
     None where the record cannot be redrawn or no draw chose a low-precision op."""
+    if not sensitivity.can_redraw:
+        return None
     rng = random.Random(seed)
     ratios = []
     for _ in range(draws):
         pair = sensitivity.bootstrap(rng)
-        if pair is None:  # the record cannot be redrawn, or this draw left fewer than 2 sequences out
+        if pair is None:  # this draw left fewer than 2 sequences out
             continue
         rec, left = pair
         inst = build_instance(rec, partition, gains, metric, noise, min_sqnr_db, shift, kv_cache)

@@ -769,5 +769,6 @@ def test_per_sequence_sums_add_up_and_a_bootstrap_draw_rebuilds_them():
     quarter = calibrate(model, [ids], ["int8"], progress=False, curvature_share=0.25)
     assert {len(v) for st in (st for o in quarter.ops.values() for st in o.operands.values())
             for v in st.cseq.values()} == {2}
-    assert s.bootstrap(random.Random(1)) is not None and calibrate(model, [ids[:3]], ["int8"], progress=False
-                                                                   ).bootstrap(random.Random(1)) is None
+    three = calibrate(model, [ids[:3]], ["int8"], progress=False)
+    assert s.can_redraw and s.bootstrap(random.Random(1)) is not None
+    assert not three.can_redraw and three.bootstrap(random.Random(1)) is None

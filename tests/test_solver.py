@@ -482,7 +482,8 @@ def test_selection_check_is_skipped_where_the_record_cannot_be_redrawn(records):
     sens, part, gains = records
     plan = solve(sens, part, gains, beta=0.5)
     assert "selection_optimism" not in plan.solver and "corrected_loss_mse" not in plan.solver
-    assert sens.bootstrap(random.Random(0)) is None
+    assert not sens.can_redraw and sens.bootstrap(random.Random(0)) is None
+    assert _solver.selection_optimism(sens, part, gains, eps_max=1.0) is None
 
 
 def test_a_correction_the_other_budgets_forbid_is_said_not_hidden():
