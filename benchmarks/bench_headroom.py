@@ -144,8 +144,9 @@ def main() -> None:
     med = statistics.median(curv)
     outliers = [i for i, c in enumerate(curv) if c > a.outlier_factor * med]
     keep = [i for i in range(len(recs)) if i not in outliers]
-    if len(keep) < (a.sets + 1) * a.n_calib:
-        raise SystemExit(f"{len(keep)} usable articles: too few for {a.sets} sets of {a.n_calib} and a pool")
+    if len(keep) < max(a.sets, 3) * a.n_calib:  # each set's pool is every other kept article: at least 2 sets' worth
+        raise SystemExit(f"{len(keep)} usable articles: too few for {a.sets} disjoint sets of {a.n_calib} with pools "
+                         f"of at least {2 * a.n_calib}")
     sets = [keep[k * a.n_calib:(k + 1) * a.n_calib] for k in range(a.sets)]
     mean_loss = statistics.fmean(recs[i].mean_loss for i in keep)
     grid = sorted(float(b) for b in a.grid.split(",") if b)
