@@ -124,10 +124,11 @@ def main() -> None:
     work = Path(a.work)
     (work / "articles").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    recs = []
+    recs, fresh = [], 0
     for i in range(len(cal.ids)):
         p = work / "articles" / f"{i}.json"
         if not p.exists():
+            fresh += 1
             calibrate(model, TokenBlocks(cal.ids[i:i + 1], cal.source, cal.split), [a.format],
                       progress=False).save(p)
         recs.append(Sensitivity.load(p))
@@ -192,7 +193,8 @@ def main() -> None:
               for name, pts in fronts.items()}
         rows.append({"set": k, "articles": s, "frontiers": fronts, "gain_at": at})
         print(f"set {k}: " + "; ".join(f"{n} {v}" for n, v in at.items()), flush=True)
-    res = {"provenance": finish(prov), "settings": vars(a), "calibrate_s": t_cal, "outliers": outliers,
+    res = {"provenance": finish(prov), "settings": vars(a), "calibrate_s": t_cal, "calibrated_here": fresh,
+           "outliers": outliers,
            "curvature_sums": curv, "budgets": budgets, "grid": grid, "betas": betas,
            "reference_time_s": gains.reference_time_s, "mean_loss": mean_loss,
            "versions": {"torch": torch.__version__}, "rows": rows, "checks": checks}
@@ -209,7 +211,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
           f"- SmolLM2-135M, {s['format']} vs fp32, prefill gains measured once on this CPU ({s['threads']} thread(s), "
           f"{s['gain_seq_len']} tokens; reference {t_ref * 1e3:.1f} ms) and shared by every frontier.",
           f"- {s['n_articles']} calibration articles, one {s['seq_len']}-token block each, calibrated one at a time "
-          f"({res['calibrate_s'] / 60:.1f} min). Left out as outliers (curvature sum over {s['outlier_factor']:g}× "
+          f"({res.get('calibrated_here', '?')} of them in this run, {res['calibrate_s'] / 60:.1f} min; the others "
+          f"resumed from `--work`). Left out as outliers (curvature sum over {s['outlier_factor']:g}× "
           f"the median {statistics.median(res['curvature_sums']):.3g}): "
           + (", ".join(f"article {i} ({res['curvature_sums'][i]:.3g})" for i in res["outliers"]) or "none") + ".",
           f"- {s['sets']} disjoint sets of {s['n_calib']} articles. IP-ET: the frontier (β = {s['betas']}) chosen on "
