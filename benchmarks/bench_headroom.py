@@ -68,18 +68,6 @@ def gain_at(points: list[tuple[float, float]], loss: float) -> float | None:
     return None
 
 
-def gain_of(partition: Any, gains: Any, assignment: dict[str, str], metric: str = "ET") -> float:
-    """The predicted gain of any per-op assignment on a gains record: each group's measured gain of the config the
-    assignment gives its ops (as the IP scores its own plans), summed."""
-    ref = gains.formats[0]
-    total = 0.0
-    for g in partition.groups:
-        cfg = [assignment.get(op, ref) for op in g.ops]
-        gg = gains.groups[g.name]
-        total += gg.gains[metric][gg.configs.index(cfg)]
-    return total
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-articles", type=int, default=62, help="calibration blocks, one per article")
@@ -111,10 +99,10 @@ def main() -> None:
     from inc_ipamp import pipeline
     from inc_ipamp.data import TokenBlocks, load_blocks
     from inc_ipamp.distributed import merge_sensitivities
-    from inc_ipamp.evaluate import loss_change
-    from inc_ipamp.records import Partition, Sensitivity
+    from inc_ipamp.evaluate import loss_change, sequence_losses
+    from inc_ipamp.records import Gains, Partition, Sensitivity
     from inc_ipamp.sensitivity import calibrate
-    from inc_ipamp.solver import frontier
+    from inc_ipamp.solver import frontier, plan_gain
 
     betas = sorted(float(b) for b in a.betas.split(",") if b)
     base = pipeline.RunSettings(n_calib=a.n_calib, n_eval=a.n_eval, seq_len=a.seq_len, gain_seq_len=a.gain_seq_len,
@@ -137,8 +125,6 @@ def main() -> None:
     if not (work / "gains.json").exists():
         pipeline.stage_partition(work, base, model, tok)
         pipeline.stage_measure(work, base, model, tok)
-    from inc_ipamp.records import Gains
-
     part, gains = Partition.load(work / "partition.json"), Gains.load(work / "gains.json")
 
     curv = [sum(st.curv.get(a.format, 0.0) for o in r.ops.values() for st in o.operands.values()) for r in recs]
@@ -153,8 +139,6 @@ def main() -> None:
     grid = sorted(float(b) for b in a.grid.split(",") if b)
     budgets = [(b * mean_loss) ** 2 for b in grid]
     ev = list(load_blocks(tok, "evaluation", a.n_eval, a.seq_len)) if a.validate_sets else []
-    from inc_ipamp.evaluate import sequence_losses
-
     ref = sequence_losses(model, ev) if ev else None
     rows, checks = [], []
     for k, s in enumerate(sets):
@@ -178,7 +162,7 @@ def main() -> None:
             low = [sum(params.get(op, 0) for op in x["assignment"]) for x in fronts["IP-ET"] if x["assignment"]]
             found, _ = run_modelopt(a.format, [cal.ids[i:i + 1] for i in s], low)
             fronts["ModelOpt"] = [{"budget": f["budget"], "n_ops": len(f["assignment"]),
-                                   "gain_s": gain_of(part, gains, f["assignment"]),
+                                   "gain_s": plan_gain(f["assignment"], gains, part),
                                    "proxy": proxy_loss(pool_recs, f["assignment"]), "assignment": f["assignment"]}
                                   for f in found]
         if k < a.validate_sets:
@@ -254,8 +238,10 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             return None
         return len(pairs), statistics.fmean(p[0] for p in pairs), statistics.fmean(p[1] for p in pairs)
 
+    from inc_ipamp.solver import speedup_of
+
     def points(gi: float, go: float) -> float:
-        return t_ref / (t_ref - go) - t_ref / (t_ref - gi)  # speedup = T / (T − gain)
+        return speedup_of(go, t_ref) - speedup_of(gi, t_ref)
 
     md += ["", "## Summary", "",
            "Means over the sets where both frontiers reach the loss. Speedup points: the difference of the two "

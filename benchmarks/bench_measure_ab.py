@@ -65,6 +65,7 @@ def main() -> None:
     from inc_ipamp import pipeline
     from inc_ipamp.records import Gains, Partition, Plan
     from inc_ipamp.runtime import set_threads
+    from inc_ipamp.solver import plan_gain
 
     set_threads(1)
     prov = provenance(__file__)
@@ -103,11 +104,7 @@ def main() -> None:
     plans = {r: Plan.load(work / r / "plan.json") for r in runs}
 
     def share(assignment: dict[str, str], g: Gains) -> float:
-        tot = 0.0
-        for grp in part.groups:
-            gg = g.groups[grp.name]
-            tot += gg.gains["ET"][gg.configs.index([assignment.get(o, "fp32") for o in grp.ops])]
-        return tot / g.reference_time_s
+        return plan_gain(assignment, g, part) / g.reference_time_s
 
     info = {r: json.loads((work / r / "run.json").read_text()) for r in runs}
     md = ["# Gain measurement before and after (SmolLM2-135M, CPU fp32 vs INT8, 1 thread)", "",
