@@ -301,6 +301,7 @@ def write_report(
     """Markdown report: the plan's totals, the measurement's trustworthiness, measured results with the baselines,
     per-group reasons and the frontier (and one per objective, ``objective_frontiers``). ``gains``: the record the
     plan was solved on (for --objective decode/mix, ``solver.objective_gains``'s)."""
+    from .sensitivity import dominance_note
     from .solver import selection_note, speedup_of
 
     m = plan.metric
@@ -329,6 +330,7 @@ def write_report(
         + (f" = noise {s.get('predicted_noise_mse', 0):.4g} + shift² ({s['predicted_shift']:.4g})²"
            if s.get("predicted_shift") is not None else " (first-order noise only: calibrated without curvature)"),
         *([f"- {note[0].upper()}{note[1:]}"] if (note := selection_note(plan)) else []),
+        *([f"- **{dom[0].upper()}{dom[1:]}**"] if (dom := dominance_note(sensitivity)) else []),
         gain_line,
         f"- Low-precision ops: {len(plan.low_precision_ops())} of {len(plan.assignment)}"
         + (f"; the SQNR guard ({guard:g} dB) keeps {n_guarded} ops out of at least one format"

@@ -6,6 +6,7 @@ small enough that brute-force enumeration gives the exact optimum to compare the
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -344,6 +345,12 @@ def test_plot_and_report(records, tmp_path):
     for g in part.groups:
         assert f"`{g.name}`" in md
     assert "prefix" in md and "Pareto" in md
+    assert "median sequence's share" not in md  # no per-sequence sums here: nothing to name
+    loud = copy.deepcopy(sens)  # one operand's first-order change of sequence 3 is 100x the others'
+    st = next(iter(next(iter(loud.ops.values())).operands.values()))
+    st.seq = {loud.formats[1]: [1.0, -1.0, 1.0, 100.0]}
+    md = write_report(tmp_path / "report.md", plan, loud, part, gains).read_text()
+    assert "**Calibration sequence(s) 3 (10000x)" in md
     # Shares of the noise add up to 100 %; noise + (Σ shift)² is the plan's predicted loss MSE; chosen gain never
     # beats the best.
     rows = group_explanations(plan, sens, part, gains)
