@@ -54,6 +54,7 @@ from .inc.method import (
     check_score,
     ids_from_loader,
     run_method,
+    tolerance_note,
     write_selected,
 )
 from .io import save_json
@@ -215,8 +216,12 @@ class IPEmpiricalTimeTuneStrategy(TuneStrategy):
             if m is not None:
                 m.ipamp_plan, m.ipamp_point, m.ipamp_workspace = plan, self._ipamp_best_rank, str(res.workspace)
         crit = self.config.accuracy_criterion
+        note = tolerance_note(res.points, self._ipamp_best_rank,
+                              f"{crit.criterion} tolerable_loss {crit.tolerable_loss:g}")
+        if note:
+            log.warning("ip_empirical_time: %s", note)
         out = write_selected(res.workspace, plan, res.unplaced,
-                             {"rank": self._ipamp_best_rank, "inc_path": PLACEMENT,
+                             {"rank": self._ipamp_best_rank, "inc_path": PLACEMENT, "criterion_decided": note,
                               "baseline": None if self.baseline is None else self.baseline[0],
                               "criterion": {"criterion": crit.criterion, "tolerable_loss": crit.tolerable_loss,
                                             "higher_is_better": crit.higher_is_better},

@@ -194,6 +194,9 @@ def test_autotune_runs_the_whole_method_from_run_fn_then_reuses_it(full, tmp_pat
     assert ipamp_inc.quantized_ops(q) == set(plan.low_precision_ops())  # exactly the accepted plan's ops
     acc = load_json(ws / "selected" / "accepted.json")
     assert acc["within_tolerance"] and acc["rank"] == expect and acc["accepted_score"] >= acc["threshold"]
+    last_low = max(i for i, p in enumerate(q.ipamp_points) if p.low_precision_ops())
+    assert acc["n_points"] == len(q.ipamp_points) > expect
+    assert (acc["criterion_decided"] is not None) == (0 < expect == last_low)  # said only when the tolerance chose
     cfg = load_json(ws / "selected" / "inc_config.json")
     assert set(cfg["config"]["local"]) == set(plan.low_precision_ops())  # INC's own to_dict: one set_local per op
     sel = load_json(ws / "selected" / "selected.json")
@@ -209,6 +212,25 @@ def test_autotune_runs_the_whole_method_from_run_fn_then_reuses_it(full, tmp_pat
     with pytest.raises(TuningSetupError, match="cpu_kernels"):
         ipamp_inc.autotune(model, lambda m: 1.0, run_fn=run_fn, example_inputs=example, workspace=tmp_path,
                            cpu_kernels="onednn", **OPTIONS)
+
+
+def test_tolerance_note_says_when_the_criterion_chose():
+    """inc_native.md: with varied held-out text INC's 1% accepted only the frontier's last point; the user must be
+    told that the criterion, not the search, set the plan (and not told so when an earlier point passed)."""
+    from inc_ipamp.inc.method import tolerance_note
+
+    def plan(ops: int) -> Plan:
+        return Plan("m", {f"op{i}": "int8" if i < ops else "fp32" for i in range(4)}, "fp32", "ET", None, 0.0, 0.0)
+
+    points = [plan(3), plan(2), plan(1), plan(0)]  # most aggressive first, the all-reference point last
+    assert tolerance_note(points, None, "relative tolerance 0.01") is None
+    assert tolerance_note(points, 0, "relative tolerance 0.01") is None
+    assert tolerance_note(points, 1, "relative tolerance 0.01") is None  # a faster point than the last passed
+    note = tolerance_note(points, 2, "relative tolerance 0.01")
+    assert note.startswith("INC's relative tolerance 0.01 accepted only the frontier's least aggressive point (rank 2 "
+                           "of 4, 1 low-precision ops): all 2 faster points failed it")
+    assert "accepted none of the 3" in tolerance_note(points, 3, "relative tolerance 0.01")
+    assert tolerance_note([plan(2), plan(0)], 0, "x") is None  # the only point with low precision, tried first
 
 
 def test_whole_method_setup_errors(full, tmp_path):

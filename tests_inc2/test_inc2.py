@@ -173,6 +173,12 @@ def test_fit_runs_the_whole_method_then_reuses_it_and_stops_within_tolerance(dat
     assert sel["fp32_unplaceable"] and all(op.endswith(("matmul_qk", "matmul_av")) for op in sel["fp32_unplaceable"])
     assert not set(sel["fp32_unplaceable"]) & set(plan.low_precision_ops())
     assert (ws / "selected" / "report.md").exists()
+    from inc_ipamp.inc.method import _aggressive_first
+    from inc_ipamp.solver import load_frontier
+
+    points = _aggressive_first(load_frontier(ws / "frontier.json"))  # the order INC tried them
+    last_low = max(i for i, p in enumerate(points) if p.low_precision_ops())
+    assert (sel["criterion_decided"] is not None) == (0 < expect == last_low)  # said only when the criterion chose
     assert _loss(q, ev) == pytest.approx(-math.log(seen[-1]), rel=1e-6)  # the model INC scored is the one returned
 
 

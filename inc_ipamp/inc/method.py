@@ -318,6 +318,26 @@ def _aggressive_first(points: list[Plan]) -> list[Plan]:
     return sorted(points, key=lambda p: aggressive_key(p.predicted_gain, p.predicted_loss_mse))
 
 
+def tolerance_note(points: list[Plan], rank: int | None, criterion: str) -> str | None:
+    """One sentence when INC's accuracy criterion, not the search, chose the result, or None.
+
+    Why: INC tries the frontier most aggressive first and keeps the first point within its criterion; when that is
+    the least aggressive point with any low-precision op (or the all-reference one), every faster plan failed the
+    check, and a user reading only "accepted" would not know that the criterion (or the eval's noise) is the lever,
+    not the method. ``points``: the frontier in the order INC tried it; ``rank``: the accepted point's index;
+    ``criterion``: how to name it (e.g. "relative tolerance 0.01").
+    """
+    low = [i for i, p in enumerate(points) if p.low_precision_ops()]
+    if rank is None or not low or rank == 0 or rank < low[-1]:
+        return None
+    if rank > low[-1]:
+        return (f"INC's {criterion} accepted none of the {len(low)} frontier points with a low-precision op: the "
+                "model stays in high precision, decided by the criterion, not the search")
+    return (f"INC's {criterion} accepted only the frontier's least aggressive point (rank {rank} of {len(points)}, "
+            f"{len(points[rank].low_precision_ops())} low-precision ops): all {rank} faster points failed it, so the "
+            "criterion, not the search, chose this plan; a looser criterion or a less noisy eval is the lever")
+
+
 # -- eval_fn conventions ---------------------------------------------------------------------------------
 def check_score(score: Any, what: str = "eval_fn") -> float:
     """INC accepts a trial when ``score >= baseline * (1 - tolerable_loss)``: the score must be a finite positive

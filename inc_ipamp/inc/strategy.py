@@ -48,6 +48,7 @@ from .method import (
     check_score,
     ids_from_run_fn,
     run_method,
+    tolerance_note,
     write_selected,
 )
 
@@ -331,6 +332,7 @@ def ip_empirical_time_entry(model: torch.nn.Module, configs_mapping: dict, mode:
         q.ipamp_plan = plan
         q.ipamp_point = cfg.rank
         q.ipamp_workspace = str(res.workspace)
+        q.ipamp_points = res.points  # the frontier in the order INC tries it (``tolerance_note``)
         return q
     plan = cfg.plan()
     run_fn, run_args = kwargs.get("run_fn"), kwargs.get("run_args") or ()
@@ -418,9 +420,13 @@ def autotune(model: torch.nn.Module, eval_fn: Callable[[torch.nn.Module], float]
     ws = getattr(q, "ipamp_workspace", None)
     if ws is not None:
         base = scores[0]
+        note = tolerance_note(q.ipamp_points, q.ipamp_point, f"relative tolerance {tolerable_loss:g}")
+        if note:
+            log.warning("ip_empirical_time: %s", note)
         save_json({"record": "accepted", "baseline_score": base, "trial_scores": scores[1:],
                    "tolerable_loss": tolerable_loss, "threshold": base * (1 - tolerable_loss),
                    "accepted_score": scores[-1], "within_tolerance": scores[-1] >= base * (1 - tolerable_loss),
-                   "rank": q.ipamp_point, "n_low_precision_ops": len(q.ipamp_plan.low_precision_ops())},
+                   "rank": q.ipamp_point, "n_points": len(q.ipamp_points),
+                   "n_low_precision_ops": len(q.ipamp_plan.low_precision_ops()), "criterion_decided": note},
                   Path(ws) / "selected" / "accepted.json")
     return q
