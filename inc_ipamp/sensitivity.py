@@ -563,8 +563,8 @@ def dominance_note(sens: Sensitivity, factor: float = DOMINANT_FACTOR) -> str | 
     named = ", ".join(f"{i} ({r:.0f}x)" for i, r in dom[:5]) + (f" and {len(dom) - 5} more" if len(dom) > 5 else "")
     return (f"calibration sequence(s) {named} (0-based, in calibration order, of {sens.n_samples}) carry over "
             f"{factor:g}x the median sequence's share of the loss model's sums: each weighs in the plan's choice like "
-            "that many ordinary sequences, so the plan is chosen mostly for it. If texts like it are what the model "
-            "will serve, calibrate on more of them; if not, calibrate without it")
+            "that many ordinary sequences. If texts like it are what the model will serve, calibrate on more of "
+            "them; if not, calibrate without it")
 
 
 def _add_at(lists: dict[str, list[float]], fmt: str, i: int, v: float) -> None:
