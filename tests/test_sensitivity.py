@@ -774,7 +774,7 @@ def test_per_sequence_sums_add_up_and_a_bootstrap_draw_rebuilds_them():
     assert not three.can_redraw and three.bootstrap(random.Random(1)) is None
 
 
-def test_a_dominant_calibration_sequence_is_named(small_model, caplog, tmp_path):
+def test_a_dominant_calibration_sequence_is_named(small_model, caplog):
     """Real text: the 56th 256-token calibration block of the default data (a Wikipedia article on Gershwin) carries
     over 1000x the median share of the coherent sums in per-tensor INT8, four ordinary articles under 3x. Calibration
     must say so (log and report), and must not name the ordinary ones."""
