@@ -76,12 +76,30 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _first_order(x: torch.Tensor, g: torch.Tensor, fmt, reduce_dim: int):
-    """Rounding error e of ``x`` in ``fmt`` (per-sequence scales), g⊙e, and the first-order loss change of each
-    sequence Σ g·e (a signed sum that cancels heavily, so in float64)."""
-    e = quantize(x, fmt, reduce_dim, per_sample=True) - x
+def _first_order(e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g⊙e and the first-order loss change of each sequence Σ g·e (a signed sum that cancels heavily, so in
+    float64), for a rounding error ``e`` (``_rounding``)."""
     ge = g * e
-    return e, ge, ge.flatten(1).sum(1, dtype=torch.float64)
+    return ge, ge.flatten(1).sum(1, dtype=torch.float64)
+
+
+def _rounding(x: torch.Tensor, fmt, reduce_dim: int, cache: dict | None) -> tuple[torch.Tensor, float]:
+    """Rounding error e of the activation ``x`` in ``fmt`` (per-sequence scales, in ``_wide`` precision) and Σe²,
+    from ``cache`` when this batch already rounded the same tensor the same way.
+
+    Why: q, k and v (gate and up) read one tensor and each rounds it alike, and the curvature pass rounds again
+    what the gradient pass rounded; the rounding was a tenth of the calibration. The key is the tensor's memory
+    (address, layout, dtype, version) and the entry keeps the tensor alive, so an address is never reused while
+    its entry exists; the cache lives for one batch (``calibrate`` empties it)."""
+    key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version, fmt.name, reduce_dim)
+    hit = None if cache is None else cache.get(key)
+    if hit is None:
+        w = _wide(x)
+        e = quantize(w, fmt, reduce_dim, per_sample=True) - w
+        hit = (x, e, _sum(e * e))
+        if cache is not None:
+            cache[key] = hit
+    return hit[1], hit[2]
 
 
 #: elements of one row block of a weight gradient (4 MiB float32): every sequence of a batch adds its square to the
@@ -127,9 +145,9 @@ class _Collector:
         """Sampled-label pass: Σ_n T'_n (ĝ·e)², T'_n (ĝ·e)² an unbiased estimate of eᵀ(GN Hessian)e of sequence n
         (full quadratic form); T'_n = its predicted tokens, so sequences of different lengths weigh right."""
         st = self.rec.operands[operand]
-        x, g = _wide(x), _wide(g)
+        g = _wide(g)
         for f in formats:
-            d = _first_order(x, g, f, reduce_dim)[2]
+            d = _first_order(_rounding(x, f, reduce_dim, self.state.get("errors"))[0], g)[1]
             self._add_curv(st, f.name, self.state["tokens"] * float((d * d).sum()))
 
     def _add_curv(self, st: OperandStats, fmt: str, v: float) -> None:
@@ -150,7 +168,7 @@ class _Collector:
         if self.state["phase"] == "curvature":
             return self._curvature(operand, x, g, reduce_dim, formats)
         st = self.rec.operands[operand]
-        x, g = _wide(x), _wide(g)
+        raw, x, g = x, _wide(x), _wide(g)
         st.x2 += _sum(x * x)
         st.numel += x.numel()
         st.amax = max(st.amax, float(x.abs().max()))
@@ -161,11 +179,12 @@ class _Collector:
             st.xg2 += _sum(xg * xg)
             st.g2 += g2_sum
         for f in formats:
-            e, ge, d = _first_order(x, g, f, reduce_dim)
+            e, e2 = _rounding(raw, f, reduce_dim, self.state.get("errors"))
+            ge, d = _first_order(e, g)
             ge2 = _sum(ge * ge)  # the diagonal sum; for an activation it is also the empirical model's
             sq = self._add_changes(st, f.name, d.tolist(), ge2)
             _check(self.name, operand, sq)  # a non-finite gradient makes every d non-finite: one scalar test
-            st.err2[f.name] = st.err2.get(f.name, 0.0) + _sum(e * e)
+            st.err2[f.name] = st.err2.get(f.name, 0.0) + e2
             if not self.diagonal:
                 continue
             st.emp[f.name] = st.emp.get(f.name, 0.0) + ge2
@@ -479,6 +498,7 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                 n_batches * curvature_share)
             state["passes"] = 2 if curv_now else 1  # backward passes this batch gets (``_Collector._by_output``)
             state["batch"] = n_batches  # index of this batch (``OperandStats.dseq``)
+            state["errors"] = {}  # this batch's activation rounding errors (``_rounding``)
             n_batches += 1
             embeds = emb(batch).detach().requires_grad_(True)
             logits, loss = _logits_and_loss(model, batch, embeds)
@@ -502,11 +522,13 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
             # the graph (and through its hooks every op's saved input) lives as long as ``loss`` does: drop it
             # before the next batch builds its own, or two batches' activations are held at once
             del logits, loss, embeds
+            state["errors"] = {}
             n += batch.shape[0]
             seq_len = batch.shape[1]
             bar.update(batch.shape[0])
         bar.close()
     finally:
+        state["errors"] = {}
         for c in cols:
             c.detach()
     if n == 0:

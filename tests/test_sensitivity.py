@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import numpy as np
@@ -795,3 +796,30 @@ def test_a_dominant_calibration_sequence_is_named(small_model, caplog):
     note = dominance_note(sens)
     assert note is not None and note.startswith("calibration sequence(s) 4 (")
     assert note in caplog.text
+
+
+def test_shared_roundings_change_no_statistic(monkeypatch):
+    """q/k/v (gate/up) read one tensor and the curvature pass re-reads the gradient pass's: each activation is
+    rounded once per batch and format (``_rounding``'s cache), and the record is exactly the one that rounds at
+    every use. Counted: 2 layers × (7 Linears + 4 BGEMM operands) + lm_head = 23 uses per pass, of which 2 × 4 + 1
+    Linear inputs and 2 × 4 BGEMM operands are distinct, so 17 roundings per batch instead of 46."""
+    import inc_ipamp.sensitivity as S
+
+    model = _tiny()
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    calls = {"n": 0}
+    real = S.quantize
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(S, "quantize", counted)
+    shared = calibrate(model, [ids], ["int8"], progress=False, noise="all")
+    n_shared, calls["n"] = calls["n"], 0
+    rounding = S._rounding
+    monkeypatch.setattr(S, "_rounding", lambda x, fmt, dim, cache: rounding(x, fmt, dim, None))
+    every = calibrate(model, [ids], ["int8"], progress=False, noise="all")
+    assert (n_shared, calls["n"]) == (3 * 17, 3 * 46)
+    shared.wall_s = every.wall_s
+    assert dataclasses.asdict(shared) == dataclasses.asdict(every)
