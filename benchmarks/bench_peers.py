@@ -256,7 +256,8 @@ def run_ipet(settings, betas: list[float]) -> tuple[list[Any], dict[str, float],
     measured = dec if dec is not None else gains
     info = {"objective": settings.objective, "distinct_plans": len(plans),
             "flagged_configs": measured.quality.get("flagged_configs"),
-            "gains_reference_s": measured.reference_time_s, "timed_runs": gains.subgraph_calls,
+            "gains_reference_s": measured.reference_time_s,
+            "timed_runs": gains.subgraph_calls + (dec.subgraph_calls if dec is not None else 0),
             "speed_probe_rescaled": gains.quality.get("speed_probe_rescaled"),
             "measure_notes": [n for n in measured.notes if n.startswith("ET")], "out": str(out),
             "reference_betas": [p.beta for p in plans if not p.low_precision_ops()]}

@@ -100,8 +100,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     d.add_argument("--gain-seq-len", type=int, help="prefill length used for timing (default 128)")
     d.add_argument("--objective", choices=["prefill", "decode", "mix"],
                    help="time to maximise: prefill (TTFT, default), decode (TPOT: one decode step with a KV cache) "
-                        "or mix (w_TTFT*TTFT + w_TPOT*TPOT saved, --mix-weights); decode and mix also measure "
-                        "decode-step gains (gains_decode.json)")
+                        "or mix (w_TTFT*TTFT + w_TPOT*TPOT saved, --mix-weights); decode and mix measure decode-step "
+                        "gains (gains_decode.json); decode times no prefill (gains.json keeps TT, RT and M)")
     d.add_argument("--decode-batch", type=int, help="sequences per timed decode step (default 1)")
     d.add_argument("--decode-context", type=int, help="cached tokens before the timed decode step (default 256)")
     d.add_argument("--kv-cache", choices=["fp8_e4m3"],

@@ -12,7 +12,7 @@ import copy
 import math
 import random
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, IpampError
@@ -20,7 +20,7 @@ from .formats import get_format, uniform_float_variance_factor
 from .ops import op_type
 
 if TYPE_CHECKING:
-    from .records import OpSensitivity
+    from .records import OperandStats, OpSensitivity
 
 NOISE_MODELS = ("auto", "uniform", "empirical", "coherent")
 #: the loss model's defaults, one home for the CLI, the Python API (solve, frontier, baselines) and INC's strategies
@@ -182,16 +182,20 @@ class LossModel:
             mse += sum(self.shift(op, f) for op, f in assignment.items()) ** 2
         return mse
 
+    def operand_stats(self) -> Iterator[OperandStats]:
+        """Every op's every operand's sums, in record order: what the record-wide checks and redraws walk."""
+        return (st for o in self.ops.values() for st in o.operands.values())
+
     @property
     def has_curvature(self) -> bool:
         """The second-order part of the shift was calibrated (the sampled-label backward ran)."""
-        return self.n_curvature > 0 and any(st.curv for o in self.ops.values() for st in o.operands.values())
+        return self.n_curvature > 0 and any(st.curv for st in self.operand_stats())
 
     @property
     def has_shift(self) -> bool:
         if not FIRST_ORDER_SHIFT:
             return self.has_curvature
-        return any(st.lin for o in self.ops.values() for st in o.operands.values())
+        return any(st.lin for st in self.operand_stats())
 
     def operand_shift(self, op: str, operand: str, fmt: str) -> float:
         """Predicted mean loss shift of one operand of one op in ``fmt``: the second-order ½·E[eᵀHe] if calibrated,
@@ -335,7 +339,7 @@ class LossModel:
         """(sequences, curvature batches) of a record whose per-sequence sums can be redrawn, else None: every
         ``seq`` list as long (at least 4), the ``cseq`` lists as long as each other, and every ``dseq`` one per
         sequence (a batch of one), since it is drawn with them."""
-        sts = [st for o in self.ops.values() for st in o.operands.values()]
+        sts = list(self.operand_stats())
         n_seq = {len(v) for st in sts for v in st.seq.values()}
         n_cb = {len(v) for st in sts for v in st.cseq.values()}
         if (len(n_seq) != 1 or min(n_seq) < 4 or (self.has_curvature and len(n_cb) != 1)
@@ -347,7 +351,7 @@ class LossModel:
         out = copy.deepcopy(self)  # the per-type caches are not copied (``__getstate__``)
         out.n_samples = len(draw)
         out.n_curvature = round(self.n_curvature * len(cdraw) / nc) if nc else 0  # sequences, not batches
-        for st in (st for o in out.ops.values() for st in o.operands.values()):
+        for st in out.operand_stats():
             for f, v in st.seq.items():
                 st.seq[f] = [v[i] for i in draw]
                 st.lin[f] = math.fsum(st.seq[f])

@@ -248,14 +248,23 @@ _RERUN = {"plan.json": "solve", "frontier.json": "solve", "evaluation.json": "ev
 
 def stage_measure(out: Path, settings: RunSettings, model=None, tok=None):
     from .gains import measure_gains
+    from .gains.measure import METRICS
     from .records import Partition
 
     part = Partition.load(out / "partition.json")
     if model is None and settings.device != "table":
         model, tok = load(settings)
+    # A decode plan is solved on the decode-step record alone. Timing the prefill too (ET) took a third of the
+    # decode search (benchmarks/results/peers.md) and fed only the report's prefill and mix frontiers and a
+    # predicted-vs-measured prefill check; its TT, RT and M are computed, and --objective mix times both phases.
+    metrics = [m for m in METRICS if not (m == "ET" and settings.objective == "decode")]
     gains = measure_gains(model, part, settings.formats, backend=settings.device, batch=settings.batch,
                           seq_len=settings.gain_seq_len, reps=settings.reps, cache_path=out / "gain_cache.jsonl",
-                          table_path=settings.table, span=settings.span, roofline=settings.rt_device)
+                          table_path=settings.table, span=settings.span, roofline=settings.rt_device,
+                          metrics=metrics)
+    if "ET" not in metrics:
+        gains.notes.append("ET not measured: --objective decode plans on the decode step's gains "
+                           "(gains_decode.json); --objective mix or prefill times the prefill")
     gains.inputs = _inputs(out, "partition.json")
     gains.save(out / "gains.json")
     if settings.objective != "prefill":
@@ -306,6 +315,9 @@ def stage_solve(out: Path, settings: RunSettings):
 
     if settings.metric == "ET" and inconsistency(gains.quality):
         raise ArtifactError(inconsistency(gains.quality))
+    if settings.objective != "decode" and not gains.has(settings.metric):
+        raise ArtifactError(f"gains.json has no {settings.metric} gains (measured for --objective decode, which times "
+                            f"only the decode step): rerun `inc-ipamp measure --objective {settings.objective}`")
     prefill_gains = gains
     gains, dec = objective_gains(out, settings, gains)
     if settings.kv_cache is not None:
@@ -337,6 +349,9 @@ def stage_solve(out: Path, settings: RunSettings):
         from .solver import OBJECTIVES
 
         for obj in OBJECTIVES:
+            if obj != "decode" and not prefill_gains.has(settings.metric):
+                log.info("no %s frontier: the prefill was not timed (--objective %s)", obj, settings.objective)
+                continue
             try:
                 g_obj, _ = objective_gains(out, dataclasses.replace(settings, objective=obj), prefill_gains)
             except ArtifactError as e:
@@ -583,7 +598,8 @@ def _decode_rows(model, settings: RunSettings, backend, plan, gains, dec_gains, 
     from .runtime import machine_state
     from .solver import plan_gain
 
-    row: dict[str, Any] = {"predicted_prefill_gain": plan_gain(plan.assignment, gains, part),
+    row: dict[str, Any] = {"predicted_prefill_gain": plan_gain(plan.assignment, gains, part)
+                           if gains.has("ET") else None,
                            "predicted_decode_gain": plan_gain(plan.assignment, dec_gains, part)}
     if backend is None:
         return row

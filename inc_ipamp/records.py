@@ -237,6 +237,10 @@ class Gains(StageRecord):
     #: ``reference_time_s`` is then the decode step, TPOT): gains/decode.py
     phase: str = "prefill"
 
+    def has(self, metric: str) -> bool:
+        """Whether every group carries ``metric`` (a decode-objective run computes the prefill's TT/RT/M, no ET)."""
+        return bool(self.groups) and all(metric in g.gains for g in self.groups.values())
+
     def best_low_precision(self, metric: str = "ET") -> tuple[float, str, list[str]] | None:
         """(gain, group, config) of the usable configuration with any op off the reference format that gains most,
         or None where there is none: a gain ≤ 0 says no low-precision configuration pays on this device at all."""

@@ -236,7 +236,9 @@ def _measured_section(measured: dict[str, Any], m: str) -> list[str]:
                   "| decode speedup measured |", "|---|---|---|---|---|"]
         for name, r in plans.items():
             if "measured_decode_speedup" in r:
-                lines.append(f"| {'IP-' + m if name == 'ip' else name} | {r['predicted_prefill_gain'] * 1e3:.3g} ms | "
+                pre = r.get("predicted_prefill_gain")
+                lines.append(f"| {'IP-' + m if name == 'ip' else name} | "
+                             + (f"{pre * 1e3:.3g} ms" if pre is not None else "not timed") + " | "
                              f"{r['predicted_decode_gain'] * 1e3:.3g} ms | {r['measured_decode_gain_s'] * 1e3:.3g} ms "
                              f"±{r['measured_decode_gain_ci_s'] * 1e3:.2g} | {r['measured_decode_speedup']:.3f}x |")
         dcheck = (plans.get("ip") or {}).get("decode_speed_check")

@@ -568,7 +568,7 @@ def dominant_sequences(sens: Sensitivity, factor: float = DOMINANT_FACTOR) -> li
     worst = [0.0] * n
     for f in sens.formats:
         share = [0.0] * n
-        for st in (st for o in sens.ops.values() for st in o.operands.values()):
+        for st in sens.operand_stats():
             for i, d in enumerate(st.seq.get(f, ())[:n]):
                 share[i] += d * d
         med = statistics.median(share)

@@ -370,3 +370,29 @@ def test_kv_fake_quant_rounds_what_the_attention_reads(llama, kv_records):
     caches = {op: "fp8_e4m3" for g in inst.groups for op in g.ops if op.endswith(("k_cache", "v_cache"))}
     choice = [g.configs.index(tuple(caches.get(op, "fp32") for op in g.ops)) for g in inst.groups]
     assert kv_loss(sens, caches) == pytest.approx(inst.loss_of(choice))
+
+
+def test_cli_decode_objective_times_no_prefill(tmp_path, capsys):
+    """`run --objective decode` plans on the decode step alone, so the prefill is not timed (no ET in gains.json,
+    a note says so; TT, RT and M are computed): no prefill or mix frontier, no predicted prefill gain in the
+    evaluation (the prefill is still measured there) and the report says "not timed". Solving for the prefill from
+    that folder is one clear error naming the command that measures it."""
+    from inc_ipamp.cli import main
+
+    out = tmp_path / "run"
+    quick = ["--layers", "2", "--n-calib", "2", "--n-eval", "2", "--seq-len", "32", "--reps", "3", "--gain-seq-len",
+             "32", "--decode-context", "16", "--threads", "1", "--no-lm-head"]
+    assert main(["run", "--out", str(out), *quick, "--objective", "decode"]) == 0
+    pre = Gains.load(out / "gains.json")
+    assert not pre.has("ET") and pre.has("TT") and pre.has("M") and pre.subgraph_calls == 0
+    assert any(n.startswith("ET not measured") for n in pre.notes)
+    assert Gains.load(out / "gains_decode.json").has("ET")
+    assert (out / "frontier_decode.json").exists()
+    assert not (out / "frontier_prefill.json").exists() and not (out / "frontier_mix.json").exists()
+    ip = json.loads((out / "evaluation.json").read_text())["plans"]["ip"]
+    assert ip["predicted_prefill_gain"] is None and ip["measured_speedup"] > 0 and ip["measured_decode_step_s"] > 0
+    assert "speed_check" not in ip and "decode_speed_check" in ip
+    assert "| not timed |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["solve", "--out", str(out), "--objective", "prefill"]) != 0
+    assert "rerun `inc-ipamp measure --objective prefill`" in capsys.readouterr().err
