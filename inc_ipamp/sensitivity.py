@@ -83,9 +83,11 @@ def _first_order(e: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.
     return ge, ge.flatten(1).sum(1, dtype=torch.float64)
 
 
-def _rounding(x: torch.Tensor, fmt, reduce_dim: int, cache: dict | None) -> tuple[torch.Tensor, float]:
+def _rounding(x: torch.Tensor, fmt, reduce_dim: int, cache: dict | None,
+              wide: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Rounding error e of the activation ``x`` in ``fmt`` (per-sequence scales, in ``_wide`` precision) and Σe²,
-    from ``cache`` when this batch already rounded the same tensor the same way.
+    from ``cache`` when this batch already rounded the same tensor the same way (``wide``: ``_wide(x)``, where the
+    caller has made it already).
 
     Why: q, k and v (gate and up) read one tensor and each rounds it alike, and the curvature pass rounds again
     what the gradient pass rounded; the rounding was a tenth of the calibration. The key is the tensor's memory
@@ -94,7 +96,7 @@ def _rounding(x: torch.Tensor, fmt, reduce_dim: int, cache: dict | None) -> tupl
     key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version, fmt.name, reduce_dim)
     hit = None if cache is None else cache.get(key)
     if hit is None:
-        w = _wide(x)
+        w = _wide(x) if wide is None else wide
         e = quantize(w, fmt, reduce_dim, per_sample=True) - w
         hit = (x, e, _sum(e * e))
         if cache is not None:
@@ -179,7 +181,7 @@ class _Collector:
             st.xg2 += _sum(xg * xg)
             st.g2 += g2_sum
         for f in formats:
-            e, e2 = _rounding(raw, f, reduce_dim, self.state.get("errors"))
+            e, e2 = _rounding(raw, f, reduce_dim, self.state.get("errors"), x)
             ge, d = _first_order(e, g)
             ge2 = _sum(ge * ge)  # the diagonal sum; for an activation it is also the empirical model's
             sq = self._add_changes(st, f.name, d.tolist(), ge2)
@@ -476,7 +478,8 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
     install_attention(model)
     ops = find_ops(model, include_lm_head=include_lm_head)
     mods = dict(model.named_modules())
-    state: dict[str, Any] = {"phase": "grad", "tokens": 1, "cbatch": 0, "batch": 0}  # cbatch: curvature batches
+    # cbatch: curvature batches; errors: this batch's activation rounding errors (``_rounding``), emptied after each
+    state: dict[str, Any] = {"phase": "grad", "tokens": 1, "cbatch": 0, "batch": 0, "errors": {}}
     cols = [_Collector(o.name, mods[o.name], o.kind, formats, state, diagonal) for o in ops]
     for c in cols:
         c.attach()
@@ -498,7 +501,6 @@ def calibrate(model: nn.Module, blocks: Iterable[torch.Tensor], formats: list[st
                 n_batches * curvature_share)
             state["passes"] = 2 if curv_now else 1  # backward passes this batch gets (``_Collector._by_output``)
             state["batch"] = n_batches  # index of this batch (``OperandStats.dseq``)
-            state["errors"] = {}  # this batch's activation rounding errors (``_rounding``)
             n_batches += 1
             embeds = emb(batch).detach().requires_grad_(True)
             logits, loss = _logits_and_loss(model, batch, embeds)

@@ -818,7 +818,7 @@ def test_shared_roundings_change_no_statistic(monkeypatch):
     shared = calibrate(model, [ids], ["int8"], progress=False, noise="all")
     n_shared, calls["n"] = calls["n"], 0
     rounding = S._rounding
-    monkeypatch.setattr(S, "_rounding", lambda x, fmt, dim, cache: rounding(x, fmt, dim, None))
+    monkeypatch.setattr(S, "_rounding", lambda x, fmt, dim, cache, wide=None: rounding(x, fmt, dim, None, wide))
     every = calibrate(model, [ids], ["int8"], progress=False, noise="all")
     assert (n_shared, calls["n"]) == (3 * 17, 3 * 46)
     shared.wall_s = every.wall_s
