@@ -83,10 +83,18 @@ def test_measure_gains_structure_reuse_tt_m(tiny, tmp_path) -> None:
     n_sig = len({gr.signature for gr in part.groups})
     n_cfg = sum(len(gr.configs(FORMATS)) - 1 for gr in {gr.signature: gr for gr in part.groups}.values())
     assert n_sig == 5 and n_cfg == 31 + 1 + 3 + 1 + 1
-    # default span: each timed run calls the group in both layers (lm_head: one); 2 rounds of one shared reference
-    # run + one run per config of the signature (31 + 1 + 3 + 1 in both layers, lm_head 1)
-    assert g.subgraph_calls == 2 * (2 * (32 + 2 + 4 + 2) + 1 * 2)
-    assert len(MeasurementCache(tmp_path / "c.jsonl")) == n_cfg
+    # CPU ops are local: only the 5 + 1 + 2 + 1 + 1 single-op configs are timed, each on its own op against its own
+    # reference run; default span: each timed run calls the op in both layers (lm_head: one); 2 rounds of 2 runs
+    assert g.subgraph_calls == 2 * 2 * (2 * (5 + 1 + 2 + 1) + 1)
+    assert len(MeasurementCache(tmp_path / "c.jsonl")) == 5 + 1 + 2 + 1 + 1
+    # a multi-op config is the sum of its ops' gains, their CIs in quadrature
+    att = g.groups[part.groups[0].name]
+    single = {c.index("int8"): i for i, c in enumerate(att.configs) if c.count("int8") == 1}
+    for i, c in enumerate(att.configs):
+        on = [j for j, f in enumerate(c) if f == "int8"]
+        if len(on) > 1:
+            assert att.gains["ET"][i] == pytest.approx(sum(att.gains["ET"][single[j]] for j in on))
+            assert att.ci["ET"][i] == pytest.approx(math.sqrt(sum(att.ci["ET"][single[j]] ** 2 for j in on)))
     assert "mean over 2 groups" in g.groups[part.groups[0].name].source["ET"]
     assert g.reference_time_s and g.reference_time_s > 0
     l0, l1 = part.groups[0].name, part.groups[4].name  # attention of layer 0 and layer 1
@@ -132,7 +140,7 @@ def test_span_one_times_the_representative_alone(tiny, monkeypatch) -> None:
 
     monkeypatch.setattr(measure_mod, "time_group_configs", spy)
     one = measure_gains(model, part, FORMATS, metrics=("ET",), span=1, **FAST)
-    assert one.subgraph_calls == 2 * (32 + 2 + 4 + 2 + 2) and all(len(s) == 1 for s in seen)
+    assert one.subgraph_calls == 2 * 2 * (5 + 1 + 2 + 1 + 1) and all(len(s) == 1 for s in seen)
     seen.clear()
     both = measure_gains(model, part, FORMATS, metrics=("ET",), **FAST)
     att = [g.name for g in part.groups if "q_proj" in g.name]
@@ -158,18 +166,19 @@ def test_cache_resume_after_interruption(tiny, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(measure_mod, "check_quality", lambda rec, med: "")  # flagged records are re-measured
     with pytest.raises(KeyboardInterrupt):
         measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert len(path.read_text().splitlines()) == 31 + 1  # two signatures: attention and o_proj
+    assert len(path.read_text().splitlines()) == 2  # two single-op configs: q_proj and k_proj
     with open(path, "a") as f:  # a crash in the middle of a write
         f.write('{"key": "abc", "gain_')
     monkeypatch.setattr(measure_mod, "time_group_configs", real)
     g = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
-    assert g.subgraph_calls == 2 * (2 * (4 + 2) + 1 * 2)  # gate/up, down (2-layer spans) and lm_head are left
+    # v, the two BGEMMs, o, gate, up, down (2-layer spans) and lm_head are left: 2 rounds of 2 runs each
+    assert g.subgraph_calls == 2 * 2 * (2 * (3 + 1 + 2 + 1) + 1)
     assert any("skipped 1 corrupt line" in n for n in g.notes)
     again = measure_gains(model, part, FORMATS, cache_path=path, **FAST)
     assert again.subgraph_calls == 0
     assert {k: v.gains["ET"] for k, v in again.groups.items()} == {k: v.gains["ET"] for k, v in g.groups.items()}
     lines = path.read_text().splitlines()
-    assert sum(1 for ln in lines if ln.startswith('{"key": "abc"')) == 1 and len(lines) == 37 + 1
+    assert sum(1 for ln in lines if ln.startswith('{"key": "abc"')) == 1 and len(lines) == 10 + 1
 
 
 def test_table_backend_json_and_csv(tiny, tmp_path) -> None:
@@ -276,7 +285,13 @@ def test_precise_enough_rule() -> None:
 
 
 def test_measure_gains_times_a_signature_in_one_batch(tiny, monkeypatch) -> None:
-    """All configs of a signature go to one shared-reference batch, with the adaptive floor passed on."""
+    """Where ops fuse (``local_ops`` False) all configs of a signature go to one shared-reference batch, with the
+    adaptive floor passed on; where they are local, each op's single-op configs do."""
+    from inc_ipamp.gains.cpu import CpuBackend
+
+    class Fused(CpuBackend):
+        local_ops = False
+
     model, part = tiny
     seen = []
     real = measure_mod.time_group_configs
@@ -286,8 +301,11 @@ def test_measure_gains_times_a_signature_in_one_batch(tiny, monkeypatch) -> None
         return real(model, backend, groups, configs, inputs, reps, warmup, **kw)
 
     monkeypatch.setattr(measure_mod, "time_group_configs", spy)
-    measure_gains(model, part, FORMATS, metrics=("ET",), **{**FAST, "measure_emulated": False})
+    measure_gains(model, part, FORMATS, metrics=("ET",), backend=Fused(), **{**FAST, "measure_emulated": False})
     assert seen == [(7, measure_mod.MIN_REPS), (1, 5), (3, 5), (1, 5), (1, 5)]
+    seen.clear()
+    measure_gains(model, part, ["fp32", "int8", "int8_pc"], metrics=("ET",), **{**FAST, "measure_emulated": False})
+    assert seen == [(2, 5)] * (3 + 1 + 2 + 1 + 1)  # q, k, v, o, gate, up, down, lm_head; two formats each
 
 
 def test_speed_probe_times_every_signature_in_each_round() -> None:
@@ -321,15 +339,18 @@ def test_measure_gains_rescales_a_signature_measured_at_another_speed(tiny, monk
         for _ in configs])
     probed = {}
 
+    def sig(key):  # a single-op timing's key is its signature's, "#", the op's position
+        return key.rsplit("#", 1)[0]
+
     def probe(fns, rounds, sync):
         probed.update(fns)
-        # every signature's reference at the speed it was measured at (4 ms per group) but o_proj's at 2 ms
-        span = {k: sum(g.signature == k for g in part.groups) for k in fns}  # groups per timed run
-        return {k: (2e-3 if k == o_sig else 4e-3) * span[k] for k in fns}
+        # every op's reference at the speed it was measured at (4 ms per group) but o_proj's at 2 ms
+        span = {k: sum(g.signature == sig(k) for g in part.groups) for k in fns}  # groups per timed run
+        return {k: (2e-3 if sig(k) == o_sig else 4e-3) * span[k] for k in fns}
 
     monkeypatch.setattr(measure_mod, "speed_probe", probe)
     g = measure_gains(model, part, FORMATS, metrics=("ET",), **{**FAST, "probe_rounds": 3})
-    assert len(probed) == 5
+    assert len(probed) == 5 + 1 + 2 + 1 + 1  # every op timed
     for gr in part.groups:
         want = 0.5e-3 if gr.signature == o_sig else 1e-3
         assert g.groups[gr.name].gains["ET"][1:2] == [pytest.approx(want)], gr.name
@@ -338,31 +359,30 @@ def test_measure_gains_rescales_a_signature_measured_at_another_speed(tiny, monk
 
 
 def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch) -> None:
-    """CPU swaps ops module by module and runs them eagerly: a signature's timed run calls the ops some config puts
-    in INT8 (q/k/v, not the emulated BGEMMs or the softmax between them), every such op of every layer spanned, and
-    nothing else; a backend that fuses across ops (``local_ops`` False) times the enclosing module instead."""
+    """CPU swaps ops module by module and runs them eagerly: each timed run calls one op that some config puts in
+    INT8 (q, k or v, not the emulated BGEMMs or the softmax between them), in every layer spanned, and nothing else;
+    a backend that fuses across ops (``local_ops`` False) times the enclosing module instead."""
     from inc_ipamp.gains.cpu import CpuBackend
 
     model, part = tiny
-    seen: dict[str, tuple[list[str], list[tuple[str, ...]]]] = {}
+    seen: list[tuple[str, list[str], list[tuple[str, ...]]]] = []
     real = measure_mod.time_group_configs
 
     def spy(model, backend, groups, configs, calls, reps, warmup, **kw):
-        seen[groups[0].name] = ([c[0] for c in calls], [tuple(c) for c in configs])
+        seen.append((groups[0].name, [c[0] for c in calls], [tuple(c) for c in configs]))
         return real(model, backend, groups, configs, calls, reps, warmup, **kw)
 
     monkeypatch.setattr(measure_mod, "time_group_configs", spy)
     fast = FAST | {"measure_emulated": False}
     g = measure_gains(model, part, FORMATS, metrics=("ET",), **fast)
     att = [x for x in part.groups if len(x.ops) == 5]
-    called, cfgs = seen[att[0].name]
-    assert called == [op for x in att for op in x.ops[:3]]  # both layers' q, k, v
-    for grp in part.groups:
-        if grp.name in seen:
-            called, cfgs = seen[grp.name]
-            members = [x for x in part.groups if x.signature == grp.signature]
-            changed = {x.ops[i] for x in members for c in cfgs for i, f in enumerate(c) if f != "fp32"}
-            assert set(called) == changed
+    q_k_v = sorted(called for name, called, _ in seen if name == att[0].name)
+    assert q_k_v == sorted([x.ops[i] for x in att] for i in range(3))  # both layers' q, then k, then v
+    for name, called, cfgs in seen:  # one op per run, in both layers, the one its single-op configs change
+        grp = next(x for x in part.groups if x.name == name)
+        members = [x for x in part.groups if x.signature == grp.signature]
+        assert all(c.count("fp32") == len(c) - 1 for c in cfgs)
+        assert called == [x.ops[i] for x in members for i, f in enumerate(cfgs[0]) if f != "fp32"]
     assert "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj" in g.groups[att[0].name].source["ET"]
 
     class Fused(CpuBackend):
@@ -370,4 +390,4 @@ def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch)
 
     seen.clear()
     measure_gains(model, part, FORMATS, metrics=("ET",), backend=Fused(), **fast)
-    assert seen[att[0].name][0] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert seen[0][:2] == (att[0].name, ["model.layers.0.self_attn", "model.layers.1.self_attn"])

@@ -13,6 +13,7 @@ from torch import nn
 import inc_ipamp.gains.measure as measure_mod
 from inc_ipamp.gains import measure_gains
 from inc_ipamp.gains.base import Backend, compare_prefill
+from inc_ipamp.gains.cpu import CpuBackend
 from inc_ipamp.gains.measure import check_quality, time_group_config
 from inc_ipamp.partition import partition_model
 
@@ -29,6 +30,13 @@ def _no_speed_probe(monkeypatch):
     """The faked records are in ms while the real probe would time the tiny model: keep the two apart here
     (the probe has its own tests in test_gains.py)."""
     monkeypatch.setattr(measure_mod, "speed_probe", lambda fns, *a, **k: {})
+
+
+class _Fused(CpuBackend):
+    """The CPU backend declared non-local, as hpu is: every config of a signature is then timed itself, against the
+    signature's shared reference, which is where re-measuring a multi-op config and drift across siblings apply."""
+
+    local_ops = False
 
 
 def _rec(gain_ms: float, ci_ms: float, t_ref_ms: float = 10.0, reps: int = 4) -> dict:
@@ -66,8 +74,8 @@ def test_noisy_config_is_remeasured_then_kept_or_flagged(tiny, monkeypatch, tmp_
     calls: list = []
     monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer(
         {good_later: [_rec(1.0, 5.0), _rec(1.0, 0.2)], always_bad: [_rec(30.4, 31.3)]}, calls))
-    g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
-                      metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    g = measure_gains(model, part, FORMATS, backend=_Fused(), seq_len=8, reps=4, warmup=0, progress=False,
+                      reference_reps=2, metrics=("ET",), cache_path=tmp_path / "c.jsonl")
     reps_of = {c: [r for cc, r in calls if cc == c] for c in (good_later, always_bad)}
     assert reps_of[good_later] == [4, 8]  # re-measured once, with twice the repetitions
     assert reps_of[always_bad] == [4 * 2**i for i in range(measure_mod.RETRIES + 1)]  # retried, then flagged
@@ -90,8 +98,8 @@ def test_noisy_config_is_remeasured_then_kept_or_flagged(tiny, monkeypatch, tmp_
     # a later run re-measures the flagged config (the machine may be quieter), reuses the rest
     calls.clear()
     monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({}, calls))
-    again = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
-                          metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    again = measure_gains(model, part, FORMATS, backend=_Fused(), seq_len=8, reps=4, warmup=0, progress=False,
+                          reference_reps=2, metrics=("ET",), cache_path=tmp_path / "c.jsonl")
     assert [c for c, _ in calls] == [always_bad]
     assert again.groups[mlp.name].flags["ET"][i_bad] == ""
 
@@ -103,8 +111,8 @@ def test_reference_drift_is_caught_across_siblings(tiny, monkeypatch) -> None:
     bad = ("int8", "fp32", "int8", "fp32", "fp32")
     calls: list = []
     monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({bad: [_rec(30.4, 2.0, t_ref_ms=58.8)]}, calls))
-    g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
-                      metrics=("ET",))
+    g = measure_gains(model, part, FORMATS, backend=_Fused(), seq_len=8, reps=4, warmup=0, progress=False,
+                      reference_reps=2, metrics=("ET",))
     gg = g.groups[att.name]
     assert gg.flags["ET"][gg.configs.index(list(bad))].startswith("reference drift")
     assert sum(1 for c, _ in calls if c == bad) >= 2  # re-measured before being flagged
@@ -121,8 +129,8 @@ def test_moderate_reference_drift_is_rescaled_not_flagged(tiny, monkeypatch, tmp
     fast = ("int8", "int8", "fp32", "fp32", "fp32")
     calls: list = []
     monkeypatch.setattr(measure_mod, "time_group_configs", _fake_timer({fast: [_rec(3.0, 0.3, t_ref_ms=6.6)]}, calls))
-    g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
-                      metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    g = measure_gains(model, part, FORMATS, backend=_Fused(), seq_len=8, reps=4, warmup=0, progress=False,
+                      reference_reps=2, metrics=("ET",), cache_path=tmp_path / "c.jsonl")
     gg = g.groups[att.name]
     i = gg.configs.index(list(fast))
     assert gg.flags["ET"][i] == "" and gg.gains["ET"][i] == pytest.approx(3.0e-3 * 10.0 / 6.6)
@@ -132,12 +140,38 @@ def test_moderate_reference_drift_is_rescaled_not_flagged(tiny, monkeypatch, tmp
     rec = next(r for r in measure_mod.MeasurementCache(tmp_path / "c.jsonl").entries.values()
                if tuple(r["config"]) == fast)
     assert rec["gain_s"] == pytest.approx(3.0e-3) and "rescaled" not in rec  # the cache keeps what was measured
-    again = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
-                          metrics=("ET",), cache_path=tmp_path / "c.jsonl")
+    again = measure_gains(model, part, FORMATS, backend=_Fused(), seq_len=8, reps=4, warmup=0, progress=False,
+                          reference_reps=2, metrics=("ET",), cache_path=tmp_path / "c.jsonl")
     assert again.groups[att.name].gains["ET"][i] == pytest.approx(3.0e-3 * 10.0 / 6.6)  # decided alike on reuse
     # beyond MAX_RESCALE either way: no factor (re-measured, then flagged: test above)
     assert measure_mod.rescale_drift(_rec(2.0, 0.5, t_ref_ms=58.8), 6.0e-3) == 0.0
     assert measure_mod.rescale_drift(_rec(2.0, 0.5, t_ref_ms=1.9), 6.0e-3) == 0.0
+
+
+def test_a_multi_op_config_is_the_sum_of_its_ops(tiny, monkeypatch) -> None:
+    """CPU ops are local, so gate and up are timed alone and gate+up is their sum, never timed itself. An op too noisy
+    to use alone (up: CI ±0.6 ms on 0.4 ms) is flagged, but the sum is judged on its own CI (±0.61 ms on 3.4 ms);
+    an op whose time cannot be trusted at all makes every config holding it unusable."""
+    model, part = tiny
+    mlp = next(g for g in part.groups if g.ops[-1].endswith("up_proj"))
+    gate, up, both = ("int8", "fp32"), ("fp32", "int8"), ("int8", "int8")
+
+    def run(up_rec: dict) -> tuple[list, list, list, list]:
+        calls: list = []
+        monkeypatch.setattr(measure_mod, "time_group_configs",
+                            _fake_timer({gate: [_rec(3.0, 0.1)], up: [up_rec]}, calls))
+        g = measure_gains(model, part, FORMATS, seq_len=8, reps=4, warmup=0, progress=False, reference_reps=2,
+                          metrics=("ET",), retries=0)
+        gg = g.groups[mlp.name]
+        return calls, *([x[gg.configs.index(list(c))] for c in (gate, up, both)] for x in (
+            gg.gains["ET"], gg.ci["ET"], gg.flags["ET"]))
+
+    calls, gains, cis, flags = run(_rec(0.4, 0.6))
+    assert both not in {c for c, _ in calls} and {gate, up} <= {c for c, _ in calls}
+    assert flags[0] == "" and flags[1].startswith("noisy") and flags[2] == ""
+    assert gains[2] == pytest.approx(3.4e-3) and cis[2] == pytest.approx((0.1**2 + 0.6**2) ** 0.5 * 1e-3)
+    _, _, _, flags = run({**_rec(0.4, 0.1), "t_ref_s": float("nan")})
+    assert flags[1].startswith("non-finite") and "up_proj: non-finite" in flags[2] and flags[0] == ""
 
 
 def test_inconsistent_gains_are_refused_by_solve(tiny, monkeypatch, tmp_path) -> None:
@@ -201,7 +235,8 @@ def test_emulated_only_configs_are_not_timed_and_never_planned(tiny, monkeypatch
     bgemm_int8 = [i for i, c in enumerate(gg.configs) if "int8" in c[3:]]
     assert len(bgemm_int8) == 24 and all(gg.flags["ET"][i].startswith("no real kernel") for i in bgemm_int8)
     timed = {c for c, _ in calls}
-    assert all(c[3:] == ("fp32", "fp32") for c in timed if len(c) == 5) and len(calls) == 37 - 24
+    assert all(c[3:] == ("fp32", "fp32") for c in timed if len(c) == 5)
+    assert all(c.count("int8") == 1 for c in timed) and len(calls) == 3 + 1 + 2 + 1 + 1  # single-op configs only
     assert any("emulates" in n for n in g.notes) and g.quality["flagged_configs"] == 0
 
 

@@ -47,6 +47,7 @@ from .base import Backend, gain_stats, paired_times, prime
 from .cache import MeasurementCache, cache_key
 from .measure import (
     MIN_REPS,
+    NOISY,
     PROBE_ROUNDS,
     _emulated_configs,
     align_to_probe,
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 #: re-measurements of a noisy decode config (each with twice the repetitions): a decode sub-graph call costs ~1 ms,
 #: so two cost seconds, where prefill's one re-measurement (``measure.RETRIES``) is all its budget allows
 DECODE_RETRIES = 2
-NOISY = "noisy"
 
 
 def noisy_lower_bound(measurements: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

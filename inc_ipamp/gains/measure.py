@@ -71,6 +71,8 @@ MAX_RESCALE = 3.0
 MIN_REPS = 5
 PRECISE_REL = 0.2
 PRECISE_ABS = 0.01
+#: how ``check_quality``'s too-wide-CI verdict starts
+NOISY = "noisy"
 #: rounds of the speed probe (every signature's reference run at one moment, right before the reference prefill;
 #: ``align_to_probe``): about 3 prefills' time
 PROBE_ROUNDS = 3
@@ -145,7 +147,7 @@ def timed_modules(backend: Backend, groups: Sequence[Group], configs: Sequence[S
             e = enclosing_module(g.ops)
             out.append(e.rsplit(".", 1)[0] if e in g.ops and "." in e else e)
         return out
-    if backend.local_ops and type(backend).apply is Backend.apply:
+    if per_op_timing(backend):
         pos = [i for i in range(len(groups[0].ops)) if any(c[i] != ref for c in configs)]
         if pos:
             return [g.ops[i] for g in groups for i in pos]
@@ -239,6 +241,28 @@ def time_group_config(model: nn.Module, backend: Backend, groups: Sequence[Group
                       calls: Sequence[tuple[str, tuple, dict]], reps: int, warmup: int) -> dict[str, float]:
     """``time_group_configs`` for one config, all ``reps`` rounds."""
     return time_group_configs(model, backend, groups, [config], calls, reps, warmup)[0]
+
+
+def per_op_timing(backend: Backend) -> bool:
+    """True where an op's prefill time does not depend on its neighbours' formats: the backend swaps ops module by
+    module and runs them eagerly (``Backend.local_ops``, the base ``apply``). There a config's gain is the sum of its
+    ops' gains, so only single-op configs are timed, each on its op alone (``sum_parts``): per round 2 runs of each
+    op instead of one run of all the signature's changed ops per config (q/k/v: 7 configs, gate/up: 3)."""
+    return backend.local_ops and type(backend).apply is Backend.apply
+
+
+def sum_parts(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A multi-op config's record from its ops' single-op records (``per_op_timing``): gains and times add, the
+    independent CIs add in quadrature. A part's flag is the config's, except "noisy": the sum is judged on its own
+    CI (``check_quality``), as a directly timed config would be."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    out: dict[str, Any] = {k: sum(p.get(k, math.nan) for p in parts) for k in ("gain_s", "t_ref_s", "t_cfg_s")}
+    out.update(ci_s=math.sqrt(sum(p["ci_s"] ** 2 for p in parts)), reps=min(p.get("reps", 0) for p in parts),
+               span=parts[0].get("span"), module="+".join(str(p.get("module")) for p in parts))
+    hard = [f"{p.get('module')}: {p['flag']}" for p in parts if p.get("flag") and not p["flag"].startswith(NOISY)]
+    out["flag"] = hard[0] if hard else check_quality(out, None)
+    return out
 
 
 def precise_enough(rec: dict[str, Any]) -> bool:
@@ -406,7 +430,7 @@ def check_quality(rec: dict[str, Any], ref_median: float | None) -> str:
     if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (t_ref, gain, ci)) or t_ref <= 0:
         return "non-finite or non-positive time"
     if ci > 0.5 * abs(gain) and ci > MAX_REL_CI * t_ref:
-        return f"noisy: CI ±{ci * 1e3:.3g} ms on a gain of {gain * 1e3:.3g} ms (t_ref {t_ref * 1e3:.3g} ms)"
+        return f"{NOISY}: CI ±{ci * 1e3:.3g} ms on a gain of {gain * 1e3:.3g} ms (t_ref {t_ref * 1e3:.3g} ms)"
     if ref_median and abs(t_ref / ref_median - 1) > MAX_REF_DRIFT:
         return (f"reference drift: t_ref {t_ref * 1e3:.3g} ms vs {ref_median * 1e3:.3g} ms for the other configs "
                 "of its signature")
@@ -510,7 +534,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     def measure(k: str, cs: list[tuple[str, ...]], n_reps: int, again: bool = False) -> list[dict[str, Any]]:
         """Time ``cs`` (configs of signature ``k``) together against one shared reference."""
         together = timed_with[k]
-        g = representative[k]
+        g = rep_of[k]
         t0 = time.perf_counter()
         rs = time_group_configs(model, be, together, cs, calls[k], n_reps, warmup, min_reps=min_reps)
         spent["again" if again else "first"] += time.perf_counter() - t0
@@ -528,15 +552,33 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     for (k, c), why in emulated.items():
         recs[(k, c)] = {"gain_s": 0.0, "ci_s": 0.0, "t_ref_s": 0.0, "flag": why}
     todo = [(k, g, c) for k, g, c in todo if (k, c) not in emulated]
-    calls, unit = timed_runs(be, timed_with, todo, formats, lambda n: capture_module_inputs(model, n, ids), ids)
+    # where ops are local (``timed_modules``) only single-op configs are timed, each on its own op (key "sig#i");
+    # a config that changes several ops is the sum of its ops' records (``sum_parts``, after the probe below)
+    parts: dict[tuple[str, tuple[str, ...]], list[tuple[str, tuple[str, ...]]]] = {}
+    rep_of: dict[str, Group] = representative
+    timed_todo = todo
+    units_of: dict[str, dict[int, str]] = {}  # signature -> {op position: its single-op timing's key}
+    if per_op_timing(be):
+        singles: dict[tuple[str, tuple[str, ...]], tuple[str, Group, tuple[str, ...]]] = {}
+        for k, g, c in todo:
+            parts[(k, c)] = [(f"{k}#{i}", tuple(f if j == i else ref for j in range(len(c))))
+                             for i, f in enumerate(c) if f != ref]
+            for u, s in parts[(k, c)]:
+                singles[(u, s)] = (u, g, s)
+                timed_with[u] = timed_with[k]
+                units_of.setdefault(k, {})[int(u.rsplit("#", 1)[1])] = u
+        timed_todo = list(singles.values())
+        rep_of = {u: g for u, g, _ in timed_todo}
+    calls, unit = timed_runs(be, {k: timed_with[k] for k in rep_of}, timed_todo, formats,
+                             lambda n: capture_module_inputs(model, n, ids), ids)
 
     from ..distributed import rank_and_world, shard
 
     rank, world = rank_and_world() if distributed else (0, 1)
-    for k, g, c in todo:
+    for k, g, c in timed_todo:
         keys[(k, c)] = cache_key(signature=g.signature, ops=[suffix(o) for o in g.ops], config=list(c),
                                  span=len(timed_with[k]), timed=unit[k], **base)
-    my_share = {(k, c) for k, _, c in shard(todo, rank, world)} if world > 1 else None
+    my_share = {(k, c) for k, _, c in shard(timed_todo, rank, world)} if world > 1 else None
     if world > 1 and cache_path is None:
         raise IpampError("a measurement sharded over ranks needs one cache_path that every rank can read and append to")
 
@@ -544,7 +586,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         time_signature(k, cs, measure, cache, keys, recs, counts, reps, retries, affordable)
 
     by_sig: dict[str, list[tuple[str, ...]]] = {}
-    for k, _, c in todo:
+    for k, _, c in timed_todo:
         if my_share is None or (k, c) in my_share:
             by_sig.setdefault(k, []).append(c)
     with Progress(sum(map(len, by_sig.values())), "measure: timing group configs", unit="config",
@@ -557,7 +599,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
 
         dist.barrier()
         cache = MeasurementCache(cache_path)
-        for k, g, c in todo:
+        for k, g, c in timed_todo:
             if (k, c) not in my_share:
                 if keys[(k, c)] not in cache:
                     raise IpampError(f"rank {rank}: the shared cache {cache_path} lacks {g.name} {'+'.join(c)} after "
@@ -567,7 +609,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         retries = 0  # drift re-checks flag at once: a re-measurement would run on every rank
     # reference drift over the whole signature, now that every config is in: rescaled where the factor is moderate,
     # else re-measured once (if the budget allows) and flagged if it still drifts
-    for k in representative:
+    for k in rep_of:
         mine = {c: r for (kk, c), r in recs.items() if kk == k and (kk, c) not in emulated}
         if len(mine) < 3:
             continue
@@ -593,21 +635,26 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     aligned: dict[str, float] = {}
     mismatch: list[str] = []
     if probe_rounds and my_share is None:  # (sharded: each rank would probe its own moment; tables must agree)
-        sigs = [k for k in representative if any(kk == k and (kk, c) not in emulated for kk, c in recs)]
+        sigs = [k for k in rep_of if any(kk == k and (kk, c) not in emulated for kk, c in recs)]
         probe = speed_probe({k: group_run(model, be, calls[k], {}) for k in sigs}, probe_rounds, be.synchronize)
         for k, t in probe.items():
             mine = [(kk, c) for kk, c in recs if kk == k and (kk, c) not in emulated and not recs[(kk, c)].get("flag")]
             for key in mine:
                 recs[key] = dict(recs[key])
             f = align_to_probe([recs[key] for key in mine], t / len(timed_with[k]))
+            label = rep_of[k].name + (f" {unit[k]}" if parts else "")
             if f == 0.0:
-                mismatch.append(f"{representative[k].name}: reference {recs[mine[0]]['t_ref_s'] * 1e3:.3g} ms when "
+                mismatch.append(f"{label}: reference {recs[mine[0]]['t_ref_s'] * 1e3:.3g} ms when "
                                 f"measured vs {t / len(timed_with[k]) * 1e3:.3g} ms at the probe")
             elif f != 1.0:
-                aligned[representative[k].name] = f
+                aligned[label] = f
         if mismatch:
             log.warning("the machine's speed changed more than %gx between measuring a signature and the end; its "
                         "gains are left as measured: %s", MAX_RESCALE, "; ".join(mismatch))
+    if parts:
+        for k, g, c in todo:
+            recs[(k, c)] = {"group": g.name, "signature": g.signature, "config": list(c)} | sum_parts(
+                [recs[p] for p in parts[(k, c)]])
     flagged = []
     for g in partition.groups:
         k = g.signature if reuse else g.name
@@ -626,7 +673,14 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         n_t = len(timed_with[k])
         how = (f", mean over {n_t} groups of its signature" if n_t > 1 else "") + (
             "" if rep_name == g.name else f", reused from {rep_name} (same signature)")
-        groups[g.name].source["ET"] = f"measured:{be.name} on sub-graph {unit[k]}{how}"
+        if not parts:
+            timed_on = f"sub-graph {unit[k]}"
+        elif k in units_of:
+            timed_on = (f"each changed op alone ({'+'.join(unit[u] for _, u in sorted(units_of[k].items()))}), a "
+                        "config changing several ops as the sum of their gains")
+        else:
+            timed_on = "no op (every config needs an emulated kernel)"
+        groups[g.name].source["ET"] = f"measured:{be.name} on {timed_on}{how}"
     spans = sorted({len(v) for v in timed_with.values()})
     notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
                  f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls (the configs of a "
