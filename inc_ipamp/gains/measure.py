@@ -5,7 +5,9 @@ timed on the ops its configs change (``timed_modules``: e.g. q/k/v's Linears for
 INT8 BGEMMs are only emulated; the smallest module enclosing the group where a graph compiler fuses across ops,
 and the group's block at a decode step, whose weight-streaming Linears take longer or shorter with the traffic around),
 called on inputs captured from a real forward, with reference and config runs interleaved; groups with the
-same signature (same structure and shapes, e.g. the 30 decoder layers) share one measurement.
+same signature (same structure and shapes, e.g. the 30 decoder layers) share one measurement. Where ops are local
+(``per_op_timing``: cpu, cuda) only single-op configs are timed, each on its op alone, and a config changing several
+ops is the sum of its ops' gains (``sum_parts``): {q,k,v}'s 7 configs cost 3 op timings, {gate,up}'s 3 cost 2.
 
 A group timed alone finds its weights hot in the L2 cache after the first call, which it never does in
 the full model; on CPU that under-stated INT8's gain by ~30% (benchmarks/results/bench_gains*.md). So each
