@@ -391,3 +391,17 @@ def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch)
     seen.clear()
     measure_gains(model, part, FORMATS, metrics=("ET",), backend=Fused(), **fast)
     assert seen[0][:2] == (att[0].name, ["model.layers.0.self_attn", "model.layers.1.self_attn"])
+
+
+def test_a_signature_whose_every_config_is_emulated_is_not_timed(tiny) -> None:
+    """Single-op timing with nothing to time in a signature (two INT8 BGEMMs, emulated on CPU): every config is
+    flagged, none timed, and the record says why instead of naming a timed module."""
+    from inc_ipamp.records import Group, Partition
+
+    model, part = tiny
+    ops = ["model.layers.0.self_attn.matmul_qk", "model.layers.0.self_attn.matmul_av"]
+    only = Partition(part.model, part.method, [Group("bgemms", ops, 0, "b")])
+    g = measure_gains(model, only, FORMATS, metrics=("ET",), **{**FAST, "measure_emulated": False})
+    gg = g.groups["bgemms"]
+    assert g.subgraph_calls == 0 and all(f.startswith("no real kernel") for f in gg.flags["ET"][1:])
+    assert "no op (every config needs an emulated kernel)" in gg.source["ET"]

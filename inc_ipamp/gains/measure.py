@@ -560,7 +560,8 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     rep_of: dict[str, Group] = representative
     timed_todo = todo
     units_of: dict[str, dict[int, str]] = {}  # signature -> {op position: its single-op timing's key}
-    if per_op_timing(be):
+    per_op = per_op_timing(be)
+    if per_op:
         singles: dict[tuple[str, tuple[str, ...]], tuple[str, Group, tuple[str, ...]]] = {}
         for k, g, c in todo:
             parts[(k, c)] = [(f"{k}#{i}", tuple(f if j == i else ref for j in range(len(c))))
@@ -644,7 +645,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
             for key in mine:
                 recs[key] = dict(recs[key])
             f = align_to_probe([recs[key] for key in mine], t / len(timed_with[k]))
-            label = rep_of[k].name + (f" {unit[k]}" if parts else "")
+            label = rep_of[k].name + (f" {unit[k]}" if per_op else "")
             if f == 0.0:
                 mismatch.append(f"{label}: reference {recs[mine[0]]['t_ref_s'] * 1e3:.3g} ms when "
                                 f"measured vs {t / len(timed_with[k]) * 1e3:.3g} ms at the probe")
@@ -653,7 +654,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         if mismatch:
             log.warning("the machine's speed changed more than %gx between measuring a signature and the end; its "
                         "gains are left as measured: %s", MAX_RESCALE, "; ".join(mismatch))
-    if parts:
+    if per_op:
         for k, g, c in todo:
             recs[(k, c)] = {"group": g.name, "signature": g.signature, "config": list(c)} | sum_parts(
                 [recs[p] for p in parts[(k, c)]])
@@ -675,7 +676,7 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         n_t = len(timed_with[k])
         how = (f", mean over {n_t} groups of its signature" if n_t > 1 else "") + (
             "" if rep_name == g.name else f", reused from {rep_name} (same signature)")
-        if not parts:
+        if not per_op:
             timed_on = f"sub-graph {unit[k]}"
         elif k in units_of:
             timed_on = (f"each changed op alone ({'+'.join(unit[u] for _, u in sorted(units_of[k].items()))}), a "
@@ -685,7 +686,9 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
         groups[g.name].source["ET"] = f"measured:{be.name} on {timed_on}{how}"
     spans = sorted({len(v) for v in timed_with.values()})
     notes.append(f"ET: {len(representative)} signature(s) for {len(partition.groups)} groups, each timed over {spans} "
-                 f"group(s) of its signature per run; {counts['timed']} timed sub-graph calls (the configs of a "
+                 f"group(s) of its signature per run"
+                 + ("; single-op configs timed on their op alone, multi-op ones summed from them" if per_op else "")
+                 + f"; {counts['timed']} timed sub-graph calls (the configs of a "
                  f"signature in rounds with one shared reference run, random order, {warmup} warm-up round(s); "
                  + (f"{min_reps}-{reps} rounds, stopping once precise" if min_reps is not None else f"{reps} rounds")
                  + f"), {counts['reused']} config(s) taken from the cache, "
