@@ -13,6 +13,7 @@ from inc_ipamp.apply.kernels import EmulatedMatmul, ScaledMMLinear
 from inc_ipamp.errors import ArtifactError, DeviceUnavailableError, IpampError
 from inc_ipamp.formats import get_format, quantize
 from inc_ipamp.gains import MeasurementCache, bootstrap_ci, compare_prefill, get_backend, measure_gains, time_prefill
+from inc_ipamp.gains.cpu import CpuBackend
 from inc_ipamp.ops import Matmul
 from inc_ipamp.partition import default_example_ids, partition_model
 from inc_ipamp.records import Gains
@@ -23,6 +24,13 @@ FORMATS = ["fp32", "int8"]
 # probe_rounds=0: no speed probe, so gains reused from the cache compare equal
 FAST = dict(seq_len=8, reps=2, warmup=0, progress=False, reference_reps=2, retries=0, measure_emulated=True,
             probe_rounds=0)
+
+
+class Fused(CpuBackend):
+    """The CPU backend declared non-local, as a graph-compiling backend (hpu) is: configs timed on enclosing modules,
+    all configs of a signature against one shared reference."""
+
+    local_ops = False
 
 
 @pytest.fixture(scope="module")
@@ -287,10 +295,6 @@ def test_precise_enough_rule() -> None:
 def test_measure_gains_times_a_signature_in_one_batch(tiny, monkeypatch) -> None:
     """Where ops fuse (``local_ops`` False) all configs of a signature go to one shared-reference batch, with the
     adaptive floor passed on; where they are local, each op's single-op configs do."""
-    from inc_ipamp.gains.cpu import CpuBackend
-
-    class Fused(CpuBackend):
-        local_ops = False
 
     model, part = tiny
     seen = []
@@ -362,8 +366,6 @@ def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch)
     """CPU swaps ops module by module and runs them eagerly: each timed run calls one op that some config puts in
     INT8 (q, k or v, not the emulated BGEMMs or the softmax between them), in every layer spanned, and nothing else;
     a backend that fuses across ops (``local_ops`` False) times the enclosing module instead."""
-    from inc_ipamp.gains.cpu import CpuBackend
-
     model, part = tiny
     seen: list[tuple[str, list[str], list[tuple[str, ...]]]] = []
     real = measure_mod.time_group_configs
@@ -384,9 +386,6 @@ def test_a_timed_run_calls_exactly_the_ops_its_configs_change(tiny, monkeypatch)
         assert all(c.count("fp32") == len(c) - 1 for c in cfgs)
         assert called == [x.ops[i] for x in members for i, f in enumerate(cfgs[0]) if f != "fp32"]
     assert "self_attn.q_proj+self_attn.k_proj+self_attn.v_proj" in g.groups[att[0].name].source["ET"]
-
-    class Fused(CpuBackend):
-        local_ops = False
 
     seen.clear()
     measure_gains(model, part, FORMATS, metrics=("ET",), backend=Fused(), **fast)

@@ -564,12 +564,15 @@ def _measure_et(model: nn.Module, partition: Partition, formats: list[str], be: 
     if per_op:
         singles: dict[tuple[str, tuple[str, ...]], tuple[str, Group, tuple[str, ...]]] = {}
         for k, g, c in todo:
-            parts[(k, c)] = [(f"{k}#{i}", tuple(f if j == i else ref for j in range(len(c))))
-                             for i, f in enumerate(c) if f != ref]
-            for u, s in parts[(k, c)]:
+            parts[(k, c)] = []
+            for i, f in enumerate(c):
+                if f == ref:
+                    continue
+                u, s = f"{k}#{i}", tuple(f if j == i else ref for j in range(len(c)))
+                parts[(k, c)].append((u, s))
                 singles[(u, s)] = (u, g, s)
                 timed_with[u] = timed_with[k]
-                units_of.setdefault(k, {})[int(u.rsplit("#", 1)[1])] = u
+                units_of.setdefault(k, {})[i] = u
         timed_todo = list(singles.values())
         rep_of = {u: g for u, g, _ in timed_todo}
     calls, unit = timed_runs(be, {k: timed_with[k] for k in rep_of}, timed_todo, formats,
